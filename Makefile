@@ -1,0 +1,35 @@
+# The README's commands. `make demo` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch==2.13.0 is the release whose CPU wheel this project's build machines keep on disk, so set-up
+# there downloads nothing large. Elsewhere pip takes the normal wheel for your platform (CUDA on
+# Linux). For another build: `make setup TORCH="torch==2.15.0"` or
+# `make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu126"`.
+TORCH  ?= torch==2.13.0
+DEMO_RUN ?= runs/demo
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[serve,dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/minigpt train --preset small --out $(DEMO_RUN) --fresh
+	$(BIN)/minigpt sample $(DEMO_RUN) --prompt "ROMEO:" --max-new-tokens 300 --seed 1
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
