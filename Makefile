@@ -15,13 +15,12 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[serve,dev]"
 	touch $@
 
 demo: setup
-	$(BIN)/minigpt train --preset small --out $(DEMO_RUN) --fresh
+	$(BIN)/minigpt train --preset small --out $(DEMO_RUN) --overwrite
 	$(BIN)/minigpt sample $(DEMO_RUN) --prompt "ROMEO:" --max-new-tokens 300 --seed 1
 
 test: setup

@@ -1,0 +1,222 @@
+"""Configuration: model and training dataclasses, presets, TOML files and flag overrides.
+
+Precedence, lowest to highest: dataclass defaults < preset < TOML file < explicit flags/kwargs.
+Every key is checked: an unknown key is an error, never silently ignored. Nothing is exec'd.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. Everything needed to rebuild the network from config.json alone."""
+
+    vocab_size: int = 67
+    block_size: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head != 0:
+            raise ConfigError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a training run that is not the architecture.
+
+    Defaults are nanoGPT's CPU recipe for Tiny Shakespeare (train_shakespeare_char on a laptop).
+    """
+
+    data: str | None = None  # text file(s)/dir to prepare, or a prepared data dir; None = bundled
+    out: str = "runs/default"
+    docs: str | None = None  # None (stream) | lines | blank | files
+    val_fraction: float = 0.1
+    max_iters: int = 2000
+    batch_size: int = 12
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None  # None = max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    sample_tokens: int = 120  # length of the sample printed at each evaluation; 0 disables
+    seed: int = 1337
+    device: str = "auto"
+
+    def validate(self) -> None:
+        positive = ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters",
+                    "log_interval")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"need 0 <= min-lr <= lr and lr > 0, got lr={self.lr} min-lr={self.min_lr}")
+        if self.warmup_iters < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("warmup-iters, weight-decay and grad-clip must be >= 0")
+        if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
+            raise ConfigError(f"lr-decay-iters must be >= 1, got {self.lr_decay_iters}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.docs not in (None, "lines", "blank", "files"):
+            raise ConfigError(f"docs must be one of lines, blank, files; got {self.docs!r}")
+        if self.sample_tokens < 0:
+            raise ConfigError("sample-tokens must be >= 0")
+
+
+@dataclass(frozen=True)
+class Preset:
+    description: str
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+# Named after the original program's size table. Parameter counts are computed, never typed in:
+# `minigpt info` shows them for the Tiny Shakespeare vocabulary.
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        "the original mini_gpt.rs: 1 layer, 32 dims, 4 heads, context 8",
+        model=dict(n_layer=1, n_head=4, n_embd=32, block_size=8),
+        train=dict(batch_size=32, lr=3e-3, min_lr=3e-4),
+    ),
+    "small": Preset(
+        "nanoGPT's CPU recipe: 4 layers, 128 dims, 4 heads, context 64",
+        model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64),
+        train=dict(batch_size=12, lr=1e-3, min_lr=1e-4),
+    ),
+    "medium": Preset(
+        "6 layers, 256 dims, 8 heads, context 128",
+        model=dict(n_layer=6, n_head=8, n_embd=256, block_size=128),
+        train=dict(batch_size=32, lr=1e-3, min_lr=1e-4, max_iters=5000, eval_interval=500),
+    ),
+    "large": Preset(
+        "12 layers, 384 dims, 6 heads, context 256",
+        model=dict(n_layer=12, n_head=6, n_embd=384, block_size=256, dropout=0.2),
+        train=dict(batch_size=64, lr=1e-3, min_lr=1e-4, max_iters=5000, eval_interval=500),
+    ),
+}
+DEFAULT_PRESET = "small"
+
+MODEL_KEYS = {f.name for f in fields(ModelConfig)}
+TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a flat TOML file of hyperparameters (same names as the flags, with underscores)."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    return {k.replace("-", "_"): v for k, v in raw.items()}
+
+
+def split_overrides(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a flat mapping into (model, train) keys; unknown keys are an error."""
+    unknown = sorted(set(values) - MODEL_KEYS - TRAIN_KEYS - {"preset"})
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+    model = {k: v for k, v in values.items() if k in MODEL_KEYS}
+    train = {k: v for k, v in values.items() if k in TRAIN_KEYS}
+    return model, train
+
+
+def _typed(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Coerce ints to floats where the field is a float; reject wrong types with a clear message."""
+    hints = {f.name: f.type for f in fields(cls)}
+    out = {}
+    for k, v in values.items():
+        t = str(hints[k])
+        if t.startswith("float") and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if v is not None:
+            ok = {
+                "int": isinstance(v, int) and not isinstance(v, bool),
+                "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+                "bool": isinstance(v, bool),
+                "str": isinstance(v, str),
+            }
+            base = t.split(" ")[0].split("|")[0].strip()
+            if base in ok and not ok[base]:
+                raise ConfigError(f"{k} must be {base}, got {v!r}")
+        out[k] = v
+    return out
+
+
+def resolve(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[ModelConfig, TrainConfig]:
+    """Build (ModelConfig, TrainConfig) from defaults < preset < TOML file < overrides."""
+    values: dict[str, Any] = load_toml(config_file) if config_file else {}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    preset = values.pop("preset", None) or preset or DEFAULT_PRESET
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    model_over, train_over = split_overrides(values)
+    p = PRESETS[preset]
+    mcfg = ModelConfig(**_typed(ModelConfig, {**p.model, **model_over}))
+    tcfg = TrainConfig(**_typed(TrainConfig, {**p.train, **train_over}))
+    mcfg.validate()
+    tcfg.validate()
+    return mcfg, tcfg
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    unknown = sorted(set(d) - MODEL_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown model setting(s): {', '.join(unknown)}")
+    cfg = ModelConfig(**_typed(ModelConfig, d))
+    cfg.validate()
+    return cfg
+
+
+def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    unknown = sorted(set(d) - TRAIN_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown train setting(s): {', '.join(unknown)}")
+    return TrainConfig(**_typed(TrainConfig, d))
+
+
+def to_json(mcfg: ModelConfig, tcfg: TrainConfig | None = None) -> str:
+    d: dict[str, Any] = {"model": dataclasses.asdict(mcfg)}
+    if tcfg is not None:
+        d["train"] = dataclasses.asdict(tcfg)
+    return json.dumps(d, indent=2, sort_keys=True) + "\n"
