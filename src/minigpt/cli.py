@@ -13,9 +13,10 @@ from pathlib import Path
 
 from .config import ModelConfig, TrainConfig
 from .errors import MiniGPTError
+from .tokenizers import kinds
 
 # Flags that exist on `train` for every config field; these are handled explicitly instead.
-_EXPLICIT = {"vocab_size", "data", "out"}
+_EXPLICIT = {"vocab_size", "data", "out", "tokenizer", "tokenizer_vocab_size"}
 _HELP = {
     "docs": "documents mode: lines | blank | files (default: one continuous stream)",
     "device": "auto | cpu | cuda | cuda:N | mps",
@@ -42,6 +43,14 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                            help=_HELP.get(f.name, f"default {f.default}"))
 
 
+def _add_tokenizer_flags(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--tokenizer", choices=kinds(), default=default,
+                   help="char: one token per character (default) | bytes: the 256 UTF-8 byte values, "
+                        "any language | bpe: byte-level BPE learnt from your corpus")
+    p.add_argument("--vocab-size", dest="tokenizer_vocab_size", type=int, default=None, metavar="N",
+                   help="bpe vocabulary size, including the 256 bytes, BOS and EOS (default 1024)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minigpt", description="Train a small GPT on your text and sample from it.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", choices=["lines", "blank", "files"], default=None,
                    help="one document per line / per blank-line block / per file (default: stream)")
     p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--tokenizer", default="char")
+    _add_tokenizer_flags(p, default="char")
     p.add_argument("--seed", type=int, default=1337)
     p.set_defaults(func=cmd_prepare)
 
@@ -64,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_tokenizer_flags(p, default=None)
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -96,7 +106,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from .data import prepare
 
     meta = prepare(args.inputs, args.out, docs=args.docs, val_fraction=args.val_fraction,
-                   seed=args.seed, tokenizer=args.tokenizer)
+                   seed=args.seed, tokenizer=args.tokenizer, vocab_size=args.tokenizer_vocab_size)
     print(f"prepared {args.out}: vocab {meta['vocab_size']}, train {meta['train_tokens']:,} tokens, "
           f"val {meta['val_tokens']:,} tokens ({meta['dtype']})")
     return 0
@@ -109,9 +119,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     summary = train(preset=args.preset, config_file=args.config, resume=args.resume,
                     overwrite=args.overwrite, progress=not args.quiet, **overrides)
-    best = summary["best_val_loss"]
+    best, bpb = summary["best_val_loss"], summary["best_val_bpb"]
+    bpb_text = f" ({bpb:.4f} bits per byte)" if bpb is not None else ""
     print(f"run {summary['run_dir']}: step {summary['step']}, {summary['params']:,} parameters, "
-          f"best val loss {best:.4f}, {summary['elapsed']:.1f}s training" if best != float("inf")
+          f"best val loss {best:.4f}{bpb_text}, {summary['elapsed']:.1f}s training" if best != float("inf")
           else f"run {summary['run_dir']}: step {summary['step']}")
     if summary["interrupted"]:
         print(f"interrupted: checkpoint saved at step {summary['step']}; continue with "

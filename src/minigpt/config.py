@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .tokenizers import bpe, kinds
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -60,7 +61,8 @@ class TrainConfig:
     out: str = "runs/default"
     docs: str | None = None  # None (stream) | lines | blank | files
     val_fraction: float = 0.1
-    tokenizer: str = "char"
+    tokenizer: str = "char"  # char | bytes | bpe
+    tokenizer_vocab_size: int | None = None  # bpe vocabulary size (None = 1024); the CLI's --vocab-size
     max_iters: int = 2000
     batch_size: int = 12
     grad_accum: int = 1
@@ -96,6 +98,14 @@ class TrainConfig:
             raise ConfigError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.docs not in (None, "lines", "blank", "files"):
             raise ConfigError(f"docs must be one of lines, blank, files; got {self.docs!r}")
+        if self.tokenizer not in kinds():
+            raise ConfigError(f"unknown tokenizer {self.tokenizer!r}; choose from {', '.join(kinds())}")
+        if self.tokenizer_vocab_size is not None:
+            if self.tokenizer != "bpe":
+                raise ConfigError(f"vocab-size applies to the bpe tokenizer only, not {self.tokenizer}")
+            if not bpe.MIN_VOCAB_SIZE <= self.tokenizer_vocab_size <= bpe.MAX_VOCAB_SIZE:
+                raise ConfigError(f"vocab-size must be between {bpe.MIN_VOCAB_SIZE} (256 bytes + BOS + "
+                                  f"EOS) and {bpe.MAX_VOCAB_SIZE}, got {self.tokenizer_vocab_size}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.sample_tokens < 0:

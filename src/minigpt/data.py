@@ -8,13 +8,16 @@
 
 Two modes: a continuous stream (split by position: the last `val_fraction` is validation, as nanoGPT
 does) and documents (`lines`, `blank`, `files`), each wrapped as BOS ... EOS and split by document with a
-seeded shuffle. Because training reads the .bin files through np.memmap, a corpus larger than RAM trains.
+seeded shuffle. `prepare` streams its input (bounded memory, progress bar) and appends to the .bin
+files as it encodes, and training reads them through np.memmap, so a corpus larger than RAM trains.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import os
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,41 +25,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .checkpoint import TOKENIZER, atomic_write_text
 from .errors import DataError
+from .text_stream import DOC_MODES, Chunk, iter_documents, read_chunks
 from .tokenizers import Tokenizer, load_tokenizer, save_tokenizer, train_tokenizer
 
 META = "meta.json"
-DOC_MODES = ("lines", "blank", "files")
+PIECE_CHARS = 1 << 16  # texts handed to encode_batch: small enough to spread over threads
+BATCH_CHARS = 1 << 22  # characters encoded per encode_batch call
 
 
 def bundled_corpus() -> Path:
     """Tiny Shakespeare, shipped inside the package: the default when no --data is given."""
     return Path(str(resources.files("minigpt") / "corpus" / "tinyshakespeare.txt"))
-
-
-def read_text(path: Path) -> str:
-    """Read a UTF-8 text file, refusing what cannot be a training corpus with a clear reason."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"input file not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"expected a file, got a directory: {path}") from None
-    except PermissionError:
-        raise DataError(f"cannot read {path}: permission denied") from None
-    if not raw:
-        raise DataError(f"{path} is empty")
-    if b"\x00" in raw[:1 << 20]:
-        raise DataError(f"{path} looks like a binary file (it contains NUL bytes), not text")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not valid UTF-8 (bad byte at offset {e.start})") from None
-    if not text.strip():
-        raise DataError(f"{path} contains only whitespace")
-    return text.removeprefix("\ufeff")  # a BOM is an encoding marker, not text
 
 
 def gather_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -78,26 +61,75 @@ def gather_inputs(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
-def split_documents(texts: list[str], mode: str) -> list[str]:
-    if mode == "lines":
-        docs = [line.strip() for t in texts for line in t.splitlines()]
-    elif mode == "blank":
-        docs = [d.strip() for t in texts for d in re.split(r"\n[ \t\r\f\v]*\n", t)]
-    elif mode == "files":
-        docs = [t.strip() for t in texts]
-    else:
-        raise DataError(f"unknown document mode {mode!r}; choose from {', '.join(DOC_MODES)}")
-    return [d for d in docs if d]
-
-
 def _dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
-def _write_bin(path: Path, ids: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    ids.tofile(tmp)
-    tmp.replace(path)
+class _TokenFile:
+    """Token ids appended to a hidden temp file, renamed to `path` only once all are written."""
+
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.path, self.dtype = path, dtype
+        self.tmp = path.with_name(f".{path.name}.tmp")
+        self.file = open(self.tmp, "wb")  # closed by commit() or abort()
+        self.tokens = 0
+        self.bytes = 0  # UTF-8 bytes of the text these tokens cover
+
+    def write(self, ids: np.ndarray) -> None:
+        self.file.write(ids.astype(self.dtype, copy=False).tobytes())
+        self.tokens += ids.size
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.tmp.replace(self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """Cut a chunk into pieces of about `size` characters at newlines, for parallel encoding."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + size) + 1 or len(text)
+        yield text[start:end]
+        start = end
+
+
+class _Encoder:
+    """Batches (split, text) units through `encode_batch` and appends the ids to the split's file.
+
+    In document mode every unit is a whole document and is written as BOS ids EOS.
+    """
+
+    def __init__(self, tok: Tokenizer, files: dict[str, _TokenFile], documents: bool):
+        self.tok, self.files, self.documents = tok, files, documents
+        self.batch: list[tuple[str, str]] = []
+        self.size = 0
+
+    def add(self, split: str, text: str) -> None:
+        self.batch.append((split, text))
+        self.size += len(text)
+        if self.size >= BATCH_CHARS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.batch:
+            return
+        encoded = self.tok.encode_batch([text for _, text in self.batch])
+        bos = np.array([self.tok.bos_id], dtype=np.uint32)
+        eos = np.array([self.tok.eos_id], dtype=np.uint32)
+        for split, out in self.files.items():
+            parts = []
+            for (s, _), ids in zip(self.batch, encoded):
+                if s == split:
+                    parts.extend((bos, ids, eos) if self.documents else (ids,))
+            if parts:
+                out.write(np.concatenate(parts))
+        self.batch, self.size = [], 0
 
 
 def prepare(
@@ -107,64 +139,119 @@ def prepare(
     val_fraction: float = 0.1,
     seed: int = 1337,
     tokenizer: str = "char",
+    vocab_size: int | None = None,
+    progress: bool = True,
     **tokenizer_options: Any,
 ) -> dict[str, Any]:
-    """Tokenize text files into `out_dir`; return the meta.json contents."""
+    """Tokenize text files into `out_dir`; return the meta.json contents.
+
+    Two passes over the input, each holding one chunk (or one document) in memory: the first learns
+    the tokenizer and counts characters or documents, the second encodes and appends to the .bin files.
+    `vocab_size` is the tokenizer's (bpe only), not the model's.
+    """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val-fraction must be in (0, 1), got {val_fraction}")
+    if docs is not None and docs not in DOC_MODES:
+        raise DataError(f"unknown document mode {docs!r}; choose from {', '.join(DOC_MODES)}")
     files = gather_inputs(inputs)
-    texts = [read_text(f) for f in files]
+    if vocab_size is not None:
+        tokenizer_options["vocab_size"] = vocab_size
+    total = sum(f.stat().st_size for f in files)
+
+    # Pass 1: learn the vocabulary; count what the split needs.
+    units = 0  # characters (stream) or documents
+    with _progress_bar(total, f"{tokenizer} tokenizer: reading", progress) as bar:
+        def counted(texts: Iterator[str]) -> Iterator[str]:
+            nonlocal units
+            for t in texts:
+                units += len(t) if docs is None else 1
+                yield t
+
+        tok = train_tokenizer(tokenizer, counted(_units(files, docs, bar.update)), **tokenizer_options)
     if docs is None:
-        text = "".join(texts)
-        cut = int(len(text) * (1.0 - val_fraction))
-        train_parts, val_parts = [text[:cut]], [text[cut:]]
-        if not train_parts[0] or not val_parts[0]:
-            raise DataError(f"corpus of {len(text)} characters is too short to split")
+        cut = int(units * (1.0 - val_fraction))  # the last val_fraction of the text, by position
+        if cut == 0 or cut == units:
+            raise DataError(f"corpus of {units} characters is too short to split")
+        is_val = None
     else:
-        documents = split_documents(texts, docs)
-        if len(documents) < 2:
-            raise DataError(f"found {len(documents)} document(s) with --docs {docs}; need at least 2")
-        n_val = min(len(documents) - 1, max(1, round(len(documents) * val_fraction)))
-        val_idx = set(np.random.default_rng(seed).permutation(len(documents))[:n_val].tolist())
-        train_parts = [d for i, d in enumerate(documents) if i not in val_idx]
-        val_parts = [d for i, d in enumerate(documents) if i in val_idx]
-    tok = train_tokenizer(tokenizer, train_parts + val_parts, **tokenizer_options)
-    dtype = _dtype_for(tok.vocab_size)
+        if units < 2:
+            raise DataError(f"found {units} document(s) with --docs {docs}; need at least 2")
+        n_val = min(units - 1, max(1, round(units * val_fraction)))
+        is_val = np.zeros(units, dtype=bool)
+        is_val[np.random.default_rng(seed).permutation(units)[:n_val]] = True
 
-    def encode(parts: list[str]) -> np.ndarray:
-        if docs is None:
-            return np.asarray(tok.encode(parts[0]), dtype=dtype)
-        ids: list[int] = []
-        for d in parts:
-            ids.append(tok.bos_id)
-            ids.extend(tok.encode(d))
-            ids.append(tok.eos_id)
-        return np.asarray(ids, dtype=dtype)
-
+    # Pass 2: encode in batches, append to train.bin / val.bin.
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_ids, val_ids = encode(train_parts), encode(val_parts)
-    _write_bin(out / "train.bin", train_ids)
-    _write_bin(out / "val.bin", val_ids)
+    dtype = _dtype_for(tok.vocab_size)
+    bins = {s: _TokenFile(out / f"{s}.bin", dtype) for s in ("train", "val")}
+    try:
+        encoder = _Encoder(tok, bins, documents=docs is not None)
+        seen = 0
+        with _progress_bar(total, f"{tokenizer} tokenizer: encoding", progress) as bar:
+            if docs is None:
+                for chunk in _chunks(files, bar.update):
+                    head = chunk.text[: max(0, cut - seen)]
+                    head_bytes = chunk.nbytes if len(head) == len(chunk.text) else len(head.encode())
+                    for split, text, nbytes in (("train", head, head_bytes),
+                                                ("val", chunk.text[len(head):], chunk.nbytes - head_bytes)):
+                        bins[split].bytes += nbytes
+                        for piece in _pieces(text):
+                            encoder.add(split, piece)
+                    seen += len(chunk.text)
+            else:
+                for doc in iter_documents(files, docs, bar.update):
+                    split = "val" if seen < units and is_val[seen] else "train"
+                    bins[split].bytes += len(doc.encode("utf-8"))
+                    encoder.add(split, doc)
+                    seen += 1
+            encoder.flush()
+        if seen != units:
+            raise DataError("the input files changed while they were being prepared; run prepare again")
+        for b in bins.values():
+            b.commit()
+    except BaseException:
+        for b in bins.values():
+            b.abort()
+        raise
     save_tokenizer(tok, out / TOKENIZER)
     meta = {
         "format": 1,
         "tokenizer": tok.kind,
         "vocab_size": tok.vocab_size,
+        "tokenizer_vocab_size": tokenizer_options.get("vocab_size"),  # asked for; None = default
         "dtype": dtype.name,
         "docs": docs,
         "val_fraction": val_fraction,
         "seed": seed,
-        "train_tokens": int(train_ids.size),
-        "val_tokens": int(val_ids.size),
+        "train_tokens": bins["train"].tokens,
+        "val_tokens": bins["val"].tokens,
         # UTF-8 bytes of the text each split covers: the denominator of bits per byte
-        "train_bytes": sum(len(p.encode("utf-8")) for p in train_parts),
-        "val_bytes": sum(len(p.encode("utf-8")) for p in val_parts),
-        "num_docs": None if docs is None else {"train": len(train_parts), "val": len(val_parts)},
+        "train_bytes": bins["train"].bytes,
+        "val_bytes": bins["val"].bytes,
+        "num_docs": None if docs is None else {"train": units - int(is_val.sum()), "val": int(is_val.sum())},
         "sources": [str(f) for f in files],
     }
     atomic_write_text(out / META, json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _chunks(files: list[Path], on_read: Callable[[int], None]) -> Iterator[Chunk]:
+    for f in files:
+        yield from read_chunks(f, on_read=on_read)
+
+
+def _units(files: list[Path], docs: str | None, on_read: Callable[[int], None]) -> Iterator[str]:
+    """What the tokenizer learns from: chunks of the stream, or whole documents."""
+    if docs is None:
+        return (c.text for c in _chunks(files, on_read))
+    return iter_documents(files, docs, on_read)
+
+
+def _progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
+    # disable=None: shown only when stderr is a terminal, so logs and tests stay clean
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                disable=None if enabled else True, file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
 def is_prepared(path: str | Path) -> bool:

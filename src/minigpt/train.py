@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from .bpb import split_bits_per_byte
 from .config import (
     ModelConfig,
     TrainConfig,
@@ -41,7 +42,7 @@ from .model import GPT
 from .optim import lr_at, make_optimizer
 
 # Settings that shape the prepared data; changing them on resume would change what is being learnt.
-DATA_SHAPING = ("docs", "val_fraction", "tokenizer")
+DATA_SHAPING = ("docs", "val_fraction", "tokenizer", "tokenizer_vocab_size")
 
 
 def train(
@@ -60,7 +61,8 @@ def train(
     run_dir = Path(tcfg.out)
     if not resume:
         _claim_run_dir(run_dir, overwrite)
-    data = _data_for_run(tcfg, run_dir, resume)
+    data = _data_for_run(tcfg, run_dir, resume, progress)
+    tcfg = _record_data_tokenizer(tcfg, data)
     mcfg = dataclasses.replace(mcfg, vocab_size=data.tokenizer.vocab_size)
     for split in ("train", "val"):
         n = len(getattr(data, split))
@@ -120,7 +122,7 @@ def _resume_config(preset, config_file, overrides) -> tuple[ModelConfig, TrainCo
     return mcfg, tcfg
 
 
-def _data_for_run(tcfg: TrainConfig, run_dir: Path, resume: bool) -> PreparedData:
+def _data_for_run(tcfg: TrainConfig, run_dir: Path, resume: bool, progress: bool = True) -> PreparedData:
     """Use prepared data as is; prepare raw text (or the bundled corpus) into RUN/data."""
     if tcfg.data and is_prepared(tcfg.data):
         data = load_prepared(tcfg.data)
@@ -130,7 +132,8 @@ def _data_for_run(tcfg: TrainConfig, run_dir: Path, resume: bool) -> PreparedDat
             staging = run_dir / "data.new"
             shutil.rmtree(staging, ignore_errors=True)
             prepare([tcfg.data or bundled_corpus()], staging, docs=tcfg.docs,
-                    val_fraction=tcfg.val_fraction, seed=tcfg.seed, tokenizer=tcfg.tokenizer)
+                    val_fraction=tcfg.val_fraction, seed=tcfg.seed, tokenizer=tcfg.tokenizer,
+                    vocab_size=tcfg.tokenizer_vocab_size, progress=progress)
             shutil.rmtree(target, ignore_errors=True)
             staging.replace(target)
         data = load_prepared(target)
@@ -142,6 +145,20 @@ def _data_for_run(tcfg: TrainConfig, run_dir: Path, resume: bool) -> PreparedDat
                 f"differs from the run's tokenizer; train a new run for this data"
             )
     return data
+
+
+def _record_data_tokenizer(tcfg: TrainConfig, data: PreparedData) -> TrainConfig:
+    """Prepared data brings its own tokenizer: the run's config.json records that one.
+
+    An explicit --tokenizer / --vocab-size that contradicts the data is an error, not silently ignored
+    ("char" is the default, so it cannot be told apart from not asking and yields to the data).
+    """
+    kind, asked = data.meta.get("tokenizer", data.tokenizer.kind), data.meta.get("tokenizer_vocab_size")
+    if tcfg.tokenizer not in ("char", kind) or tcfg.tokenizer_vocab_size not in (None, asked):
+        size = f" --vocab-size {asked}" if asked else ""
+        raise ConfigError(f"{data.path} was prepared with --tokenizer {kind}{size}; drop --tokenizer/"
+                          "--vocab-size or prepare the data again")
+    return dataclasses.replace(tcfg, tokenizer=kind, tokenizer_vocab_size=asked)
 
 
 def _same_sources(data_dir: Path, data: str | None) -> bool:
@@ -243,7 +260,7 @@ class Trainer:
         last_log_time, last_log_step = time.perf_counter(), self.step
         loss_sum = torch.zeros((), device=self.device)
         last_saved = -1
-        summary: dict[str, Any] = {"val_loss": None, "train_loss": None}
+        summary: dict[str, Any] = {"val_loss": None, "train_loss": None, "val_bpb": None}
         with open(metrics_path, "a") as metrics, _stop_on_sigint(self):
             while self.step < tcfg.max_iters and not self.stop_requested:
                 loss_sum += self.train_step()
@@ -267,13 +284,16 @@ class Trainer:
                 if self.step % tcfg.eval_interval == 0 or self.step == tcfg.max_iters:
                     losses = self.estimate_loss()
                     record.setdefault("iter", self.step)
+                    bpb = {s: split_bits_per_byte(losses[s], self.data.meta, s) for s in losses}
                     record.update(val_loss=round(losses["val"], 5), val_ppl=round(math.exp(losses["val"]), 3),
-                                  eval_train_loss=round(losses["train"], 5))
+                                  eval_train_loss=round(losses["train"], 5),
+                                  val_bpb=_round(bpb["val"]), train_bpb=_round(bpb["train"]))
                     self.save(losses["val"], losses["train"])
                     last_saved = self.step
-                    summary["val_loss"] = losses["val"]
+                    summary.update(val_loss=losses["val"], val_bpb=bpb["val"])
+                    bpb_text = f", val bpb {bpb['val']:.4f}" if bpb["val"] is not None else ""
                     bar.write(f"step {self.step}: train loss {losses['train']:.4f}, "
-                              f"val loss {losses['val']:.4f} (ppl {math.exp(losses['val']):.2f})")
+                              f"val loss {losses['val']:.4f} (ppl {math.exp(losses['val']):.2f}){bpb_text}")
                     if tcfg.sample_tokens:
                         bar.write("---\n" + self.sample_text() + "\n---")
                     last_log_time = time.perf_counter()  # evaluation is not training time
@@ -286,6 +306,8 @@ class Trainer:
         bar.close()
         summary.update(
             run_dir=str(self.run_dir), step=self.step, best_val_loss=self.best_val_loss,
+            best_val_bpb=(split_bits_per_byte(self.best_val_loss, self.data.meta, "val")
+                          if math.isfinite(self.best_val_loss) else None),
             interrupted=self.stop_requested, elapsed=self.elapsed, params=self.model.num_params(),
         )
         return summary
@@ -307,6 +329,10 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total / tcfg.grad_accum
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 5)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -4,12 +4,17 @@ Every tokenizer has BOS and EOS special tokens and exposes `token_bytes(id)`, th
 stands for, which lets the engine stream text without ever printing half a multi-byte character.
 """
 
-from .base import Tokenizer, load_tokenizer, register, save_tokenizer, train_tokenizer
+from .base import Tokenizer, kinds, load_tokenizer, register, save_tokenizer, train_tokenizer
+from .bpe import BPETokenizer
+from .bytes import ByteTokenizer
 from .char import CharTokenizer
 
 __all__ = [
+    "BPETokenizer",
+    "ByteTokenizer",
     "CharTokenizer",
     "Tokenizer",
+    "kinds",
     "load_tokenizer",
     "register",
     "save_tokenizer",

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
 from ..errors import TokenizerError
 
 BOS = "<|bos|>"
@@ -28,6 +30,10 @@ class Tokenizer(Protocol):
         """Text -> ids, without BOS/EOS. Raises TokenizerError for text it cannot represent."""
         ...
 
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Many texts -> one unsigned integer id array each: the fast path `prepare` uses."""
+        ...
+
     def decode(self, ids: Iterable[int]) -> str:
         """Ids -> text; special tokens are dropped."""
         ...
@@ -41,7 +47,8 @@ class Tokenizer(Protocol):
         ...
 
 
-# kind -> (from_dict, train(texts, **options))
+# kind -> (from_dict, train(texts, **options)); `texts` may be a one-pass iterator over a large corpus,
+# and options a kind does not take (e.g. vocab_size for char) are refused with a TokenizerError.
 _REGISTRY: dict[str, tuple[Callable[[dict], Tokenizer], Callable[..., Tokenizer]]] = {}
 
 
@@ -53,8 +60,8 @@ def kinds() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def train_tokenizer(kind: str, texts: Sequence[str], **options: Any) -> Tokenizer:
-    """Build a tokenizer of the given kind from the corpus texts."""
+def train_tokenizer(kind: str, texts: Iterable[str], **options: Any) -> Tokenizer:
+    """Build a tokenizer of the given kind from the corpus texts (consumed once, in order)."""
     if kind not in _REGISTRY:
         raise TokenizerError(f"unknown tokenizer {kind!r}; choose from {', '.join(kinds())}")
     return _REGISTRY[kind][1](texts, **options)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
+
 from ..errors import TokenizerError
 from .base import register
 
@@ -18,9 +20,17 @@ class CharTokenizer:
         if len(self.stoi) != len(self.chars) or any(len(c) != 1 for c in self.chars):
             raise TokenizerError("char tokenizer needs distinct single characters")
         self._bytes = [c.encode("utf-8") for c in self.chars]
+        # Vectorised encoding for `prepare`: code points sorted, with the id each one maps to.
+        codepoints = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+        order = np.argsort(codepoints, kind="stable")
+        self._sorted_codepoints, self._sorted_ids = codepoints[order], order.astype(np.uint32)
 
     @classmethod
-    def train(cls, texts: Sequence[str], **_: Any) -> CharTokenizer:
+    def train(cls, texts: Iterable[str], vocab_size: int | None = None, **_: Any) -> CharTokenizer:
+        """One pass over the texts (an iterator is fine: only the set of characters is kept)."""
+        if vocab_size is not None:
+            raise TokenizerError("--vocab-size applies to the bpe tokenizer only "
+                                 "(a char vocabulary is the corpus's distinct characters)")
         chars: set[str] = set()
         for t in texts:
             chars.update(t)
@@ -48,6 +58,22 @@ class CharTokenizer:
             raise TokenizerError(
                 f"text contains {len(unknown)} character(s) the tokenizer has never seen: {shown}{more}"
             ) from None
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        out = []
+        for text in texts:
+            try:
+                cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+            except UnicodeEncodeError:
+                cps = None
+            if cps is None or not len(self.chars):
+                out.append(np.asarray(self.encode(text), dtype=np.uint32))  # raises the clear error
+                continue
+            pos = np.minimum(np.searchsorted(self._sorted_codepoints, cps), len(self.chars) - 1)
+            if not np.array_equal(self._sorted_codepoints[pos], cps):
+                self.encode(text)  # raises, naming the unknown characters
+            out.append(self._sorted_ids[pos])
+        return out
 
     def decode(self, ids: Iterable[int]) -> str:
         n = len(self.chars)

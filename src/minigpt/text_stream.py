@@ -1,0 +1,159 @@
+"""Reading UTF-8 corpora in bounded memory: validated chunks of a file, and the documents in them.
+
+`prepare()` reads its input twice (once to learn the vocabulary and count, once to encode), and a corpus
+may be larger than RAM, so everything here is a generator that holds one chunk at a time (and, in
+document mode, one document). Chunks end just after a newline, so a line is never cut in two unless it
+is longer than a whole chunk; then the cut falls between two characters, never inside one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+from .errors import DataError
+
+CHUNK_BYTES = 1 << 22  # 4 MiB read at a time
+DOC_MODES = ("lines", "blank", "files")
+_NUL_CHECK_BYTES = 1 << 20
+_BOM = b"\xef\xbb\xbf"
+_LINE_ENDS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines splits on
+_BLANK_LINE = re.compile(r"[ \t\r\f\v]*")  # a line made only of these separates documents in `blank`
+
+
+class Chunk(NamedTuple):
+    text: str
+    nbytes: int  # UTF-8 bytes of `text` (a leading BOM is not text and not counted)
+
+
+def _utf8_boundary(data: bytes) -> int:
+    """The largest cut <= len(data) that does not fall inside a multi-byte UTF-8 character."""
+    end = len(data)
+    k = 0  # continuation bytes at the end
+    while k < 3 and end - k > 0 and data[end - k - 1] & 0xC0 == 0x80:
+        k += 1
+    if end - k == 0:
+        return end
+    lead = data[end - k - 1]
+    need = 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4 if lead >> 3 == 0b11110 else 1
+    return end - k - 1 if k + 1 < need else end
+
+
+def read_chunks(path: Path, on_read: Callable[[int], None] | None = None,
+                chunk_bytes: int | None = None) -> Iterator[Chunk]:
+    """Yield a text file's contents in chunks, refusing what cannot be a training corpus.
+
+    Errors (one line each): missing, a directory, unreadable, empty, binary (NUL bytes in the first
+    MiB), not UTF-8 (with the offset of the bad byte), only whitespace. `on_read(n)` is told how many
+    raw bytes were consumed, for a progress bar.
+    """
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(f"input file not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"expected a file, got a directory: {path}") from None
+    except PermissionError:
+        raise DataError(f"cannot read {path}: permission denied") from None
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    with f:
+        offset = 0  # file offset of pending[0]
+        pending = b""
+        has_text = False
+        first = True
+        while True:
+            raw = f.read(max(chunk_bytes, len(_BOM)) if first else chunk_bytes)
+            if on_read is not None and raw:
+                on_read(len(raw))
+            data = pending + raw if pending else raw
+            if first:
+                if not data:
+                    raise DataError(f"{path} is empty")
+                if b"\x00" in data[:_NUL_CHECK_BYTES]:
+                    raise DataError(f"{path} looks like a binary file (it contains NUL bytes), not text")
+                if data.startswith(_BOM):  # an encoding marker, not text
+                    data, offset = data[len(_BOM):], len(_BOM)
+                first = False
+            if not raw:
+                cut = len(data)
+            else:
+                cut = data.rfind(b"\n") + 1 or _utf8_boundary(data)
+            piece, pending = data[:cut], data[cut:]
+            try:
+                text = piece.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not valid UTF-8 (bad byte at offset {offset + e.start})") from None
+            offset += cut
+            if not has_text and text.strip():
+                has_text = True
+            if text:
+                yield Chunk(text, cut)
+            if not raw:
+                break
+        if not has_text:
+            raise DataError(f"{path} contains only whitespace")
+
+
+def iter_documents(files: Iterable[Path], mode: str,
+                   on_read: Callable[[int], None] | None = None) -> Iterator[str]:
+    """The documents of the files, stripped, empty ones dropped; never spanning two files.
+
+    lines: one per line (str.splitlines). blank: separated by lines holding only spaces/tabs.
+    files: one per file. One document is held in memory at a time.
+    """
+    if mode not in DOC_MODES:
+        raise DataError(f"unknown document mode {mode!r}; choose from {', '.join(DOC_MODES)}")
+    for path in files:
+        texts = (c.text for c in read_chunks(path, on_read=on_read))
+        if mode == "lines":
+            yield from _line_documents(texts)
+        elif mode == "blank":
+            yield from _blank_separated_documents(texts)
+        else:
+            doc = "".join(texts).strip()
+            if doc:
+                yield doc
+
+
+def _line_documents(texts: Iterable[str]) -> Iterator[str]:
+    partial: list[str] = []  # pieces of a line longer than a chunk
+    for text in texts:
+        lines = text.splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            if i == len(lines) - 1 and line[-1] not in _LINE_ENDS:
+                partial.append(line)
+                break
+            if partial:
+                line = "".join(partial) + line
+                partial = []
+            if doc := line.strip():
+                yield doc
+    if partial and (doc := "".join(partial).strip()):
+        yield doc
+
+
+def _blank_separated_documents(texts: Iterable[str]) -> Iterator[str]:
+    # Same documents as re.split(r"\n[ \t\r\f\v]*\n", text): a run of blank lines separates two
+    # documents, and whatever whitespace is left at a document's edges is stripped.
+    group: list[str] = []  # the lines of the current document
+    partial: list[str] = []  # the current line, while it is not finished
+    for text in texts:
+        parts = text.split("\n")
+        if len(parts) == 1:
+            partial.append(text)
+            continue
+        partial.append(parts[0])
+        parts[0] = "".join(partial)
+        partial = [parts[-1]]
+        for line in parts[:-1]:
+            if _BLANK_LINE.fullmatch(line):
+                if doc := "\n".join(group).strip():
+                    yield doc
+                group = []
+            else:
+                group.append(line)
+    group.append("".join(partial))  # the file's last line: no newline after it, so never a separator
+    if doc := "\n".join(group).strip():
+        yield doc
