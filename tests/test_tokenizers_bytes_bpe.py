@@ -4,7 +4,7 @@ format (tokenizer.json with the Hugging Face JSON inside) loads back to the same
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -27,7 +27,7 @@ CORPUS = [
 ] * 20
 
 
-@lru_cache(maxsize=None)
+@cache
 def bpe(vocab_size: int = 320) -> BPETokenizer:
     return train_tokenizer("bpe", CORPUS, vocab_size=vocab_size)
 

@@ -112,7 +112,9 @@ class Engine:
                     done[i] = True
                     yield StreamEvent(i, decoders[i].decode(b"", final=True), tok, "stop")
                     continue
-                text = decoders[i].decode(self.tokenizer.token_bytes(tok), final=last)
+                # Not final even on the last step: a character cut off by max_new_tokens is dropped,
+                # never printed as a replacement character.
+                text = decoders[i].decode(self.tokenizer.token_bytes(tok))
                 done[i] = last
                 yield StreamEvent(i, text, tok, "length" if last else None)
             if all(done):
