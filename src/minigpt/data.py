@@ -34,7 +34,7 @@ from .tokenizers import Tokenizer, load_tokenizer, save_tokenizer, train_tokeniz
 
 META = "meta.json"
 PIECE_CHARS = 1 << 16  # texts handed to encode_batch: small enough to spread over threads
-BATCH_CHARS = 1 << 22  # characters encoded per encode_batch call
+BATCH_CHARS = 1 << 20  # characters per encode_batch call (Hugging Face keeps ~100 bytes per token)
 
 
 def bundled_corpus() -> Path:
@@ -242,9 +242,9 @@ def _chunks(files: list[Path], on_read: Callable[[int], None]) -> Iterator[Chunk
 
 
 def _units(files: list[Path], docs: str | None, on_read: Callable[[int], None]) -> Iterator[str]:
-    """What the tokenizer learns from: chunks of the stream, or whole documents."""
+    """What the tokenizer learns from: pieces of the stream, or whole documents."""
     if docs is None:
-        return (c.text for c in _chunks(files, on_read))
+        return (piece for c in _chunks(files, on_read) for piece in _pieces(c.text))
     return iter_documents(files, docs, on_read)
 
 

@@ -12,7 +12,7 @@ also loads in `tokenizers.Tokenizer.from_str(json.dumps(d["hf"]))`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,6 @@ from .base import BOS, EOS, register
 DEFAULT_VOCAB_SIZE = 1024
 MIN_VOCAB_SIZE = 258  # the 256 byte values + BOS + EOS
 MAX_VOCAB_SIZE = 1 << 20
-_BATCH_CHARS = 1 << 20  # texts are handed to the Rust trainer in batches of about this many chars
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -43,19 +42,6 @@ def _byte_decoder() -> dict[str, int]:
 
 
 _BYTE_OF = _byte_decoder()
-
-
-def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
-    size = 0
-    for t in texts:
-        batch.append(t)
-        size += len(t)
-        if size >= _BATCH_CHARS:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
 
 
 class BPETokenizer:
@@ -83,7 +69,8 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int | None = None, **_: Any) -> BPETokenizer:
-        """Learn merges from the texts (streamed: only word counts are kept). Deterministic."""
+        """Learn merges from the texts, deterministically. Only word counts are kept, but the Rust side
+        reads ahead up to 256 texts, so pass pieces of a large corpus, not whole files."""
         vocab_size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
         if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
             raise TokenizerError(f"bpe vocab-size must be between {MIN_VOCAB_SIZE} (256 bytes + BOS + "
@@ -96,7 +83,7 @@ class BPETokenizer:
             vocab_size=vocab_size, min_frequency=2, special_tokens=[BOS, EOS],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
         )
-        hf.train_from_iterator(_batches(texts), trainer=trainer)
+        hf.train_from_iterator(texts, trainer=trainer)
         return cls(hf, json.loads(hf.to_str()))
 
     @property
