@@ -3,10 +3,10 @@ import random
 
 import pytest
 import torch
-from conftest import TINY
 from safetensors.torch import load_file
 
 import minigpt
+from conftest import TINY
 from minigpt import checkpoint as ckpt
 from minigpt.errors import ConfigError
 
