@@ -60,6 +60,7 @@ class TrainConfig:
     out: str = "runs/default"
     docs: str | None = None  # None (stream) | lines | blank | files
     val_fraction: float = 0.1
+    tokenizer: str = "char"
     max_iters: int = 2000
     batch_size: int = 12
     grad_accum: int = 1
@@ -74,6 +75,7 @@ class TrainConfig:
     eval_interval: int = 250
     eval_iters: int = 20
     log_interval: int = 10
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk (the best one is always kept too)
     sample_tokens: int = 120  # length of the sample printed at each evaluation; 0 disables
     seed: int = 1337
     device: str = "auto"
@@ -94,6 +96,8 @@ class TrainConfig:
             raise ConfigError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.docs not in (None, "lines", "blank", "files"):
             raise ConfigError(f"docs must be one of lines, blank, files; got {self.docs!r}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.sample_tokens < 0:
             raise ConfigError("sample-tokens must be >= 0")
 

@@ -1,0 +1,179 @@
+"""The `minigpt` command: argument parsing only; every subcommand calls the library.
+
+Known errors (MiniGPTError, OS errors) become one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .config import ModelConfig, TrainConfig
+from .errors import MiniGPTError
+
+# Flags that exist on `train` for every config field; these are handled explicitly instead.
+_EXPLICIT = {"vocab_size", "data", "out"}
+_HELP = {
+    "docs": "documents mode: lines | blank | files (default: one continuous stream)",
+    "device": "auto | cpu | cuda | cuda:N | mps",
+    "lr_decay_iters": "step where cosine decay reaches min-lr (default: max-iters)",
+    "grad_clip": "global gradient-norm clip (0 = off)",
+    "keep_checkpoints": "newest checkpoints to keep (the best is always kept)",
+    "sample_tokens": "length of the sample printed at each evaluation (0 = none)",
+}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One kebab-case flag per ModelConfig/TrainConfig field; default None = "not given"."""
+    for cls in (ModelConfig, TrainConfig):
+        for f in dataclasses.fields(cls):
+            if f.name in _EXPLICIT:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            kind = str(f.type).split("|")[0].strip()
+            if kind == "bool":
+                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+                continue
+            typ = {"int": int, "float": float}.get(kind, str)
+            p.add_argument(flag, type=typ, default=None, metavar=kind.upper(),
+                           help=_HELP.get(f.name, f"default {f.default}"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minigpt", description="Train a small GPT on your text and sample from it.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="tokenize text files into a data directory")
+    p.add_argument("inputs", nargs="+", help="text files or directories of .txt files")
+    p.add_argument("--out", required=True, help="data directory to write")
+    p.add_argument("--docs", choices=["lines", "blank", "files"], default=None,
+                   help="one document per line / per blank-line block / per file (default: stream)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--tokenizer", default="char")
+    p.add_argument("--seed", type=int, default=1337)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model (default: small preset on Tiny Shakespeare)")
+    p.add_argument("--data", help="text file, directory of .txt, or prepared data dir (default: bundled Tiny Shakespeare)")
+    p.add_argument("--out", help="run directory (default: runs/default)")
+    p.add_argument("--preset", help="tiny | small | medium | large (default: small)")
+    p.add_argument("--config", help="TOML file of settings (flag names with underscores)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate text from a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--checkpoint", default="best", help="best | last | a step number")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("info", help="show a run (config, parameters, step, best val loss) or the presets")
+    p.add_argument("run_dir", nargs="?", help="run directory (omit to list presets)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("plot", help="plot train/val loss curves of one or more runs")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", default="loss.png")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data import prepare
+
+    meta = prepare(args.inputs, args.out, docs=args.docs, val_fraction=args.val_fraction,
+                   seed=args.seed, tokenizer=args.tokenizer)
+    print(f"prepared {args.out}: vocab {meta['vocab_size']}, train {meta['train_tokens']:,} tokens, "
+          f"val {meta['val_tokens']:,} tokens ({meta['dtype']})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    fields = {f.name for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    summary = train(preset=args.preset, config_file=args.config, resume=args.resume,
+                    overwrite=args.overwrite, progress=not args.quiet, **overrides)
+    best = summary["best_val_loss"]
+    print(f"run {summary['run_dir']}: step {summary['step']}, {summary['params']:,} parameters, "
+          f"best val loss {best:.4f}, {summary['elapsed']:.1f}s training" if best != float("inf")
+          else f"run {summary['run_dir']}: step {summary['step']}")
+    if summary["interrupted"]:
+        print(f"interrupted: checkpoint saved at step {summary['step']}; continue with "
+              f"`minigpt train --out {summary['run_dir']} --resume`", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .engine import load
+
+    engine = load(args.run_dir, checkpoint=args.checkpoint, device=args.device)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.num_samples == 1:
+        sys.stdout.write(args.prompt)
+        for event in engine.stream(args.prompt, **options):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    for i, text in enumerate(engine.generate_many(args.prompt, args.num_samples, **options)):
+        print(f"--- sample {i + 1} ---\n{args.prompt}{text}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .info import format_presets, format_run_info, preset_rows, run_info
+
+    if args.run_dir is None:
+        rows = preset_rows()
+        print(json.dumps(rows, indent=2) if args.json else format_presets(rows))
+        return 0
+    info = run_info(Path(args.run_dir))
+    print(json.dumps(info, indent=2) if args.json else format_run_info(info))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_runs
+
+    print(f"wrote {plot_runs(args.run_dirs, args.out)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MiniGPTError as e:
+        print(f"minigpt: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("minigpt: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0  # e.g. `minigpt sample ... | head`
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        print(f"minigpt: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
