@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from minigpt.config import ModelConfig
 from minigpt.errors import ConfigError
 from minigpt.model import GPT
 
-SRC = str(Path(R.__file__).resolve().parents[1])  # the src/ this test imports minigpt from
+PKG = str(Path(R.__file__).resolve().parent)  # the src/minigpt this test imports
 TINY = dict(vocab_size=13, block_size=6, n_layer=2, n_head=2, n_embd=8)
 
 
@@ -47,11 +48,22 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
-def test_module_does_not_import_torch():
-    code = "import sys, minigpt.reference; print('torch' in sys.modules)"
-    env = {**os.environ, "PYTHONPATH": SRC}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.stdout.strip() == "False", out.stderr
+def test_reference_runs_without_torch():
+    """Importing and using the reference loads no torch: every gradient here is written by hand.
+    The package __init__ imports the torch engine, so the package is stubbed to its bare path."""
+    code = f"""
+import sys, types
+pkg = types.ModuleType("minigpt")
+pkg.__path__ = [{PKG!r}]
+sys.modules["minigpt"] = pkg
+from minigpt import reference as R
+from minigpt.config import ModelConfig
+cfg = ModelConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=4)
+loss, grads = R.loss_and_grads(R.init_params(cfg), cfg, [[1, 2, 3]], [[2, 3, 4]])
+print(len(grads), "torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["16", "False"], out.stderr
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -202,3 +214,177 @@ def test_state_dict_round_trip_and_mismatch():
     del state["h.1.mlp.c_fc.bias"]
     with pytest.raises(ConfigError, match="h.1.mlp.c_fc.bias"):
         R.params_from_state_dict(state, cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference as a training engine (`train(engine="reference")`, `minigpt train --engine ...`)
+
+CORPUS = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+) * 30
+RUN = dict(
+    n_layer=2,
+    n_head=2,
+    n_embd=16,
+    block_size=8,
+    batch_size=8,
+    eval_iters=2,
+    sample_tokens=0,
+    warmup_iters=5,
+    log_interval=1,
+    lr=3e-3,
+    min_lr=3e-4,
+)
+
+
+@pytest.fixture
+def text(tmp_path: Path) -> Path:
+    p = tmp_path / "corpus.txt"
+    p.write_text(CORPUS, encoding="utf-8")
+    return p
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: torch's thread pool only adds contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def train_run(text: Path, out: Path, **kw) -> list[dict]:
+    from minigpt.train import train
+
+    train(data=str(text), out=str(out), progress=False, **{**RUN, **kw})
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(metrics: list[dict]) -> np.ndarray:
+    return np.array([m["train_loss"] for m in metrics])
+
+
+def test_reference_and_torch_engines_have_the_same_loss_curve(text, tmp_path, one_thread):
+    """Same seed => same initial weights and batches; the curves then agree step for step."""
+    ref = train_run(text, tmp_path / "ref", engine="reference", max_iters=50, eval_interval=50)
+    pt = train_run(text, tmp_path / "torch", engine="torch", max_iters=50, eval_interval=50)
+    assert len(ref) == len(pt) == 50
+    np.testing.assert_allclose(losses(ref), losses(pt), atol=2e-4)
+    assert ref[-1]["val_loss"] == pytest.approx(pt[-1]["val_loss"], abs=2e-4)
+    assert losses(ref)[-5:].mean() < losses(ref)[:5].mean() - 0.5  # it learns
+
+
+@pytest.mark.parametrize("first, then", [("reference", "torch"), ("torch", "reference")])
+def test_either_engine_resumes_the_others_run(text, tmp_path, one_thread, first, then):
+    """Optimizer moments cross engines: 4 steps + resume to 8 equals 8 uninterrupted steps (which
+    fails if the AdamW state were dropped or scrambled: bias correction alone would differ)."""
+    kw = dict(max_iters=8, eval_interval=4, grad_accum=2, bias=first == "torch")
+    straight = train_run(text, tmp_path / "straight", engine="torch", **kw)
+    train_run(text, tmp_path / "split", engine=first, **{**kw, "max_iters": 4})
+    from minigpt.train import train
+
+    train(out=str(tmp_path / "split"), resume=True, engine=then, max_iters=8, progress=False)
+    split = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iter"] for m in split] == list(range(1, 9))
+    np.testing.assert_allclose(losses(split), losses(straight), atol=2e-4)
+
+
+def test_torch_checkpoint_loads_into_the_reference(text, tmp_path, one_thread):
+    from minigpt.engine import load
+    from minigpt.reference_train import load_params
+
+    train_run(text, tmp_path / "run", engine="torch", max_iters=6, eval_interval=3)
+    mcfg, params = load_params(tmp_path / "run")
+    model = load(tmp_path / "run", device="cpu").model
+    idx = np.array([[1, 2, 3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = model(torch.from_numpy(idx))[0].numpy()
+    np.testing.assert_allclose(R.forward(params, mcfg, idx)[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(PKG).parent), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "minigpt", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_cli_trains_with_the_reference_and_the_run_samples(text, tmp_path):
+    run = tmp_path / "run"
+    trained = cli(
+        "train",
+        "--engine",
+        "reference",
+        "--preset",
+        "tiny",
+        "--data",
+        str(text),
+        "--out",
+        str(run),
+        "--max-iters",
+        "30",
+        "--eval-interval",
+        "15",
+        "--eval-iters",
+        "2",
+        "--sample-tokens",
+        "0",
+        "--quiet",
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert "step 30" in trained.stdout
+    assert json.loads((run / "config.json").read_text())["train"]["engine"] == "reference"
+    sampled = cli("sample", str(run), "--prompt", "All:", "--max-new-tokens", "40", "--seed", "0")
+    assert sampled.returncode == 0, sampled.stderr
+    # a continuation of the prompt (it may stop early: the model can sample its end-of-text token)
+    assert sampled.stdout.startswith("All:") and len(sampled.stdout.strip()) > len("All:")
+    from minigpt.info import run_info
+
+    assert run_info(run)["step"] == 30  # what `minigpt info` reports
+
+
+def test_cli_refuses_dropout_with_one_line(text, tmp_path):
+    run = tmp_path / "run"
+    proc = cli(
+        "train",
+        "--engine",
+        "reference",
+        "--preset",
+        "tiny",
+        "--dropout",
+        "0.1",
+        "--data",
+        str(text),
+        "--out",
+        str(run),
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "dropout" in proc.stderr
+    assert not run.exists()  # refused before anything was written
+
+
+def test_reference_refuses_a_gpu_device(text, tmp_path, capsys):
+    from minigpt.cli import main
+
+    code = main(
+        [
+            "train",
+            "--engine",
+            "reference",
+            "--device",
+            "cuda",
+            "--data",
+            str(text),
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code != 0 and "CPU only" in err and err.count("\n") == 1
