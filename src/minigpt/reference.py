@@ -367,7 +367,7 @@ def clip_grad_norm(grads: Params, max_norm: float) -> float:
     return total
 
 
-def decays(name: str, param: np.ndarray) -> bool:
+def decays(param: np.ndarray) -> bool:
     """Weight decay applies to matrices (embeddings, Linear weights), not to biases or LN gains:
     the torch engine's decay/no-decay split is dim >= 2."""
     return param.ndim >= 2
@@ -414,7 +414,7 @@ def adam_step(
         g = grads[name]
         m, v = state.m[name], state.v[name]
         dt = p.dtype.type
-        if weight_decay and decays(name, p):
+        if weight_decay and decays(p):
             p *= dt(1.0 - lr * weight_decay)
         m *= dt(beta1)
         m += dt(1.0 - beta1) * g
