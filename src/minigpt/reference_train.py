@@ -74,7 +74,7 @@ class ReferenceTrainer(Trainer):
         self.params: R.Params = {
             name: p.detach().numpy() for name, p in self.model.named_parameters()
         }
-        self.optimizer = TorchLayoutAdamW(self.optimizer, self.model, self.params, tcfg)
+        self.optimizer = TorchLayoutAdamW(self.optimizer, self.model, self.params)
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step: the same batches, LR, clipping and AdamW as Trainer.train_step."""
@@ -131,7 +131,6 @@ class TorchLayoutAdamW:
         template: torch.optim.Optimizer,
         model: torch.nn.Module,
         params: R.Params,
-        tcfg: TrainConfig,
     ):
         # `template` is the torch engine's optimizer for this model (never stepped): its param
         # groups fix which index means which parameter, and its hyperparameters the saved header.
