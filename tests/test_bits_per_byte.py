@@ -6,22 +6,12 @@ import json
 import math
 
 import pytest
-import torch
 
 from minigpt import train
 from minigpt.bpb import bits_per_byte, split_bits_per_byte
 
 TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=4, max_iters=2, eval_interval=2,
             eval_iters=1, sample_tokens=0, warmup_iters=0, device="cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster on a machine busy with other work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_hand_checked_example():

@@ -25,14 +25,6 @@ from minigpt.tokenizers import ByteTokenizer, train_tokenizer
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster on a machine busy with other work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, eval_iters=2, sample_tokens=0,
             warmup_iters=0, device="cpu")
 ENGLISH = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll:\nSpeak, speak.\n\n" * 12
