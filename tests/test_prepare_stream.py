@@ -101,6 +101,8 @@ def test_document_split_is_seeded_and_by_document(tmp_path, small_chunks):
         d = load_prepared(tmp_path / out)
         ids = np.asarray(d.val).tolist()
         assert ids[0] == d.tokenizer.bos_id and ids[-1] == d.tokenizer.eos_id
+        # each document is encoded in several pieces here, yet wrapped exactly once
+        assert ids.count(d.tokenizer.bos_id) == ids.count(d.tokenizer.eos_id) == 10
         text = d.tokenizer.decode(ids)  # BOS/EOS dropped: documents run together
         return [doc for doc in lines if doc in text]
 

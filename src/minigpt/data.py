@@ -100,18 +100,30 @@ def _pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
 
 
 class _Encoder:
-    """Batches (split, text) units through `encode_batch` and appends the ids to the split's file.
+    """Batches pieces of text through `encode_batch` and appends the ids to their split's file.
 
-    In document mode every unit is a whole document and is written as BOS ids EOS.
+    A document is written as BOS ids EOS; a long one is encoded in pieces, so no single call (and no
+    array of ids) grows with the size of a file.
     """
 
-    def __init__(self, tok: Tokenizer, files: dict[str, _TokenFile], documents: bool):
-        self.tok, self.files, self.documents = tok, files, documents
-        self.batch: list[tuple[str, str]] = []
+    def __init__(self, tok: Tokenizer, files: dict[str, _TokenFile]):
+        self.tok, self.files = tok, files
+        self.bos = np.array([tok.bos_id], dtype=np.uint32)
+        self.eos = np.array([tok.eos_id], dtype=np.uint32)
+        self.batch: list[tuple[str, str, bool, bool]] = []  # (split, text, BOS before, EOS after)
         self.size = 0
 
-    def add(self, split: str, text: str) -> None:
-        self.batch.append((split, text))
+    def add_text(self, split: str, text: str) -> None:
+        for piece in _pieces(text):
+            self._add(split, piece, False, False)
+
+    def add_document(self, split: str, doc: str) -> None:
+        pieces = list(_pieces(doc))
+        for i, piece in enumerate(pieces):
+            self._add(split, piece, i == 0, i == len(pieces) - 1)
+
+    def _add(self, split: str, text: str, bos: bool, eos: bool) -> None:
+        self.batch.append((split, text, bos, eos))
         self.size += len(text)
         if self.size >= BATCH_CHARS:
             self.flush()
@@ -119,14 +131,12 @@ class _Encoder:
     def flush(self) -> None:
         if not self.batch:
             return
-        encoded = self.tok.encode_batch([text for _, text in self.batch])
-        bos = np.array([self.tok.bos_id], dtype=np.uint32)
-        eos = np.array([self.tok.eos_id], dtype=np.uint32)
+        encoded = self.tok.encode_batch([text for _, text, _, _ in self.batch])
         for split, out in self.files.items():
             parts = []
-            for (s, _), ids in zip(self.batch, encoded):
+            for (s, _, bos, eos), ids in zip(self.batch, encoded):
                 if s == split:
-                    parts.extend((bos, ids, eos) if self.documents else (ids,))
+                    parts.extend([self.bos] * bos + [ids] + [self.eos] * eos)
             if parts:
                 out.write(np.concatenate(parts))
         self.batch, self.size = [], 0
@@ -160,14 +170,20 @@ def prepare(
 
     # Pass 1: learn the vocabulary; count what the split needs.
     units = 0  # characters (stream) or documents
-    with _progress_bar(total, f"{tokenizer} tokenizer: reading", progress) as bar:
-        def counted(texts: Iterator[str]) -> Iterator[str]:
-            nonlocal units
-            for t in texts:
-                units += len(t) if docs is None else 1
-                yield t
 
-        tok = train_tokenizer(tokenizer, counted(_units(files, docs, bar.update)), **tokenizer_options)
+    def texts(on_read: Callable[[int], None]) -> Iterator[str]:
+        # In pieces: the BPE trainer reads a few hundred texts ahead, and pieces keep that small.
+        nonlocal units
+        if docs is None:
+            source: Iterator[str] = (c.text for c in _chunks(files, on_read))
+        else:
+            source = iter_documents(files, docs, on_read)
+        for text in source:
+            units += len(text) if docs is None else 1
+            yield from _pieces(text)
+
+    with _progress_bar(total, f"{tokenizer} tokenizer: reading", progress) as bar:
+        tok = train_tokenizer(tokenizer, texts(bar.update), **tokenizer_options)
     if docs is None:
         cut = int(units * (1.0 - val_fraction))  # the last val_fraction of the text, by position
         if cut == 0 or cut == units:
@@ -186,7 +202,7 @@ def prepare(
     dtype = _dtype_for(tok.vocab_size)
     bins = {s: _TokenFile(out / f"{s}.bin", dtype) for s in ("train", "val")}
     try:
-        encoder = _Encoder(tok, bins, documents=docs is not None)
+        encoder = _Encoder(tok, bins)
         seen = 0
         with _progress_bar(total, f"{tokenizer} tokenizer: encoding", progress) as bar:
             if docs is None:
@@ -196,14 +212,13 @@ def prepare(
                     for split, text, nbytes in (("train", head, head_bytes),
                                                 ("val", chunk.text[len(head):], chunk.nbytes - head_bytes)):
                         bins[split].bytes += nbytes
-                        for piece in _pieces(text):
-                            encoder.add(split, piece)
+                        encoder.add_text(split, text)
                     seen += len(chunk.text)
             else:
                 for doc in iter_documents(files, docs, bar.update):
                     split = "val" if seen < units and is_val[seen] else "train"
                     bins[split].bytes += len(doc.encode("utf-8"))
-                    encoder.add(split, doc)
+                    encoder.add_document(split, doc)
                     seen += 1
             encoder.flush()
         if seen != units:
@@ -239,13 +254,6 @@ def prepare(
 def _chunks(files: list[Path], on_read: Callable[[int], None]) -> Iterator[Chunk]:
     for f in files:
         yield from read_chunks(f, on_read=on_read)
-
-
-def _units(files: list[Path], docs: str | None, on_read: Callable[[int], None]) -> Iterator[str]:
-    """What the tokenizer learns from: pieces of the stream, or whole documents."""
-    if docs is None:
-        return (piece for c in _chunks(files, on_read) for piece in _pieces(c.text))
-    return iter_documents(files, docs, on_read)
 
 
 def _progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
