@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import minigpt  # noqa: E402
 from minigpt.data import bundled_corpus, prepare  # noqa: E402
 
-PROBE_STEPS = 40
+PROBE_STEPS, PROBE_WARMUP = 100, 20  # the first steps are slower (allocation): not timed
 
 
 def run_tokenizer(spec: str, args: argparse.Namespace, work: Path) -> dict:
@@ -38,9 +38,11 @@ def run_tokenizer(spec: str, args: argparse.Namespace, work: Path) -> dict:
     data = work / f"data-{spec.replace(':', '-')}"
     meta = prepare([args.data], data, tokenizer=kind, vocab_size=vocab_size, progress=False)
     common = dict(preset=args.preset, data=str(data), sample_tokens=0, progress=False, device=args.device)
-    probe = minigpt.train(out=str(work / f"probe-{spec}"), max_iters=PROBE_STEPS, eval_interval=PROBE_STEPS,
-                          eval_iters=1, overwrite=True, **common)
-    s_per_step = probe["elapsed"] / PROBE_STEPS
+    probe = work / f"probe-{spec.replace(':', '-')}"
+    minigpt.train(out=str(probe), max_iters=PROBE_STEPS, eval_interval=PROBE_STEPS, eval_iters=1,
+                  log_interval=PROBE_WARMUP, overwrite=True, **common)
+    elapsed = {r["iter"]: r["elapsed"] for r in map(json.loads, (probe / "metrics.jsonl").open())}
+    s_per_step = (elapsed[PROBE_STEPS] - elapsed[PROBE_WARMUP]) / (PROBE_STEPS - PROBE_WARMUP)
     steps = max(PROBE_STEPS, int(args.budget / s_per_step))
     run_dir = work / f"run-{spec.replace(':', '-')}"
     summary = minigpt.train(out=str(run_dir), max_iters=steps, eval_interval=max(1, steps // 4),
