@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 
 from minigpt import load, train
@@ -32,16 +31,6 @@ CORPUS = "".join(
     f"the cat sat on the mat {i}. the dog ran to the log {i % 7}; a bird sang.\n"
     for i in range(120)
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared machine their spinning
-    costs several-fold: run this module single-threaded, then restore the setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -347,7 +336,7 @@ def test_disconnect_frees_the_slot(engine):
 
 
 def test_cli_serve_reads_key_from_env_and_stops_on_ctrl_c(run_dir):
-    env = {**os.environ, "PYTHONPATH": str(SRC), "MINIGPT_API_KEY": KEY}
+    env = {**os.environ, "PYTHONPATH": str(SRC), "MINIGPT_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "minigpt", "serve", str(run_dir), "--port", "0", "--device", "cpu"],
         stdout=subprocess.PIPE,
