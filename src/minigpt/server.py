@@ -4,6 +4,8 @@ Endpoints: `GET /` (playground page), `GET /health`, `GET /v1/models`, `GET /v1/
 `POST /v1/completions` (OpenAI Completions API, SSE streaming). With an API key set, every `/v1/*`
 request needs `Authorization: Bearer KEY`. Requests are checked in `openai_api`; generation runs in
 `scheduler` worker threads, never on the event loop; stop strings are cut here (`stopping`).
+Several threads call `Engine.stream` at once: the server relies on each call owning its KV cache and
+generator (tests/test_server.py::test_concurrent_streams_are_not_mixed_up checks it).
 
     app = create_app(minigpt.load("runs/x"), api_key="secret")   # in-process, e.g. for tests
     serve("runs/x", port=8000)                                    # what the CLI runs
@@ -79,9 +81,10 @@ def create_app(
     app.state.scheduler = scheduler
     _install_error_handlers(app)
 
+    page = resources.files("minigpt").joinpath("static/playground.html").read_text("utf-8")
+
     @app.get("/", include_in_schema=False)
     async def playground() -> HTMLResponse:
-        page = resources.files("minigpt").joinpath("static/playground.html").read_text("utf-8")
         return HTMLResponse(page)
 
     @app.get("/health")
