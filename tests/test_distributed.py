@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,11 +39,26 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def torchrun(nproc: int, *args: str) -> list[str]:
-    """The `torchrun` next to this Python (the venv's), else the module it runs."""
+def torchrun(launch: list[str], *args: str) -> list[str]:
+    """`torchrun LAUNCH -m minigpt train ARGS` with the torchrun next to this Python (the venv's)."""
     exe = Path(sys.executable).with_name("torchrun")
     launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    return [*launcher, "--standalone", f"--nproc_per_node={nproc}", "-m", "minigpt", "train", *args]
+    return [*launcher, *launch, "-m", "minigpt", "train", *args]
+
+
+ONE_NODE = ["--standalone", "--nproc_per_node=2"]
+
+
+def two_nodes(port: int) -> list[str]:
+    """What each of two machines runs (here both on localhost, one process each)."""
+    return ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=minigpt-test"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 ENV = {**os.environ, "PYTHONPATH": str(SRC)}
@@ -74,7 +90,7 @@ def test_two_ranks_interrupt_resume_and_match_one_process_with_twice_the_batch(t
     common = [*MODEL, *SCHEDULE, "--batch-size", str(B), "--eval-interval", "100000"]
 
     # 1. two ranks train on raw text (rank 0 prepares it) until Ctrl-C reaches torchrun
-    first = subprocess.Popen(torchrun(2, "--data", str(corpus), "--out", str(run), "--quiet",
+    first = subprocess.Popen(torchrun(ONE_NODE, "--data", str(corpus), "--out", str(run), "--quiet",
                                       "--max-iters", "100000", *common),
                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
@@ -92,13 +108,15 @@ def test_two_ranks_interrupt_resume_and_match_one_process_with_twice_the_batch(t
     single = tmp_path / "resumed-alone"
     shutil.copytree(run, single)
 
-    # 2. resume the two-rank run under torchrun, 4 more steps
+    # 2. resume it for 4 more steps as a two-node job: two torchrun agents, one process each
     end = stopped + 4
-    second = subprocess.run(torchrun(2, "--out", str(run), "--resume", "--quiet",
-                                     "--max-iters", str(end)),
-                            env=ENV, capture_output=True, text=True, timeout=240)
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert second.stdout.count(f"step {end}") == 2  # rank 0's eval line and its summary only
+    launch = torchrun(two_nodes(free_port()), "--out", str(run), "--resume", "--quiet",
+                      "--max-iters", str(end))
+    nodes = [subprocess.Popen(launch, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs
+    assert "".join(outs).count(f"step {end}") == 2  # rank 0's eval line and its summary only
     assert checkpoint_entries(run) == [ckpt.BEST, ckpt.step_dir_name(stopped), ckpt.step_dir_name(end)]
     assert [m["iter"] for m in metric_lines(run)] == list(range(1, end + 1))
 
@@ -120,7 +138,7 @@ def test_an_error_on_rank_0_is_reported_once_and_no_rank_hangs(tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / ckpt.CONFIG).write_text("{}")
-    result = subprocess.run(torchrun(2, "--out", str(taken), "--max-iters", "2", *MODEL, *SCHEDULE),
+    result = subprocess.run(torchrun(ONE_NODE, "--out", str(taken), "--max-iters", "2", *MODEL, *SCHEDULE),
                             env=ENV, capture_output=True, text=True, timeout=240)
     assert result.returncode != 0
     errors = [line for line in (result.stdout + result.stderr).splitlines()

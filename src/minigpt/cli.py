@@ -127,8 +127,10 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"best val loss {best:.4f}, {summary['elapsed']:.1f}s training" if best != float("inf")
           else f"run {summary['run_dir']}: step {summary['step']}")
     if summary["interrupted"]:
-        print(f"interrupted: checkpoint saved at step {summary['step']}; continue with "
-              f"`minigpt train --out {summary['run_dir']} --resume`", file=sys.stderr)
+        how = (f"`minigpt train --out {summary['run_dir']} --resume`" if summary["world_size"] == 1
+               else f"the same torchrun command with `--out {summary['run_dir']} --resume`")
+        print(f"interrupted: checkpoint saved at step {summary['step']}; continue with {how}",
+              file=sys.stderr)
         return 130
     return 0
 

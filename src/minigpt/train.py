@@ -5,6 +5,11 @@ AdamW with the LR from `optim.lr_at`. Every `eval_interval` steps (and at the en
 loss on fixed batches, print a short sample, write a checkpoint (and mark it best when val improves).
 Exact resume restores weights, optimizer moments, step, best val loss, torch RNG and the sampler.
 Ctrl-C finishes the current step, saves a checkpoint and returns.
+
+The forward pass runs under autocast in the run's dtype (float32 master weights; a GradScaler for
+float16), see device.py. Under torchrun every rank runs this same loop on its slice of each batch and
+DDP averages the gradients; rank 0 alone prepares data, evaluates, samples and writes files, see
+distributed.py.
 """
 
 from __future__ import annotations
@@ -386,7 +391,7 @@ def _stop_on_sigint(trainer: Trainer):
         yield
         return
 
-    signals = 0  # this process's own count: under torchrun the other ranks' stop is agreed, not signalled
+    signals = 0  # this process's own; under torchrun other ranks stop by agreement, unsignalled
 
     def handler(signum, frame):
         nonlocal signals
