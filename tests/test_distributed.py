@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import minigpt
 from minigpt import checkpoint as ckpt
@@ -29,14 +28,6 @@ MODEL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "3
 # the LR schedule must not depend on max-iters, so an interrupted run and its resume follow it exactly
 SCHEDULE = ["--lr", "3e-3", "--min-lr", "3e-4", "--warmup-iters", "2", "--lr-decay-iters", "40",
             "--eval-iters", "2", "--log-interval", "1", "--sample-tokens", "0", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # torchrun gives each worker OMP_NUM_THREADS=1; match it in-process
-    yield
-    torch.set_num_threads(before)
 
 
 def torchrun(launch: list[str], *args: str) -> list[str]:

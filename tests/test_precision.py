@@ -16,15 +16,6 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, lr=3e-3
             warmup_iters=2, eval_iters=2, log_interval=1, sample_tokens=0, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # several torch threads on a few busy cores spin against each other; these models are tiny
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     rng = random.Random(0)

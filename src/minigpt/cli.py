@@ -23,6 +23,7 @@ _HELP = {
     "compile": "torch.compile the model for training",
     "batch_size": "sequences per micro-batch per device; effective batch = batch-size x grad-accum x "
                   "processes",
+    "engine": "torch (default) | reference: the NumPy engine with a hand-written backward (CPU)",
     "lr_decay_iters": "step where cosine decay reaches min-lr (default: max-iters)",
     "grad_clip": "global gradient-norm clip (0 = off)",
     "keep_checkpoints": "newest checkpoints to keep (the best is always kept)",

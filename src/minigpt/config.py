@@ -81,6 +81,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # compute precision (autocast); weights stay float32. See device.resolve_dtype
     compile: bool = False  # torch.compile the model for training
+    engine: str = "torch"  # torch | reference (NumPy, hand-written backward: see docs/backprop.md)
 
     def validate(self) -> None:
         positive = ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters",
@@ -104,6 +105,8 @@ class TrainConfig:
             raise ConfigError("sample-tokens must be >= 0")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16; got {self.dtype!r}")
+        if self.engine not in ("torch", "reference"):
+            raise ConfigError(f"engine must be torch or reference, got {self.engine!r}")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 One step: forward, cross-entropy, backward over `grad_accum` micro-batches, global-norm clipping,
 AdamW with the LR from `optim.lr_at`. Every `eval_interval` steps (and at the end): estimate train/val
 loss on fixed batches, print a short sample, write a checkpoint (and mark it best when val improves).
-Exact resume restores weights, optimizer moments, step, best val loss, torch RNG and the sampler.
+Exact resume restores weights, optimizer moments, step, best val loss and the sampler; dropout's RNG
+is seeded per step from (seed, step, rank), so it needs no saved state.
 Ctrl-C finishes the current step, saves a checkpoint and returns.
 
 The forward pass runs under autocast in the run's dtype (float32 master weights; a GradScaler for
@@ -64,12 +65,22 @@ def train(
         mcfg, tcfg = _resume_config(preset, config_file, overrides)
     else:
         mcfg, tcfg = resolve(preset, config_file, overrides)
+    trainer_cls = Trainer
+    if tcfg.engine == "reference":  # NumPy engine: refuse what it cannot do before touching --out
+        from .reference_train import ReferenceTrainer, check_reference_config
+
+        check_reference_config(mcfg, tcfg)
+        trainer_cls = ReferenceTrainer
     run_dir = Path(tcfg.out)
     with distributed.session(tcfg.device) as dist:  # one process, or one rank under torchrun
+        if dist.distributed and trainer_cls is not Trainer:
+            raise ConfigError("the reference engine trains in one process; start it without torchrun")
         data_dir = dist.main_first(lambda: _set_up_run(mcfg, tcfg, run_dir, resume, overwrite))
         data = load_prepared(data_dir)
         mcfg = dataclasses.replace(mcfg, vocab_size=data.tokenizer.vocab_size)
-        return Trainer(mcfg, tcfg, data, run_dir, progress, dist).run(resume)
+        if trainer_cls is Trainer:
+            return Trainer(mcfg, tcfg, data, run_dir, progress, dist).run(resume)
+        return trainer_cls(mcfg, tcfg, data, run_dir, progress).run(resume)
 
 
 def _set_up_run(mcfg: ModelConfig, tcfg: TrainConfig, run_dir: Path, resume: bool,
