@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import minigpt
 from minigpt import checkpoint as ckpt
+from minigpt.distributed import DistContext, dropout_seed
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 B = 4  # per-rank batch; the single-process reference uses 2 * B
@@ -152,3 +154,24 @@ def _as_kwargs(flags: list[str]) -> dict:
             except ValueError:
                 out[key] = value
     return out
+
+
+def test_dropout_seeds_differ_per_rank_and_step_and_repeat_exactly():
+    seeds = {dropout_seed(1337, step, rank) for step in range(50) for rank in range(8)}
+    assert len(seeds) == 400
+    assert dropout_seed(1337, 7, 1) == dropout_seed(1337, 7, 1)
+    assert dropout_seed(-1, 0, 0) != dropout_seed(1, 0, 0)  # any seed the config accepts works
+
+
+def test_a_single_process_is_rank_0_of_1_with_no_op_collectives():
+    ctx = DistContext(torch.device("cpu"))
+    assert ctx.is_main and not ctx.distributed
+    assert ctx.main_first(lambda: 42) == 42
+    with pytest.raises(minigpt.MiniGPTError, match="boom"):
+        ctx.main_first(lambda: (_ for _ in ()).throw(minigpt.MiniGPTError("boom")))
+    model = torch.nn.Linear(2, 2)
+    assert ctx.wrap(model) is model
+    assert ctx.any(True) and not ctx.any(False)
+    t = torch.tensor(3.0)
+    assert ctx.mean(t) is t
+    ctx.barrier()

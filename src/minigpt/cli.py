@@ -40,7 +40,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             flag = "--" + f.name.replace("_", "-")
             kind = str(f.type).split("|")[0].strip()
             if kind == "bool":
-                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=_HELP.get(f.name))
                 continue
             typ = {"int": int, "float": float}.get(kind, str)
             p.add_argument(flag, type=typ, default=None, metavar=kind.upper(),
