@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from minigpt.cli import main
 from minigpt.config import ModelConfig
+from minigpt.info import param_count
 from minigpt.memory import format_bytes, training_memory
 from minigpt.model import GPT
-
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def saved_for_backward(model: GPT, x: torch.Tensor, dtype: torch.dtype) -> int:
@@ -48,27 +43,25 @@ def test_activation_estimate_matches_what_autograd_saves(shape, dtype):
 
 def test_static_memory_is_16_bytes_per_parameter_and_activations_scale_with_batch():
     cfg = ModelConfig(vocab_size=67, block_size=256, n_layer=12, n_head=6, n_embd=384)
-    n = GPT(cfg).num_params()
+    n = param_count(cfg)
     one, two = (training_memory(cfg, n, b, mixed_precision=True) for b in (32, 64))
     assert one.weights + one.gradients + one.optimizer == 16 * n
     assert two.activations == 2 * one.activations
     assert training_memory(cfg, n, 32, mixed_precision=False).activations > one.activations
 
 
-def test_info_shows_memory_per_preset_and_a_breakdown():
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
-    table = subprocess.run([sys.executable, "-m", "minigpt", "info"], env=env, capture_output=True,
-                           text=True, check=True).stdout
+def test_info_shows_memory_per_preset_and_a_breakdown(capsys):
+    assert main(["info"]) == 0
+    table = capsys.readouterr().out
     assert "mem fp32" in table and "mem bf16" in table
     large = next(line for line in table.splitlines() if line.startswith("large"))
     cfg = ModelConfig(vocab_size=67, block_size=256, n_layer=12, n_head=6, n_embd=384, dropout=0.2)
-    est = training_memory(cfg, GPT(cfg).num_params(), 64, mixed_precision=True)
+    est = training_memory(cfg, param_count(cfg), 64, mixed_precision=True)
     assert format_bytes(est.total) in large
 
-    detail = subprocess.run([sys.executable, "-m", "minigpt", "info", "--preset", "large",
-                             "--batch-size", "8"], env=env, capture_output=True, text=True,
-                            check=True).stdout
+    assert main(["info", "--preset", "large", "--batch-size", "8"]) == 0
+    detail = capsys.readouterr().out
     assert "batch-size 8 per device" in detail
-    est8 = training_memory(cfg, GPT(cfg).num_params(), 8, mixed_precision=True)
+    est8 = training_memory(cfg, param_count(cfg), 8, mixed_precision=True)
     total = next(line for line in detail.splitlines() if line.startswith("total"))
     assert format_bytes(est8.total) in total

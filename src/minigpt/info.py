@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import checkpoint as ckpt
 from .config import PRESETS, ModelConfig, resolve
 from .memory import format_bytes, training_memory
@@ -22,7 +24,7 @@ def preset_rows(vocab_size: int = SHAKESPEARE_VOCAB, batch_size: int | None = No
     rows = []
     for name in presets or PRESETS:
         mcfg, tcfg = resolve(name, overrides={"vocab_size": vocab_size, "batch_size": batch_size})
-        params = GPT(mcfg).num_params()
+        params = param_count(mcfg)
         rows.append({
             "preset": name,
             "n_layer": mcfg.n_layer, "n_head": mcfg.n_head, "n_embd": mcfg.n_embd,
@@ -31,6 +33,12 @@ def preset_rows(vocab_size: int = SHAKESPEARE_VOCAB, batch_size: int | None = No
             "memory": memory_breakdown(mcfg, params, tcfg.batch_size),
         })
     return rows
+
+
+def param_count(mcfg: ModelConfig) -> int:
+    """Parameters of the model `mcfg` describes, counted without allocating or initialising them."""
+    with torch.device("meta"):
+        return GPT(mcfg).num_params()
 
 
 def memory_breakdown(mcfg: ModelConfig, params: int, batch_size: int) -> dict[str, dict[str, int]]:
@@ -49,7 +57,7 @@ def run_info(run_dir: Path) -> dict[str, Any]:
             best_val = json.loads((ckpt.checkpoints_dir(run_dir) / ckpt.BEST).read_text())["val_loss"]
         except (OSError, ValueError, KeyError):
             pass
-    params = GPT(mcfg).num_params()
+    params = param_count(mcfg)
     return {
         "run_dir": str(run_dir),
         "params": params,
