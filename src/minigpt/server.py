@@ -422,6 +422,7 @@ def serve(
     api_key: str | None = None,
     checkpoint: str = "best",
     device: str = "auto",
+    dtype: str = "auto",
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     max_queue: int = DEFAULT_MAX_QUEUE,
@@ -432,7 +433,7 @@ def serve(
 
     from .engine import load
 
-    engine = load(run_dir, checkpoint=checkpoint, device=device)
+    engine = load(run_dir, checkpoint=checkpoint, device=device, dtype=dtype)
     model_id = Path(run_dir).resolve().name
     app = create_app(
         engine,
