@@ -137,8 +137,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     meta = prepare(args.inputs, args.out, docs=args.docs, val_fraction=args.val_fraction,
                    seed=args.seed, tokenizer=args.tokenizer, vocab_size=args.tokenizer_vocab_size)
-    print(f"prepared {args.out}: vocab {meta['vocab_size']}, train {meta['train_tokens']:,} tokens, "
-          f"val {meta['val_tokens']:,} tokens ({meta['dtype']})")
+    print(f"prepared {args.out}: {meta['tokenizer']} vocab {meta['vocab_size']}, train "
+          f"{meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens ({meta['dtype']}), "
+          f"{meta['train_bytes'] / meta['train_tokens']:.2f} bytes per token")
     return 0
 
 
