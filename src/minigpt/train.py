@@ -5,6 +5,11 @@ AdamW with the LR from `optim.lr_at`. Every `eval_interval` steps (and at the en
 loss on fixed batches, print a short sample, write a checkpoint (and mark it best when val improves).
 Exact resume restores weights, optimizer moments, step, best val loss, torch RNG and the sampler.
 Ctrl-C finishes the current step, saves a checkpoint and returns.
+
+Nothing lost: a step whose loss or gradient is NaN/inf is skipped (the optimizer does not move) and
+counted; `max_bad_steps` of them in a row stop the run, keeping the last good checkpoint. A new run
+that fails while setting up leaves `--out` as it was; a run killed before its first checkpoint
+restarts from step 0 on `--resume`. Resume refuses a different model, tokenizer or data.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +43,12 @@ from .device import resolve_device
 from .engine import Engine
 from .errors import CheckpointError, ConfigError, DataError
 from .model import GPT
+from .nonfinite import NonFiniteGuard, grad_norm, step_if_finite
 from .optim import lr_at, make_optimizer
+from .tokenizers import load_tokenizer
 
 # Settings that shape the prepared data; changing them on resume would change what is being learnt.
-DATA_SHAPING = ("docs", "val_fraction", "tokenizer")
+DATA_SHAPING = ("data", "docs", "val_fraction", "tokenizer")
 
 
 def train(
@@ -58,37 +65,24 @@ def train(
     else:
         mcfg, tcfg = resolve(preset, config_file, overrides)
     run_dir = Path(tcfg.out)
-    if not resume:
-        _claim_run_dir(run_dir, overwrite)
-    data = _data_for_run(tcfg, run_dir, resume)
-    mcfg = dataclasses.replace(mcfg, vocab_size=data.tokenizer.vocab_size)
-    for split in ("train", "val"):
-        n = len(getattr(data, split))
-        if n <= mcfg.block_size:
-            raise DataError(
-                f"the {split} split has {n} tokens, fewer than block-size + 1 ({mcfg.block_size + 1}); "
-                "use a smaller --block-size or more text"
-            )
-    if not resume:
-        ckpt.write_run_config(run_dir, mcfg, tcfg)
-        ckpt.atomic_write_text(run_dir / ckpt.TOKENIZER, json.dumps(data.tokenizer.to_dict(),
-                                                                    ensure_ascii=False) + "\n")
-    else:
-        ckpt.write_run_config(run_dir, mcfg, tcfg)  # records e.g. a raised max_iters
-    return Trainer(mcfg, tcfg, data, run_dir, progress).run(resume)
-
-
-def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Never write over someone's files: an existing run needs --resume or --overwrite."""
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not (run_dir / ckpt.CONFIG).exists():
-            raise ConfigError(f"{run_dir} exists and is not a minigpt run directory; choose another --out")
-        if not overwrite:
-            raise ConfigError(
-                f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start over"
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    has_checkpoint = resume and bool(ckpt.list_checkpoints(run_dir))
+    if resume and not has_checkpoint:  # killed before its first checkpoint: nothing to lose
+        print(f"warning: {run_dir} has no checkpoint yet; starting it from step 0", file=sys.stderr)
+    with nullcontext() if resume else ckpt.new_run_dir(run_dir, overwrite, mcfg, tcfg):
+        data = _data_for_run(tcfg, run_dir, has_checkpoint)
+        mcfg = dataclasses.replace(mcfg, vocab_size=data.tokenizer.vocab_size)
+        for split in ("train", "val"):
+            n = len(getattr(data, split))
+            if n <= mcfg.block_size:
+                raise DataError(
+                    f"the {split} split has {n} tokens, fewer than block-size + 1 ({mcfg.block_size + 1}); "
+                    "use a smaller --block-size or more text"
+                )
+        if not has_checkpoint:  # a resumed run records its config once its checkpoint has loaded
+            ckpt.write_run_config(run_dir, mcfg, tcfg)
+            ckpt.atomic_write_text(run_dir / ckpt.TOKENIZER, json.dumps(data.tokenizer.to_dict(),
+                                                                        ensure_ascii=False) + "\n")
+    return Trainer(mcfg, tcfg, data, run_dir, progress).run(has_checkpoint)
 
 
 def _resume_config(preset, config_file, overrides) -> tuple[ModelConfig, TrainConfig]:
@@ -113,11 +107,18 @@ def _resume_config(preset, config_file, overrides) -> tuple[ModelConfig, TrainCo
     if diffs:
         raise ConfigError(f"cannot resume {out} with a different model: {', '.join(diffs)}")
     for k in DATA_SHAPING:
-        if k in train_over and train_over[k] != getattr(tcfg, k):
-            raise ConfigError(f"cannot resume {out} with a different {k.replace('_', '-')}")
+        if k in train_over and not _same_setting(k, getattr(tcfg, k), train_over[k]):
+            what = "different data" if k == "data" else f"a different {k.replace('_', '-')}"
+            raise ConfigError(f"cannot resume {out} with {what}: {getattr(tcfg, k)} -> {train_over[k]}")
     tcfg = dataclasses.replace(tcfg, **train_over)
     tcfg.validate()
     return mcfg, tcfg
+
+
+def _same_setting(key: str, stored: Any, given: Any) -> bool:
+    if key == "data" and stored is not None and given is not None:
+        return Path(stored).resolve() == Path(given).resolve()  # ./a.txt and /abs/a.txt are the same
+    return stored == given
 
 
 def _data_for_run(tcfg: TrainConfig, run_dir: Path, resume: bool) -> PreparedData:
@@ -135,11 +136,12 @@ def _data_for_run(tcfg: TrainConfig, run_dir: Path, resume: bool) -> PreparedDat
             staging.replace(target)
         data = load_prepared(target)
     if resume:
-        run_tok = json.loads((run_dir / ckpt.TOKENIZER).read_text(encoding="utf-8"))
-        if run_tok != data.tokenizer.to_dict():
+        ours, theirs = data.tokenizer, load_tokenizer(run_dir / ckpt.TOKENIZER)
+        if ours.to_dict() != theirs.to_dict():
             raise CheckpointError(
-                f"cannot resume {run_dir}: the data's vocabulary ({data.tokenizer.vocab_size} tokens) "
-                f"differs from the run's tokenizer; train a new run for this data"
+                f"cannot resume {run_dir}: the data's vocabulary ({ours.kind}, {ours.vocab_size} tokens) "
+                f"differs from the run's ({theirs.kind}, {theirs.vocab_size} tokens); "
+                "train a new run for this data"
             )
     return data
 
@@ -164,6 +166,7 @@ class Trainer:
         self.best_val_loss = math.inf
         self.elapsed = 0.0  # training seconds across resumes
         self.stop_requested = False
+        self.guard = NonFiniteGuard(self.device, tcfg.max_bad_steps)
         self.tokens_per_step = tcfg.batch_size * mcfg.block_size * tcfg.grad_accum
 
     # --- state ----------------------------------------------------------------------------------
@@ -176,10 +179,22 @@ class Trainer:
             "elapsed": self.elapsed,
             "torch_rng": torch.get_rng_state(),
             "sampler": self.sampler.state_dict(),
+            **self.guard.state_dict(),
         }
+
+    def data_tokens(self) -> dict[str, int]:
+        return {"train": len(self.data.train), "val": len(self.data.val)}
 
     def restore(self) -> list[str]:
         path, meta, warnings = ckpt.find_checkpoint(self.run_dir, "last")
+        recorded = meta.get("data_tokens")
+        if recorded is not None and recorded != self.data_tokens():
+            now = self.data_tokens()
+            raise CheckpointError(
+                f"cannot resume {self.run_dir}: its data changed since step {meta['step']} was saved "
+                f"(train tokens {recorded.get('train')} -> {now['train']}, "
+                f"val tokens {recorded.get('val')} -> {now['val']}); train a new run for this data"
+            )
         ckpt.load_weights(self.model, path / ckpt.WEIGHTS)
         state = ckpt.load_trainer_state(path)
         try:
@@ -189,15 +204,20 @@ class Trainer:
             self.step = int(state["step"])
             self.best_val_loss = float(state["best_val_loss"])
             self.elapsed = float(state["elapsed"])
+            self.guard.load_state_dict(state)
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"trainer state in {path} is unusable: {e}") from None
+        for damaged in ckpt.set_aside_damaged(self.run_dir, meta["step"]):
+            warnings.append(f"moved the damaged checkpoint aside to {damaged}")
+        ckpt.remove_stale_temp(self.run_dir)
         return warnings
 
     def save(self, val_loss: float | None = None, train_loss: float | None = None) -> None:
         is_best = val_loss is not None and val_loss < self.best_val_loss
         if is_best:
             self.best_val_loss = val_loss
-        meta = {"val_loss": val_loss, "train_loss": train_loss, "best_val_loss": self.best_val_loss}
+        meta = {"val_loss": val_loss, "train_loss": train_loss, "best_val_loss": self.best_val_loss,
+                "data_tokens": self.data_tokens()}
         ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.trainer_state(), meta,
                              keep=self.tcfg.keep_checkpoints, is_best=is_best)
 
@@ -236,6 +256,7 @@ class Trainer:
         if resume:
             for w in self.restore():
                 print(f"warning: {w}", file=sys.stderr)
+            ckpt.write_run_config(self.run_dir, self.mcfg, tcfg)  # records e.g. a raised max_iters
         _truncate_metrics(metrics_path, self.step)
         bar = tqdm(total=tcfg.max_iters, initial=self.step, disable=not self.progress,
                    dynamic_ncols=True, unit="it", file=sys.stderr)
@@ -255,20 +276,27 @@ class Trainer:
                     steps = self.step - last_log_step
                     dt = now - last_log_time
                     self.elapsed += dt
-                    train_loss = loss_sum.item() / steps
+                    self.guard.check(self.step, self.run_dir)
+                    steps -= self.guard.skipped_since_last_call()  # their losses were not summed
+                    train_loss = loss_sum.item() / steps if steps else math.nan
                     loss_sum.zero_()
                     tok_s = steps * self.tokens_per_step / dt
-                    record = {"iter": self.step, "train_loss": round(train_loss, 5), "val_loss": None,
-                              "lr": lr_at(self.step - 1, tcfg), "tokens_per_sec": round(tok_s, 1),
-                              "elapsed": round(self.elapsed, 3)}
+                    record = {"iter": self.step, "train_loss": round(train_loss, 5) if steps else None,
+                              "val_loss": None, "lr": lr_at(self.step - 1, tcfg), "tokens_per_sec": round(tok_s, 1),
+                              "elapsed": round(self.elapsed, 3), "skipped_steps": self.guard.skipped}
                     bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                     summary.update(train_loss=train_loss, tokens_per_sec=tok_s)
                     last_log_time, last_log_step = now, self.step
                 if self.step % tcfg.eval_interval == 0 or self.step == tcfg.max_iters:
+                    self.guard.check(self.step, self.run_dir)  # never save after a divergence
                     losses = self.estimate_loss()
                     record.setdefault("iter", self.step)
                     record.update(val_loss=round(losses["val"], 5), val_ppl=round(math.exp(losses["val"]), 3),
                                   eval_train_loss=round(losses["train"], 5))
+                    # log before saving: a kill in between must not leave a checkpoint without its line
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    record = {}
                     self.save(losses["val"], losses["train"])
                     last_saved = self.step
                     summary["val_loss"] = losses["val"]
@@ -282,16 +310,22 @@ class Trainer:
                     metrics.flush()
             if self.stop_requested and last_saved != self.step:
                 self.elapsed += time.perf_counter() - last_log_time
+                self.guard.check(self.step, self.run_dir)
                 self.save()
         bar.close()
         summary.update(
             run_dir=str(self.run_dir), step=self.step, best_val_loss=self.best_val_loss,
             interrupted=self.stop_requested, elapsed=self.elapsed, params=self.model.num_params(),
+            skipped_steps=self.guard.skipped,
         )
         return summary
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step; returns the mean micro-batch loss as a tensor (no host sync)."""
+        """One optimizer step; returns the mean micro-batch loss as a tensor (no host sync).
+
+        A step with a non-finite loss or gradient does not move the weights or the optimizer state;
+        it returns 0 and is counted by `self.guard`.
+        """
         tcfg = self.tcfg
         lr = lr_at(self.step, tcfg)
         for group in self.optimizer.param_groups:
@@ -303,10 +337,15 @@ class Trainer:
             (loss / tcfg.grad_accum).backward()
             total += loss.detach()
         if tcfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
-        self.optimizer.step()
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
+        else:
+            norm = grad_norm(self.model.parameters())
+        loss = total / tcfg.grad_accum
+        finite = torch.isfinite(loss) & torch.isfinite(norm)
+        step_if_finite(self.optimizer, finite)
         self.optimizer.zero_grad(set_to_none=True)
-        return total / tcfg.grad_accum
+        self.guard.update(finite)
+        return torch.where(finite, loss, 0.0)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
