@@ -232,8 +232,10 @@ def prune_checkpoints(run_dir: Path, keep: int, current: int | None = None) -> N
     protected = {best_step(run_dir), current}
     ckpts = list_checkpoints(run_dir)
     for step, path in ckpts[: max(0, len(ckpts) - keep)]:
-        if step not in protected:
-            shutil.rmtree(path, ignore_errors=True)
+        if step not in protected:  # rename first: a kill mid-delete must not leave half a checkpoint
+            trash = path.with_name(f".old-{path.name}-{os.getpid()}")
+            os.replace(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
     remove_stale_temp(run_dir)
 
 

@@ -43,7 +43,7 @@ from .device import resolve_device
 from .engine import Engine
 from .errors import CheckpointError, ConfigError, DataError
 from .model import GPT
-from .nonfinite import NonFiniteGuard, grad_norm, step_if_finite
+from .nonfinite import NonFiniteGuard, bad_step, grad_norm, step_unless_bad
 from .optim import lr_at, make_optimizer
 from .tokenizers import load_tokenizer
 
@@ -166,7 +166,7 @@ class Trainer:
         self.best_val_loss = math.inf
         self.elapsed = 0.0  # training seconds across resumes
         self.stop_requested = False
-        self.guard = NonFiniteGuard(self.device, tcfg.max_bad_steps)
+        self.guard = NonFiniteGuard(tcfg.max_bad_steps)
         self.tokens_per_step = tcfg.batch_size * mcfg.block_size * tcfg.grad_accum
 
     # --- state ----------------------------------------------------------------------------------
@@ -341,11 +341,11 @@ class Trainer:
         else:
             norm = grad_norm(self.model.parameters())
         loss = total / tcfg.grad_accum
-        finite = torch.isfinite(loss) & torch.isfinite(norm)
-        step_if_finite(self.optimizer, finite)
+        bad = bad_step(loss, norm)
+        step_unless_bad(self.optimizer, bad)
         self.optimizer.zero_grad(set_to_none=True)
-        self.guard.update(finite)
-        return torch.where(finite, loss, 0.0)
+        self.guard.update(bad)
+        return loss.masked_fill(bad, 0.0)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
