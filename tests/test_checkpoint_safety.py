@@ -20,13 +20,6 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, eval_it
             sample_tokens=0, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:

@@ -42,14 +42,6 @@ def corpus(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def one_thread():
-    """In-process training on one thread: a loaded 2-core machine makes OpenMP spin badly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _alive(pid: int):
     """Is this fork-server child still running? (It is not our child, so no waitpid.)"""
@@ -137,7 +129,7 @@ def _fail_in(monkeypatch, where: str, err: int, after_calls: int) -> None:
 @pytest.mark.parametrize("where,err", [("torch.save", errno.ENOSPC), ("mkdir", errno.EACCES)],
                          ids=["disk-full", "unwritable"])
 def test_a_failing_save_is_one_clear_error_and_keeps_the_previous_checkpoint(
-        corpus, one_thread, monkeypatch, where, err):
+        corpus, monkeypatch, where, err):
     run = corpus.parent / "run"
     _fail_in(monkeypatch, where, err, after_calls=1)
     with pytest.raises(CheckpointError) as info:
@@ -154,7 +146,7 @@ def test_a_failing_save_is_one_clear_error_and_keeps_the_previous_checkpoint(
     assert summary["step"] == 20
 
 
-def test_the_cli_prints_a_failing_save_as_one_line(corpus, one_thread, monkeypatch, capsys):
+def test_the_cli_prints_a_failing_save_as_one_line(corpus, monkeypatch, capsys):
     from minigpt.cli import main
 
     _fail_in(monkeypatch, "torch.save", errno.ENOSPC, after_calls=0)

@@ -43,13 +43,6 @@ def corpus(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def poison(monkeypatch, bad_steps: set[int], kind: str) -> list[dict[str, torch.Tensor]]:
     """Make training steps in `bad_steps` (0-based) non-finite; returns weights seen at each step."""

@@ -80,6 +80,7 @@ class TrainConfig:
     sample_tokens: int = 120  # length of the sample printed at each evaluation; 0 disables
     seed: int = 1337
     device: str = "auto"
+    engine: str = "torch"  # torch | reference (NumPy, hand-written backward: see docs/backprop.md)
 
     def validate(self) -> None:
         positive = ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters",
@@ -103,6 +104,8 @@ class TrainConfig:
             raise ConfigError(f"max-bad-steps must be >= 1, got {self.max_bad_steps}")
         if self.sample_tokens < 0:
             raise ConfigError("sample-tokens must be >= 0")
+        if self.engine not in ("torch", "reference"):
+            raise ConfigError(f"engine must be torch or reference, got {self.engine!r}")
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,12 @@ def train(
         mcfg, tcfg = _resume_config(preset, config_file, overrides)
     else:
         mcfg, tcfg = resolve(preset, config_file, overrides)
+    trainer_cls = Trainer
+    if tcfg.engine == "reference":  # NumPy engine: refuse what it cannot do before touching --out
+        from .reference_train import ReferenceTrainer, check_reference_config
+
+        check_reference_config(mcfg, tcfg)
+        trainer_cls = ReferenceTrainer
     run_dir = Path(tcfg.out)
     has_checkpoint = resume and bool(ckpt.list_checkpoints(run_dir))
     if resume and not has_checkpoint:  # killed before its first checkpoint: nothing to lose
@@ -82,7 +88,7 @@ def train(
             ckpt.write_run_config(run_dir, mcfg, tcfg)
             ckpt.atomic_write_text(run_dir / ckpt.TOKENIZER, json.dumps(data.tokenizer.to_dict(),
                                                                         ensure_ascii=False) + "\n")
-    return Trainer(mcfg, tcfg, data, run_dir, progress).run(has_checkpoint)
+    return trainer_cls(mcfg, tcfg, data, run_dir, progress).run(has_checkpoint)
 
 
 def _resume_config(preset, config_file, overrides) -> tuple[ModelConfig, TrainConfig]:
