@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from minigpt import checkpoint as ckpt
 from minigpt.config import ModelConfig
