@@ -7,7 +7,7 @@
    again, each time at one of three kinds of moment, in turn:
      save    - the moment a checkpoint's temporary directory appears: the process dies mid-save;
      random  - a random time after the run has saved a new checkpoint since it was (re)started;
-     early   - a random time since launch, which can land during start-up and restore.
+     early   - a random time (up to 6 s) since launch: often during start-up and restore.
    After every kill, every checkpoint on disk is verified (checksums, trainer state loadable with
    weights_only=True), and the run is continued with `minigpt train --out RUN --resume`.
 3. Once the kills are done the run is resumed to the end, and its final weights, optimizer state and
@@ -135,7 +135,7 @@ def same_tensors(a, b) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kills", type=int, default=24)
-    ap.add_argument("--max-iters", type=int, default=600)
+    ap.add_argument("--max-iters", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=None, help="kill-timing seed (default: random)")
     ap.add_argument("--workdir", default=None, help="keep the runs here (default: a temp dir)")
     args = ap.parse_args()
@@ -169,7 +169,7 @@ def main() -> None:
         counts["resumes"] += counts["kills"] > 0
         mode = modes[counts["kills"] % len(modes)]
         alive = wait_for_kill_moment(mode, run, proc.pid, partial(_running, proc), start_step,
-                                     rng, max_delay=8.0 if mode == "early" else 1.0)
+                                     rng, max_delay=6.0 if mode == "early" else 1.0)
         if alive:
             proc.send_signal(signal.SIGKILL)
         _, err = proc.communicate()

@@ -59,6 +59,15 @@ def test_resume_falls_back_past_a_truncated_checkpoint_and_sets_it_aside(corpus,
     assert (run / "checkpoints" / "damaged-step-0000010" / ckpt.WEIGHTS).exists()
 
 
+def test_a_best_checkpoint_that_was_set_aside_is_no_best(tmp_path):
+    model = tiny_model()
+    ckpt.save_checkpoint(tmp_path, 1, model, None, {"val_loss": 2.0}, keep=2)
+    ckpt.save_checkpoint(tmp_path, 2, model, None, {"val_loss": 1.0}, keep=2, is_best=True)
+    assert ckpt.best_step(tmp_path) == 2
+    ckpt.set_aside_damaged(tmp_path, after_step=1)
+    assert ckpt.best_step(tmp_path) is None  # so `sample` falls back to the last checkpoint
+
+
 def test_keep_last_k_keeps_the_best_and_never_the_stale_future(tmp_path):
     model = tiny_model()
     ckpt.save_checkpoint(tmp_path, 1, model, None, {"val_loss": 1.0}, keep=2, is_best=True)

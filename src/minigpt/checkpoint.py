@@ -221,10 +221,12 @@ def _write_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor],
 
 
 def best_step(run_dir: Path) -> int | None:
+    """The step best.json points to, if that checkpoint exists (it may have been set aside)."""
     try:
-        return int(json.loads((checkpoints_dir(run_dir) / BEST).read_text())["step"])
+        step = int(json.loads((checkpoints_dir(run_dir) / BEST).read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return step if (checkpoints_dir(run_dir) / step_dir_name(step)).is_dir() else None
 
 
 def prune_checkpoints(run_dir: Path, keep: int, current: int | None = None) -> None:
