@@ -241,6 +241,10 @@ def prune_checkpoints(run_dir: Path, keep: int, current: int | None = None) -> N
     remove_stale_temp(run_dir)
 
 
+# .tmp-step-0000500-PID / .old-step-0000500-PID (checkpoint dirs), .config.json.tmp-PID (atomic writes)
+_TEMP_NAME = re.compile(r"^\.((tmp|old)-step-\d+|.+\.tmp)-\d+$")
+
+
 def remove_stale_temp(run_dir: Path) -> None:
     """Remove temp files and dirs that processes which died mid-write left behind (not our own)."""
     mine = f"-{os.getpid()}"
@@ -250,10 +254,6 @@ def remove_stale_temp(run_dir: Path) -> None:
         for p in d.iterdir():
             if _TEMP_NAME.match(p.name) and not p.name.endswith(mine):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-# .tmp-step-0000500-PID / .old-step-0000500-PID (checkpoint dirs), .config.json.tmp-PID (atomic writes)
-_TEMP_NAME = re.compile(r"^\.((tmp|old)-step-\d+|.+\.tmp)-\d+$")
 
 
 def set_aside_damaged(run_dir: Path, after_step: int) -> list[Path]:

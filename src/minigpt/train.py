@@ -115,10 +115,15 @@ def _resume_config(preset, config_file, overrides) -> tuple[ModelConfig, TrainCo
     for k in DATA_SHAPING:
         if k in train_over and not _same_setting(k, getattr(tcfg, k), train_over[k]):
             what = "different data" if k == "data" else f"a different {k.replace('_', '-')}"
-            raise ConfigError(f"cannot resume {out} with {what}: {getattr(tcfg, k)} -> {train_over[k]}")
+            old, new = (_shown(k, v) for v in (getattr(tcfg, k), train_over[k]))
+            raise ConfigError(f"cannot resume {out} with {what}: {old} -> {new}")
     tcfg = dataclasses.replace(tcfg, **train_over)
     tcfg.validate()
     return mcfg, tcfg
+
+
+def _shown(key: str, value: Any) -> Any:
+    return {"data": "the bundled corpus", "docs": "stream"}.get(key, value) if value is None else value
 
 
 def _same_setting(key: str, stored: Any, given: Any) -> bool:
