@@ -162,7 +162,9 @@ def test_the_cli_prints_a_failing_save_as_one_line(corpus, monkeypatch, capsys):
 # --- loading never runs code -----------------------------------------------------------------------
 
 
-class _Payload:
+class Payload:
+    """Unpickling this runs `touch TARGET`: a real attack, not a mock."""
+
     def __init__(self, target: Path):
         self.target = target
 
@@ -176,9 +178,9 @@ def test_a_malicious_trainer_state_is_refused_and_never_runs(tmp_path, fmt):
     step_dir = tmp_path / "step"
     step_dir.mkdir()
     if fmt == "torch.save":
-        torch.save({"optimizer": _Payload(target)}, step_dir / ckpt.TRAINER)
+        torch.save({"optimizer": Payload(target)}, step_dir / ckpt.TRAINER)
     else:
-        (step_dir / ckpt.TRAINER).write_bytes(pickle.dumps({"optimizer": _Payload(target)}))
+        (step_dir / ckpt.TRAINER).write_bytes(pickle.dumps({"optimizer": Payload(target)}))
     with pytest.raises(CheckpointError) as info:
         ckpt.load_trainer_state(step_dir)
     assert not target.exists(), "the payload ran"

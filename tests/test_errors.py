@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import re
 import shlex
 import shutil
@@ -31,6 +30,7 @@ from minigpt import checkpoint as ckpt
 from minigpt.config import ModelConfig
 from minigpt.data import bundled_corpus
 from minigpt.model import GPT
+from test_crash_safety import Payload  # a real payload: unpickling it runs `touch`
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "errors.md"
@@ -162,16 +162,6 @@ def _flip_byte(path: Path, offset: int = -100) -> None:
     path.write_bytes(bytes(data))
 
 
-class Payload:
-    """Unpickling this runs `touch pwned`: a real attack, not a mock."""
-
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __reduce__(self):
-        return (os.system, (f"touch {shlex.quote(str(self.target))}",))
-
-
 def write_malicious_trainer_state(step_dir: Path, target: Path) -> None:
     """Replace trainer.pt with a payload and update meta.json's checksum, as an attacker would."""
     torch.save({"optimizer": Payload(target), "step": 10}, step_dir / ckpt.TRAINER)
@@ -259,14 +249,6 @@ def test_bad_input(case: Case, workspace: Path):
         assert result.stderr == ""
         assert result.stdout.startswith(LONG_PROMPT) and len(result.stdout) > len(LONG_PROMPT) + 1
     assert snapshot(workspace) == before, "files were created, changed or deleted"
-
-
-def test_the_malicious_payload_is_real(workspace: Path, tmp_path: Path):
-    """The payload used above does run a command when unpickled without weights_only."""
-    target = tmp_path / "pwned"
-    pickle.loads(pickle.dumps(Payload(target)))
-    assert target.exists()
-    assert not (workspace / "pwned").exists()
 
 
 def test_fork_server_matches_a_plain_subprocess(workspace: Path):
