@@ -18,6 +18,7 @@ from minigpt.config import ModelConfig
 from minigpt.data import bundled_corpus
 from minigpt.errors import CheckpointError, TrainingDiverged
 from minigpt.model import GPT
+from minigpt.nonfinite import step_unless_bad
 from minigpt.train import train
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, eval_iters=2,
@@ -117,3 +118,26 @@ def test_weights_with_nan_are_never_saved(tmp_path):
         ckpt.save_checkpoint(tmp_path, 2, model, None, {"val_loss": 1.0}, is_best=True)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
     assert ckpt.best_step(tmp_path) == 1
+
+
+def _skip_sequence(sync: bool) -> torch.Tensor:
+    """A good step, a NaN step, a good step; checks the NaN step changed nothing."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.1, fused=True)
+    p.grad = torch.randn(4, 4)
+    step_unless_bad(opt, torch.tensor(False), sync=sync)
+    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    p.grad = torch.full((4, 4), math.nan)
+    step_unless_bad(opt, torch.tensor(True), sync=sync)
+    assert torch.equal(p.detach(), before[0])
+    assert all(torch.equal(v, before[1][k]) for k, v in opt.state[p].items())  # moments, step
+    p.grad = torch.ones(4, 4)
+    step_unless_bad(opt, torch.tensor(False), sync=sync)
+    assert not torch.equal(p.detach(), before[0]) and int(opt.state[p]["step"]) == 2
+    return p.detach()
+
+
+def test_both_ways_of_skipping_skip_everything_and_agree():
+    """The CPU's host check and the accelerators' fused found_inf (tested here on the CPU)."""
+    assert torch.equal(_skip_sequence(sync=True), _skip_sequence(sync=False))

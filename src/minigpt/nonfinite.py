@@ -1,9 +1,10 @@
 """Steps with a NaN/inf loss or gradient: skip them, count them, stop after too many in a row.
 
-No host sync per step: `torch.isfinite` of the loss and the gradient norm gives a flag on the
-device, fused AdamW takes it as GradScaler's `found_inf` and skips the whole update itself, and the
-guard only keeps the flags until the training loop syncs anyway (logging, evaluation, saving),
-where it reads them all at once. A healthy run pays four scalar ops per step.
+No host sync per step on an accelerator: `torch.isfinite` of the loss and the gradient norm gives a
+flag on the device, fused AdamW takes it as GradScaler's `found_inf` and skips the whole update
+itself, and the guard only keeps the flags until the training loop syncs anyway (logging,
+evaluation, saving), where it reads them all at once. On the CPU, where reading a value costs
+nothing, the optimizer step is simply not called.
 """
 
 from __future__ import annotations
@@ -30,16 +31,22 @@ def grad_norm(params) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
-def step_unless_bad(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:
-    """optimizer.step(), skipped entirely (moments, step count, weight decay) when `bad`."""
-    if optimizer.defaults.get("fused"):
-        # fused Adam/AdamW read GradScaler's `found_inf` flag and skip on the device: no sync
+def step_unless_bad(optimizer: torch.optim.Optimizer, bad: torch.Tensor, sync: bool | None = None) -> None:
+    """optimizer.step(), skipped entirely (moments, step count, weight decay) when `bad`.
+
+    sync: read `bad` on the host first. That is free on the CPU (the default there); on an
+    accelerator, fused Adam/AdamW instead take `bad` as GradScaler's `found_inf` flag and skip on
+    the device, and only other optimizers pay one sync per step.
+    """
+    if sync is None:
+        sync = bad.device.type == "cpu" or not optimizer.defaults.get("fused")
+    if not sync:
         optimizer.found_inf = bad.float()
         try:
             optimizer.step()
         finally:
             del optimizer.found_inf
-    elif not bad.item():  # other optimizers: one host sync per step
+    elif not bad.item():
         optimizer.step()
 
 
