@@ -18,7 +18,11 @@ from .errors import MiniGPTError
 _EXPLICIT = {"vocab_size", "data", "out"}
 _HELP = {
     "docs": "documents mode: lines | blank | files (default: one continuous stream)",
-    "device": "auto | cpu | cuda | cuda:N | mps",
+    "device": "auto | cpu | cuda | cuda:N | mps (auto: CUDA, then MPS, then CPU)",
+    "dtype": "auto | float32 | bfloat16 | float16: autocast precision (auto: bf16 on GPUs, fp32 on CPU)",
+    "compile": "torch.compile the model for training",
+    "batch_size": "sequences per micro-batch per device; effective batch = batch-size x grad-accum x "
+                  "processes",
     "engine": "torch (default) | reference: the NumPy engine with a hand-written backward (CPU)",
     "lr_decay_iters": "step where cosine decay reaches min-lr (default: max-iters)",
     "grad_clip": "global gradient-norm clip (0 = off)",
@@ -38,7 +42,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             flag = "--" + f.name.replace("_", "-")
             kind = str(f.type).split("|")[0].strip()
             if kind == "bool":
-                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=_HELP.get(f.name))
                 continue
             typ = {"int": int, "float": float}.get(kind, str)
             p.add_argument(flag, type=typ, default=None, metavar=kind.upper(),
@@ -80,12 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--checkpoint", default="best", help="best | last | a step number")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--dtype", default="auto",
+                   help="auto | float32 | bfloat16 | float16 weights (auto: bf16 on GPUs, fp32 on CPU)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("info", help="show a run (config, parameters, step, best val loss) or the presets")
+    p = sub.add_parser("info", help="show a run (config, parameters, step, best val loss) or the presets "
+                                    "with their training memory")
     p.add_argument("run_dir", nargs="?", help="run directory (omit to list presets)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--preset", help="show one preset's memory estimate in detail")
+    p.add_argument("--batch-size", type=int, help="per-device batch size for the memory estimate "
+                                                  "(default: each preset's)")
+    p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (default: 67, chars)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("plot", help="plot train/val loss curves of one or more runs")
@@ -112,13 +124,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     summary = train(preset=args.preset, config_file=args.config, resume=args.resume,
                     overwrite=args.overwrite, progress=not args.quiet, **overrides)
+    if summary["rank"] != 0:  # under torchrun, rank 0 reports
+        return 130 if summary["interrupted"] else 0
     best = summary["best_val_loss"]
     print(f"run {summary['run_dir']}: step {summary['step']}, {summary['params']:,} parameters, "
           f"best val loss {best:.4f}, {summary['elapsed']:.1f}s training" if best != float("inf")
           else f"run {summary['run_dir']}: step {summary['step']}")
     if summary["interrupted"]:
-        print(f"interrupted: checkpoint saved at step {summary['step']}; continue with "
-              f"`minigpt train --out {summary['run_dir']} --resume`", file=sys.stderr)
+        how = (f"`minigpt train --out {summary['run_dir']} --resume`" if summary["world_size"] == 1
+               else f"the same torchrun command with `--out {summary['run_dir']} --resume`")
+        print(f"interrupted: checkpoint saved at step {summary['step']}; continue with {how}",
+              file=sys.stderr)
         return 130
     return 0
 
@@ -127,7 +143,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .engine import check_generation, load
 
     check_generation(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
-    engine = load(args.run_dir, checkpoint=args.checkpoint, device=args.device)
+    engine = load(args.run_dir, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype)
     engine.encode_prompt(args.prompt)  # unknown characters: fail before printing anything
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -144,11 +160,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .info import format_presets, format_run_info, preset_rows, run_info
+    from .info import (
+        SHAKESPEARE_VOCAB,
+        format_memory,
+        format_presets,
+        format_run_info,
+        preset_rows,
+        run_info,
+    )
 
     if args.run_dir is None:
-        rows = preset_rows()
-        print(json.dumps(rows, indent=2) if args.json else format_presets(rows))
+        vocab = args.vocab_size or SHAKESPEARE_VOCAB
+        rows = preset_rows(vocab, args.batch_size, [args.preset] if args.preset else None)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(format_memory(rows[0]) if args.preset else format_presets(rows, vocab))
         return 0
     info = run_info(Path(args.run_dir))
     print(json.dumps(info, indent=2) if args.json else format_run_info(info))
@@ -167,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except MiniGPTError as e:
-        message = " ".join(line.strip() for line in str(e).splitlines())  # always one line
-        print(f"minigpt: error: {message}", file=sys.stderr)
+        if not getattr(e, "mirrored", False):  # an error rank 0 of a torchrun job also reports
+            message = " ".join(line.strip() for line in str(e).splitlines())  # always one line
+            print(f"minigpt: error: {message}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("minigpt: interrupted", file=sys.stderr)
@@ -176,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0  # e.g. `minigpt sample ... | head`
     except OSError as e:
+        if getattr(e, "mirrored", False):
+            return 1
         where = f": {e.filename}" if e.filename else ""
         print(f"minigpt: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1

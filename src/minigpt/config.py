@@ -80,6 +80,8 @@ class TrainConfig:
     sample_tokens: int = 120  # length of the sample printed at each evaluation; 0 disables
     seed: int = 1337
     device: str = "auto"
+    dtype: str = "auto"  # compute precision (autocast); weights stay float32. See device.resolve_dtype
+    compile: bool = False  # torch.compile the model for training
     engine: str = "torch"  # torch | reference (NumPy, hand-written backward: see docs/backprop.md)
 
     def validate(self) -> None:
@@ -104,6 +106,8 @@ class TrainConfig:
             raise ConfigError(f"max-bad-steps must be >= 1, got {self.max_bad_steps}")
         if self.sample_tokens < 0:
             raise ConfigError("sample-tokens must be >= 0")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16; got {self.dtype!r}")
         if self.engine not in ("torch", "reference"):
             raise ConfigError(f"engine must be torch or reference, got {self.engine!r}")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .device import resolve_device
+from .device import resolve_device, resolve_dtype
 from .errors import CheckpointError, ConfigError
 from .kv_cache import KVCache
 from .model import GPT
@@ -138,8 +138,13 @@ def check_generation(max_new_tokens: int, temperature: float, top_k: int | None,
     check_sampling(temperature, top_k, top_p)
 
 
-def load(run_dir: str | Path, checkpoint: str = "best", device: str = "auto") -> Engine:
-    """Load a trained run for generation: `minigpt.load("runs/x").generate("ROMEO:")`."""
+def load(run_dir: str | Path, checkpoint: str = "best", device: str = "auto",
+         dtype: str = "auto") -> Engine:
+    """Load a trained run for generation: `minigpt.load("runs/x").generate("ROMEO:")`.
+
+    `dtype` is the weights' precision here (auto: bf16 on GPUs that have it, float32 on CPU); the KV
+    cache follows it. Sampling itself always runs in float32.
+    """
     run_dir = Path(run_dir)
     mcfg, tcfg = ckpt.read_run_config(run_dir)
     tokenizer = load_tokenizer(run_dir / ckpt.TOKENIZER)
@@ -152,5 +157,6 @@ def load(run_dir: str | Path, checkpoint: str = "best", device: str = "auto") ->
     path, meta, _ = ckpt.find_checkpoint(run_dir, checkpoint)
     model = GPT(mcfg)
     ckpt.load_weights(model, path / ckpt.WEIGHTS)
-    model.to(resolve_device(device))
+    dev = resolve_device(device)
+    model.to(device=dev, dtype=resolve_dtype(dtype, dev))
     return Engine(model, tokenizer, docs=tcfg.docs is not None, step=meta.get("step"))

@@ -1,4 +1,4 @@
-"""What a run or a preset is: config, parameter count, step, best validation loss."""
+"""What a run or a preset is: config, parameter count, training memory estimate, step, best val loss."""
 
 from __future__ import annotations
 
@@ -7,25 +7,44 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import checkpoint as ckpt
-from .config import PRESETS, resolve
+from .config import PRESETS, ModelConfig, resolve
+from .memory import format_bytes, training_memory
 from .model import GPT
 
 # Tiny Shakespeare's 65 characters + BOS + EOS: the vocabulary preset parameter counts are quoted for
 SHAKESPEARE_VOCAB = 67
 
 
-def preset_rows(vocab_size: int = SHAKESPEARE_VOCAB) -> list[dict[str, Any]]:
+def preset_rows(vocab_size: int = SHAKESPEARE_VOCAB, batch_size: int | None = None,
+                presets: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per preset; memory is estimated at `batch_size` per device (default: the preset's)."""
     rows = []
-    for name, preset in PRESETS.items():
-        mcfg, tcfg = resolve(name, overrides={"vocab_size": vocab_size})
+    for name in presets or PRESETS:
+        mcfg, tcfg = resolve(name, overrides={"vocab_size": vocab_size, "batch_size": batch_size})
+        params = param_count(mcfg)
         rows.append({
             "preset": name,
             "n_layer": mcfg.n_layer, "n_head": mcfg.n_head, "n_embd": mcfg.n_embd,
-            "block_size": mcfg.block_size, "params": GPT(mcfg).num_params(),
-            "batch_size": tcfg.batch_size, "description": preset.description,
+            "block_size": mcfg.block_size, "params": params,
+            "batch_size": tcfg.batch_size, "description": PRESETS[name].description,
+            "memory": memory_breakdown(mcfg, params, tcfg.batch_size),
         })
     return rows
+
+
+def param_count(mcfg: ModelConfig) -> int:
+    """Parameters of the model `mcfg` describes, counted without allocating or initialising them."""
+    with torch.device("meta"):
+        return GPT(mcfg).num_params()
+
+
+def memory_breakdown(mcfg: ModelConfig, params: int, batch_size: int) -> dict[str, dict[str, int]]:
+    """Training memory per device in bytes, for float32 and for bf16/fp16 autocast."""
+    return {name: training_memory(mcfg, params, batch_size, mixed).to_dict()
+            for name, mixed in (("float32", False), ("bfloat16", True))}
 
 
 def run_info(run_dir: Path) -> dict[str, Any]:
@@ -38,9 +57,11 @@ def run_info(run_dir: Path) -> dict[str, Any]:
             best_val = json.loads((ckpt.checkpoints_dir(run_dir) / ckpt.BEST).read_text())["val_loss"]
         except (OSError, ValueError, KeyError):
             pass
+    params = param_count(mcfg)
     return {
         "run_dir": str(run_dir),
-        "params": GPT(mcfg).num_params(),
+        "params": params,
+        "memory": memory_breakdown(mcfg, params, tcfg.batch_size),
         "step": ckpts[-1][0] if ckpts else 0,
         "max_iters": tcfg.max_iters,
         "best_step": best,
@@ -60,17 +81,42 @@ def format_run_info(info: dict[str, Any]) -> str:
         f"step:           {info['step']} / {info['max_iters']}",
         f"best val loss:  {best}",
         f"checkpoints:    {', '.join(map(str, info['checkpoints'])) or 'none'}",
+        f"train memory:   {format_bytes(info['memory']['float32']['total'])} float32, "
+        f"{format_bytes(info['memory']['bfloat16']['total'])} bf16 per device "
+        f"(estimate at batch-size {info['train']['batch_size']}; see docs/gpu.md)",
         "model:          " + ", ".join(f"{k}={v}" for k, v in m.items()),
         "train:          " + ", ".join(f"{k}={v}" for k, v in info["train"].items()),
     ]
     return "\n".join(lines)
 
 
-def format_presets(rows: list[dict[str, Any]]) -> str:
-    head = f"{'preset':<8} {'layers':>6} {'heads':>5} {'dims':>5} {'context':>7} {'params':>12}  description"
+def format_presets(rows: list[dict[str, Any]], vocab_size: int = SHAKESPEARE_VOCAB) -> str:
+    head = (f"{'preset':<8} {'layers':>6} {'heads':>5} {'dims':>5} {'context':>7} {'params':>12} "
+            f"{'batch':>5} {'mem fp32':>10} {'mem bf16':>10}  description")
     lines = [head]
     for r in rows:
+        mem = {k: format_bytes(v["total"]) for k, v in r["memory"].items()}
         lines.append(f"{r['preset']:<8} {r['n_layer']:>6} {r['n_head']:>5} {r['n_embd']:>5} "
-                     f"{r['block_size']:>7} {r['params']:>12,}  {r['description']}")
-    lines.append(f"(parameter counts for a {SHAKESPEARE_VOCAB}-token vocabulary: Tiny Shakespeare, chars)")
+                     f"{r['block_size']:>7} {r['params']:>12,} {r['batch_size']:>5} "
+                     f"{mem['float32']:>10} {mem['bfloat16']:>10}  {r['description']}")
+    what = ("Tiny Shakespeare, chars" if vocab_size == SHAKESPEARE_VOCAB else "--vocab-size")
+    lines.append(f"(for a {vocab_size}-token vocabulary: {what}; mem = estimated training memory per "
+                 "device at that batch size, see docs/gpu.md)")
+    return "\n".join(lines)
+
+
+def format_memory(row: dict[str, Any]) -> str:
+    """The estimate's parts for one preset and batch size, float32 beside bf16/fp16 autocast."""
+    parts = [("weights", "weights (fp32)"), ("gradients", "gradients (fp32)"),
+             ("optimizer", "AdamW moments"), ("autocast_copies", "autocast weight copies"),
+             ("activations", "activations"), ("logits", "logits and loss"), ("total", "total")]
+    mem = row["memory"]
+    lines = [f"{row['preset']}: {row['params']:,} parameters, batch-size {row['batch_size']} per device "
+             f"x context {row['block_size']}",
+             f"{'':<24} {'float32':>10} {'bf16/fp16':>10}"]
+    for key, label in parts:
+        lines.append(f"{label:<24} {format_bytes(mem['float32'][key]):>10} "
+                     f"{format_bytes(mem['bfloat16'][key]):>10}")
+    lines.append("per device; the effective batch is batch-size x grad-accum x number of processes. "
+                 "Add ~0.5 GiB for the CUDA context.")
     return "\n".join(lines)

@@ -19,7 +19,11 @@ from .errors import TrainingDiverged
 
 
 def bad_step(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
-    """True (on the device) when the loss or the gradient norm is NaN or inf."""
+    """True (on the device) when the loss or the gradient norm is NaN or inf.
+
+    Under DDP every rank gets the same answer: the norm is taken after the gradients are averaged,
+    and a rank's non-finite loss comes from non-finite logits, whose gradients are non-finite too.
+    """
     return ~torch.isfinite(loss + grad_norm)  # a NaN/inf in either makes the sum non-finite
 
 
@@ -51,7 +55,7 @@ def step_unless_bad(optimizer: torch.optim.Optimizer, bad: torch.Tensor, sync: b
 
 
 class NonFiniteGuard:
-    """Counts skipped steps; `check` stops the run once `limit` of them came in a row.
+    """Counts skipped steps; `diverged` once `limit` of them came in a row.
 
     Skipped steps change nothing, so reading the flags late (where the loop syncs anyway) is
     harmless: the run stops at the next log or evaluation step, before anything is saved.
@@ -81,14 +85,15 @@ class NonFiniteGuard:
         before, self._reported = self._reported, self.skipped
         return self.skipped - before
 
-    def check(self, step: int, run_dir: Path) -> None:
+    def diverged(self) -> bool:
         self._read()
-        if self.longest < self.limit:
-            return
+        return self.longest >= self.limit
+
+    def error(self, step: int, run_dir: Path) -> TrainingDiverged:
         ckpts = ckpt.list_checkpoints(run_dir)
         kept = (f"the last good checkpoint, step {ckpts[-1][0]}, is kept" if ckpts
                 else "no checkpoint had been saved yet")
-        raise TrainingDiverged(
+        return TrainingDiverged(
             f"training stopped at step {step}: {self.limit} steps in a row had a NaN or inf loss or "
             f"gradient and were skipped; {kept}. Lower --lr or raise --warmup-iters, then --resume"
         )

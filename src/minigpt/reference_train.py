@@ -52,6 +52,9 @@ def check_reference_config(mcfg: ModelConfig, tcfg: TrainConfig) -> None:
             f"the reference engine runs on the CPU only (got --device {tcfg.device}); "
             "use --device cpu or --engine torch"
         )
+    if tcfg.dtype not in ("auto", "float32") or tcfg.compile:
+        raise ConfigError("the reference engine trains in float32 without torch.compile; "
+                          "drop --dtype/--compile or use --engine torch")
 
 
 class ReferenceTrainer(Trainer):

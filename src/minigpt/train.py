@@ -3,8 +3,14 @@
 One step: forward, cross-entropy, backward over `grad_accum` micro-batches, global-norm clipping,
 AdamW with the LR from `optim.lr_at`. Every `eval_interval` steps (and at the end): estimate train/val
 loss on fixed batches, print a short sample, write a checkpoint (and mark it best when val improves).
-Exact resume restores weights, optimizer moments, step, best val loss, torch RNG and the sampler.
+Exact resume restores weights, optimizer moments, step, best val loss and the sampler; dropout's RNG
+is seeded per step from (seed, step, rank), so it needs no saved state.
 Ctrl-C finishes the current step, saves a checkpoint and returns.
+
+The forward pass runs under autocast in the run's dtype (float32 master weights; a GradScaler for
+float16), see device.py. Under torchrun every rank runs this same loop on its slice of each batch and
+DDP averages the gradients; rank 0 alone prepares data, evaluates, samples and writes files, see
+distributed.py.
 
 Nothing lost: a step whose loss or gradient is NaN/inf is skipped (the optimizer does not move) and
 counted; `max_bad_steps` of them in a row stop the run, keeping the last good checkpoint. A new run
@@ -30,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import (
     ModelConfig,
     TrainConfig,
@@ -39,7 +46,8 @@ from .config import (
     split_overrides,
 )
 from .data import BatchSampler, PreparedData, bundled_corpus, is_prepared, load_prepared, prepare
-from .device import resolve_device
+from .device import autocast, dtype_name, enable_tf32, grad_scaler, resolve_device, resolve_dtype
+from .distributed import DistContext, dropout_seed
 from .engine import Engine
 from .errors import CheckpointError, ConfigError, DataError
 from .model import GPT
@@ -71,11 +79,31 @@ def train(
         check_reference_config(mcfg, tcfg)
         trainer_cls = ReferenceTrainer
     run_dir = Path(tcfg.out)
-    has_checkpoint = resume and bool(ckpt.list_checkpoints(run_dir))
-    if resume and not has_checkpoint:  # killed before its first checkpoint: nothing to lose
+    # a run killed before its first checkpoint starts again from step 0: there is nothing to lose
+    from_checkpoint = resume and bool(ckpt.list_checkpoints(run_dir))
+    with distributed.session(tcfg.device) as dist:  # one process, or one rank under torchrun
+        if dist.distributed and trainer_cls is not Trainer:
+            raise ConfigError("the reference engine trains in one process; start it without torchrun")
+        data_dir = dist.main_first(
+            lambda: _set_up_run(mcfg, tcfg, run_dir, resume, from_checkpoint, overwrite))
+        data = load_prepared(data_dir)
+        mcfg = dataclasses.replace(mcfg, vocab_size=data.tokenizer.vocab_size)
+        if trainer_cls is Trainer:
+            return Trainer(mcfg, tcfg, data, run_dir, progress, dist).run(from_checkpoint)
+        return trainer_cls(mcfg, tcfg, data, run_dir, progress).run(from_checkpoint)
+
+
+def _set_up_run(mcfg: ModelConfig, tcfg: TrainConfig, run_dir: Path, resume: bool,
+                from_checkpoint: bool, overwrite: bool) -> Path:
+    """Claim the run directory, prepare the data, write config and tokenizer; -> the data dir.
+
+    A new run that fails here leaves --out as it was (checkpoint.new_run_dir); a resumed run
+    rewrites its config only once its checkpoint has loaded (Trainer.run).
+    """
+    if resume and not from_checkpoint:
         print(f"warning: {run_dir} has no checkpoint yet; starting it from step 0", file=sys.stderr)
     with nullcontext() if resume else ckpt.new_run_dir(run_dir, overwrite, mcfg, tcfg):
-        data = _data_for_run(tcfg, run_dir, has_checkpoint)
+        data = _data_for_run(tcfg, run_dir, from_checkpoint)
         mcfg = dataclasses.replace(mcfg, vocab_size=data.tokenizer.vocab_size)
         for split in ("train", "val"):
             n = len(getattr(data, split))
@@ -84,11 +112,11 @@ def train(
                     f"the {split} split has {n} tokens, fewer than block-size + 1 ({mcfg.block_size + 1}); "
                     "use a smaller --block-size or more text"
                 )
-        if not has_checkpoint:  # a resumed run records its config once its checkpoint has loaded
+        if not from_checkpoint:
             ckpt.write_run_config(run_dir, mcfg, tcfg)
             ckpt.atomic_write_text(run_dir / ckpt.TOKENIZER, json.dumps(data.tokenizer.to_dict(),
                                                                         ensure_ascii=False) + "\n")
-    return trainer_cls(mcfg, tcfg, data, run_dir, progress).run(has_checkpoint)
+    return data.path
 
 
 def _resume_config(preset, config_file, overrides) -> tuple[ModelConfig, TrainConfig]:
@@ -165,20 +193,38 @@ def _same_sources(data_dir: Path, data: str | None) -> bool:
 
 class Trainer:
     def __init__(self, mcfg: ModelConfig, tcfg: TrainConfig, data: PreparedData, run_dir: Path,
-                 progress: bool = True):
+                 progress: bool = True, dist: DistContext | None = None):
         self.mcfg, self.tcfg, self.data, self.run_dir = mcfg, tcfg, data, run_dir
-        self.progress = progress
-        self.device = resolve_device(tcfg.device)
+        self.dist = dist or DistContext(resolve_device(tcfg.device))
+        self.progress = progress and self.dist.is_main
+        self.device = self.dist.device
+        self.dtype = resolve_dtype(tcfg.dtype, self.device)
+        enable_tf32(self.device)
         torch.manual_seed(tcfg.seed)
-        self.model = GPT(mcfg).to(self.device)
+        self.model = GPT(mcfg).to(self.device)  # float32 master weights; evaluation and samples use it
+        self.wrapped = self.dist.wrap(self.model)  # DDP when data-parallel
+        self.train_model = torch.compile(self.wrapped) if tcfg.compile else self.wrapped
         self.optimizer = make_optimizer(self.model, tcfg)
-        self.sampler = BatchSampler(data.train, mcfg.block_size, tcfg.batch_size, tcfg.seed)
+        self.scaler = grad_scaler(self.device, self.dtype)
+        self.sampler = BatchSampler(data.train, mcfg.block_size, tcfg.batch_size, tcfg.seed,
+                                    self.dist.rank, self.dist.world_size)
         self.step = 0
         self.best_val_loss = math.inf
         self.elapsed = 0.0  # training seconds across resumes
         self.stop_requested = False
         self.guard = NonFiniteGuard(tcfg.max_bad_steps)
-        self.tokens_per_step = tcfg.batch_size * mcfg.block_size * tcfg.grad_accum
+        self.tokens_per_step = (tcfg.batch_size * mcfg.block_size * tcfg.grad_accum
+                                * self.dist.world_size)
+
+    def autocast(self):
+        return autocast(self.device, self.dtype)
+
+    def describe(self) -> str:
+        t, n = self.tcfg, self.dist.world_size
+        return (f"training {self.model.num_params():,} parameters on {self.device}"
+                f"{f' x {n} processes' if n > 1 else ''}, {dtype_name(self.dtype)}"
+                f"{', compiled' if t.compile else ''}; effective batch {t.batch_size * t.grad_accum * n} "
+                f"sequences ({t.batch_size} x {t.grad_accum} accumulation x {n} processes)")
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -188,8 +234,8 @@ class Trainer:
             "step": self.step,
             "best_val_loss": self.best_val_loss,
             "elapsed": self.elapsed,
-            "torch_rng": torch.get_rng_state(),
             "sampler": self.sampler.state_dict(),
+            "grad_scaler": self.scaler.state_dict(),  # {} unless float16
             **self.guard.state_dict(),
         }
 
@@ -211,19 +257,19 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.sampler.load_state_dict(state["sampler"])
-            torch.set_rng_state(state["torch_rng"])
+            if state.get("grad_scaler"):
+                self.scaler.load_state_dict(state["grad_scaler"])
             self.step = int(state["step"])
             self.best_val_loss = float(state["best_val_loss"])
             self.elapsed = float(state["elapsed"])
             self.guard.load_state_dict(state)
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"trainer state in {path} is unusable: {e}") from None
-        for damaged in ckpt.set_aside_damaged(self.run_dir, meta["step"]):
-            warnings.append(f"moved the damaged checkpoint aside to {damaged}")
-        ckpt.remove_stale_temp(self.run_dir)
         return warnings
 
     def save(self, val_loss: float | None = None, train_loss: float | None = None) -> None:
+        if not self.dist.is_main:  # every rank holds the same weights; rank 0 writes them
+            return
         is_best = val_loss is not None and val_loss < self.best_val_loss
         if is_best:
             self.best_val_loss = val_loss
@@ -245,7 +291,8 @@ class Trainer:
             total = torch.zeros((), device=self.device)
             for _ in range(self.tcfg.eval_iters):
                 x, y = sampler.next()
-                total += self.model(x.to(self.device), y.to(self.device))[1]
+                with self.autocast():
+                    total += self.model(x.to(self.device), y.to(self.device))[1]
             out[split] = (total / self.tcfg.eval_iters).item()
         self.model.train()
         return out
@@ -265,10 +312,18 @@ class Trainer:
         tcfg = self.tcfg
         metrics_path = self.run_dir / ckpt.METRICS
         if resume:
-            for w in self.restore():
-                print(f"warning: {w}", file=sys.stderr)
-            ckpt.write_run_config(self.run_dir, self.mcfg, tcfg)  # records e.g. a raised max_iters
-        _truncate_metrics(metrics_path, self.step)
+            warnings = self.restore()
+            if self.dist.is_main:
+                for damaged in ckpt.set_aside_damaged(self.run_dir, self.step):
+                    warnings.append(f"moved the damaged checkpoint aside to {damaged}")
+                ckpt.remove_stale_temp(self.run_dir)
+                ckpt.write_run_config(self.run_dir, self.mcfg, tcfg)  # records e.g. a raised max_iters
+                for w in warnings:
+                    print(f"warning: {w}", file=sys.stderr)
+        if self.dist.is_main:
+            _truncate_metrics(metrics_path, self.step)
+        if self.progress:
+            print(self.describe(), file=sys.stderr)
         bar = tqdm(total=tcfg.max_iters, initial=self.step, disable=not self.progress,
                    dynamic_ncols=True, unit="it", file=sys.stderr)
         self.model.train()
@@ -276,8 +331,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         last_saved = -1
         summary: dict[str, Any] = {"val_loss": None, "train_loss": None}
-        with open(metrics_path, "a") as metrics, _stop_on_sigint(self):
-            while self.step < tcfg.max_iters and not self.stop_requested:
+        metrics_file = open(metrics_path, "a") if self.dist.is_main else nullcontext()
+        with metrics_file as metrics, _stop_on_sigint(self):
+            while self.step < tcfg.max_iters and not self._stop_agreed():
                 loss_sum += self.train_step()
                 self.step += 1
                 bar.update(1)
@@ -287,49 +343,64 @@ class Trainer:
                     steps = self.step - last_log_step
                     dt = now - last_log_time
                     self.elapsed += dt
-                    self.guard.check(self.step, self.run_dir)
+                    self._check_divergence()
                     steps -= self.guard.skipped_since_last_call()  # their losses were not summed
-                    train_loss = loss_sum.item() / steps if steps else math.nan
+                    train_loss = self.dist.mean(loss_sum).item() / steps if steps else math.nan
                     loss_sum.zero_()
                     tok_s = steps * self.tokens_per_step / dt
                     record = {"iter": self.step, "train_loss": round(train_loss, 5) if steps else None,
-                              "val_loss": None, "lr": lr_at(self.step - 1, tcfg), "tokens_per_sec": round(tok_s, 1),
-                              "elapsed": round(self.elapsed, 3), "skipped_steps": self.guard.skipped}
+                              "val_loss": None, "lr": lr_at(self.step - 1, tcfg),
+                              "tokens_per_sec": round(tok_s, 1), "elapsed": round(self.elapsed, 3),
+                              "skipped_steps": self.guard.skipped}
                     bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                     summary.update(train_loss=train_loss, tokens_per_sec=tok_s)
                     last_log_time, last_log_step = now, self.step
                 if self.step % tcfg.eval_interval == 0 or self.step == tcfg.max_iters:
-                    self.guard.check(self.step, self.run_dir)  # never save after a divergence
-                    losses = self.estimate_loss()
-                    record.setdefault("iter", self.step)
-                    record.update(val_loss=round(losses["val"], 5), val_ppl=round(math.exp(losses["val"]), 3),
-                                  eval_train_loss=round(losses["train"], 5))
-                    # log before saving: a kill in between must not leave a checkpoint without its line
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                    record = {}
-                    self.save(losses["val"], losses["train"])
+                    self._check_divergence()  # never save after a divergence
+                    if self.dist.is_main:  # rank 0 evaluates, saves and samples; the others wait
+                        losses = self.estimate_loss()
+                        record.setdefault("iter", self.step)
+                        record.update(val_loss=round(losses["val"], 5),
+                                      val_ppl=round(math.exp(losses["val"]), 3),
+                                      eval_train_loss=round(losses["train"], 5))
+                        # log before saving: a kill in between must not leave a checkpoint without its line
+                        metrics.write(json.dumps(record) + "\n")
+                        metrics.flush()
+                        record = {}
+                        self.save(losses["val"], losses["train"])
+                        summary["val_loss"] = losses["val"]
+                        bar.write(f"step {self.step}: train loss {losses['train']:.4f}, "
+                                  f"val loss {losses['val']:.4f} (ppl {math.exp(losses['val']):.2f})")
+                        if tcfg.sample_tokens:
+                            bar.write("---\n" + self.sample_text() + "\n---")
+                    self.dist.barrier()
                     last_saved = self.step
-                    summary["val_loss"] = losses["val"]
-                    bar.write(f"step {self.step}: train loss {losses['train']:.4f}, "
-                              f"val loss {losses['val']:.4f} (ppl {math.exp(losses['val']):.2f})")
-                    if tcfg.sample_tokens:
-                        bar.write("---\n" + self.sample_text() + "\n---")
                     last_log_time = time.perf_counter()  # evaluation is not training time
-                if record:
+                if record and metrics:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
             if self.stop_requested and last_saved != self.step:
                 self.elapsed += time.perf_counter() - last_log_time
-                self.guard.check(self.step, self.run_dir)
+                self._check_divergence()
                 self.save()
+                self.dist.barrier()
         bar.close()
         summary.update(
             run_dir=str(self.run_dir), step=self.step, best_val_loss=self.best_val_loss,
             interrupted=self.stop_requested, elapsed=self.elapsed, params=self.model.num_params(),
-            skipped_steps=self.guard.skipped,
+            rank=self.dist.rank, world_size=self.dist.world_size, skipped_steps=self.guard.skipped,
         )
         return summary
+
+    def _check_divergence(self) -> None:
+        """Stop, on every rank together, once max_bad_steps steps in a row were skipped."""
+        if self.dist.any(self.guard.diverged()):
+            raise self.guard.error(self.step, self.run_dir)
+
+    def _stop_agreed(self) -> bool:
+        """Ctrl-C may reach one rank only (or ranks at different steps): stop when any rank asks."""
+        self.stop_requested = self.dist.any(self.stop_requested)
+        return self.stop_requested
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step; returns the mean micro-batch loss as a tensor (no host sync).
@@ -341,19 +412,30 @@ class Trainer:
         lr = lr_at(self.step, tcfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        torch.manual_seed(dropout_seed(tcfg.seed, self.step, self.dist.rank))
         total = torch.zeros((), device=self.device)
-        for _ in range(tcfg.grad_accum):
+        for micro in range(tcfg.grad_accum):
             x, y = self.sampler.next()
-            _, loss = self.model(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-            (loss / tcfg.grad_accum).backward()
+            # DDP averages gradients over ranks once, after the last micro-batch
+            with self.dist.no_sync(self.wrapped, sync=micro == tcfg.grad_accum - 1):
+                with self.autocast():
+                    _, loss = self.train_model(x.to(self.device, non_blocking=True),
+                                               y.to(self.device, non_blocking=True))
+                self.scaler.scale(loss / tcfg.grad_accum).backward()
             total += loss.detach()
+        loss, norm = total / tcfg.grad_accum, None
         if tcfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # clip true gradients, not float16-scaled ones
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
+        if self.scaler.is_enabled():
+            # float16: overflowing gradients are routine, GradScaler skips those steps and lowers
+            # its scale; only a non-finite loss counts as bad
+            bad = ~torch.isfinite(loss)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         else:
-            norm = grad_norm(self.model.parameters())
-        loss = total / tcfg.grad_accum
-        bad = bad_step(loss, norm)
-        step_unless_bad(self.optimizer, bad)
+            bad = bad_step(loss, grad_norm(self.model.parameters()) if norm is None else norm)
+            step_unless_bad(self.optimizer, bad)
         self.optimizer.zero_grad(set_to_none=True)
         self.guard.update(bad)
         return loss.masked_fill(bad, 0.0)
@@ -380,12 +462,17 @@ def _stop_on_sigint(trainer: Trainer):
         yield
         return
 
+    signals = 0  # this process's own; under torchrun other ranks stop by agreement, unsignalled
+
     def handler(signum, frame):
-        if trainer.stop_requested:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
             raise KeyboardInterrupt
         trainer.stop_requested = True
-        print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)",
-              file=sys.stderr)
+        if trainer.dist.is_main:
+            print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)",
+                  file=sys.stderr)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:

@@ -1,0 +1,73 @@
+"""How much accelerator memory training needs, per device, before you rent the GPU.
+
+    minigpt info                                   # every preset at its batch size, float32 and bf16
+    minigpt info --preset large --batch-size 64    # the breakdown below for one configuration
+
+With N parameters, B sequences of T tokens per device, width C, L layers, vocabulary V, and `a` bytes
+per activation element (4 for float32; 2 under bf16/fp16 autocast):
+
+    weights          4N      float32 master weights (autocast never changes them)
+    gradients        4N      float32; under DDP they live in the all-reduce buckets, no second copy
+    AdamW moments    8N      exp_avg and exp_avg_sq, float32
+    autocast copies  2N      bf16/fp16 casts of the weights kept for the backward pass (0 in float32)
+    activations      B*T*C*L*(8 + 15a [+ 2 with dropout]) + B*T*C*(4 + a)
+    logits           B*T*V*(a + 8)
+
+Activations, per layer and token: the residual stream enters each LayerNorm in float32 (2 x 4 bytes);
+15 more elements of width C are kept for the backward pass in the compute dtype: the attention input,
+q, k, v, the attention output and its re-assembled copy, the MLP input, and the MLP's 4C hidden layer
+before and after GELU (4 + 4); dropout adds two 1-byte masks. Attention is assumed fused (flash or
+memory-efficient, as on CUDA), which keeps no T x T score matrix. Logits: the log-softmax output
+(float32) and the gradient of the logits (float32) plus the logits themselves in the compute dtype.
+
+Not included: the CUDA context and allocator slack (typically 0.3-1 GiB), evaluation batches, and
+torch.compile's savings (fusion usually shrinks activations). `tests/test_memory.py` checks the
+activation formula against the tensors autograd actually saves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    gradients: int
+    optimizer: int
+    autocast_copies: int
+    activations: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return sum(asdict(self).values())
+
+    def to_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+
+def training_memory(mcfg: ModelConfig, n_params: int, batch_size: int,
+                    mixed_precision: bool) -> MemoryEstimate:
+    """Bytes per device for one training micro-batch of `batch_size` sequences (see module doc)."""
+    a = 2 if mixed_precision else 4
+    tokens = batch_size * mcfg.block_size
+    per_layer = 8 + 15 * a + (2 if mcfg.dropout > 0 else 0)
+    return MemoryEstimate(
+        weights=4 * n_params,
+        gradients=4 * n_params,
+        optimizer=8 * n_params,
+        autocast_copies=2 * n_params if mixed_precision else 0,
+        activations=tokens * mcfg.n_embd * (mcfg.n_layer * per_layer + 4 + a),
+        logits=tokens * mcfg.vocab_size * (a + 8),
+    )
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
