@@ -2,9 +2,9 @@
 
     python benchmarks/nonfinite_guard.py [--steps 200] [--repeats 5] [--threads 1]
 
-Times `Trainer.train_step` (finite check on loss and gradient norm, fused AdamW skipping via
-`found_inf`, device-side counters) against the same step without any of it (forward, backward,
-clip, optimizer.step, zero_grad: the loop as it was before), on the `tiny` and `small` presets,
+Times `Trainer.train_step` (finite check on loss and gradient norm, the skip, the flag kept for
+the guard) against the same step without any of it (the step as it was before), on the `tiny`
+and `small` presets,
 with gradient clipping on (the default) and off (then the guard computes the norm itself).
 Blocks of steps alternate between the two so that machine load hits both alike; the figure is the
 median over repeats. Last line: JSON.
@@ -26,23 +26,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from minigpt.config import resolve  # noqa: E402
 from minigpt.data import bundled_corpus, load_prepared, prepare  # noqa: E402
+from minigpt.distributed import dropout_seed  # noqa: E402
+from minigpt.optim import lr_at  # noqa: E402
 from minigpt.train import Trainer  # noqa: E402
 
 
 class Unguarded(Trainer):
     def train_step(self) -> torch.Tensor:
-        """The step with no non-finite handling at all."""
+        """The step with no non-finite handling: Trainer.train_step as it was before it."""
+        tcfg = self.tcfg
+        lr = lr_at(self.step, tcfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(dropout_seed(tcfg.seed, self.step, self.dist.rank))
         total = torch.zeros((), device=self.device)
-        for _ in range(self.tcfg.grad_accum):
+        for micro in range(tcfg.grad_accum):
             x, y = self.sampler.next()
-            _, loss = self.model(x, y)
-            (loss / self.tcfg.grad_accum).backward()
+            with self.dist.no_sync(self.wrapped, sync=micro == tcfg.grad_accum - 1):
+                with self.autocast():
+                    _, loss = self.train_model(x.to(self.device, non_blocking=True),
+                                               y.to(self.device, non_blocking=True))
+                self.scaler.scale(loss / tcfg.grad_accum).backward()
             total += loss.detach()
-        if self.tcfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip)
-        self.optimizer.step()
+        if tcfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / self.tcfg.grad_accum
+        return total / tcfg.grad_accum
 
 
 def time_block(trainer: Trainer, steps: int) -> float:
