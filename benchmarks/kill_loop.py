@@ -6,8 +6,9 @@
 2. The same command is started again in another run directory and killed with SIGKILL again and
    again, each time at one of three kinds of moment, in turn:
      save    - the moment a checkpoint's temporary directory appears: the process dies mid-save;
-     random  - a random time after the run has saved a new checkpoint since it was (re)started;
-     early   - a random time (up to 6 s) since launch: often during start-up and restore.
+     random  - a random time (up to 0.3 s) after the run saved a checkpoint since it was restarted;
+     early   - a random time since launch, up to the reference run's start-up time (import,
+               data, restore) + 0.3 s: mostly during start-up and restore.
    After every kill, every checkpoint on disk is verified (checksums, trainer state loadable with
    weights_only=True), and the run is continued with `minigpt train --out RUN --resume`.
 3. Once the kills are done the run is resumed to the end, and its final weights, optimizer state and
@@ -150,11 +151,14 @@ def main() -> None:
 
     t0 = time.perf_counter()
     ref = launch(work / "ref", corpus, args.max_iters, resume=False)
+    wait_for(lambda: newest_step(work / "ref") > 0, partial(_running, ref))
+    startup = time.perf_counter() - t0  # launch to first checkpoint
     _, err = ref.communicate()
     if ref.returncode != 0:
         sys.exit(f"reference run failed: {err}")
     ref_seconds = time.perf_counter() - t0
-    print(f"reference run: {args.max_iters} steps in {ref_seconds:.1f}s (seed for kill times: {seed})")
+    print(f"reference run: {args.max_iters} steps in {ref_seconds:.1f}s, first checkpoint after "
+          f"{startup:.1f}s (seed for kill times: {seed})")
 
     run = work / "killed"
     counts = {"kills": 0, "resumes": 0, "resumes_ok": 0, "corrupted_checkpoints": 0,
@@ -169,7 +173,7 @@ def main() -> None:
         counts["resumes"] += counts["kills"] > 0
         mode = modes[counts["kills"] % len(modes)]
         alive = wait_for_kill_moment(mode, run, proc.pid, partial(_running, proc), start_step,
-                                     rng, max_delay=6.0 if mode == "early" else 1.0)
+                                     rng, max_delay=startup + 0.3 if mode == "early" else 0.3)
         if alive:
             proc.send_signal(signal.SIGKILL)
         _, err = proc.communicate()
