@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 from .config import ModelConfig, TrainConfig
-from .errors import MiniGPTError
+from .errors import ConfigError, MiniGPTError
 
 # Flags that exist on `train` for every config field; these are handled explicitly instead.
 _EXPLICIT = {"vocab_size", "data", "out"}
@@ -90,6 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto | float32 | bfloat16 | float16 weights (auto: bf16 on GPUs, fp32 on CPU)")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("serve", help="serve a trained run over an OpenAI-compatible HTTP API")
+    p.add_argument("run_dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: env MINIGPT_API_KEY)")
+    p.add_argument("--checkpoint", default="best", help="best | last | a step number")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--dtype", default="auto",
+                   help="auto | float32 | bfloat16 | float16 weights (auto: bf16 on GPUs, fp32 on CPU)")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens accepted")
+    p.add_argument("--max-concurrency", type=int, default=4, help="requests generating at once")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a slot; beyond that the server answers 429")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("info", help="show a run (config, parameters, step, best val loss) or the presets "
                                     "with their training memory")
     p.add_argument("run_dir", nargs="?", help="run directory (omit to list presets)")
@@ -156,6 +173,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return 0
     for i, text in enumerate(engine.generate_many(args.prompt, args.num_samples, **options)):
         print(f"--- sample {i + 1} ---\n{args.prompt}{text}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import serve
+    except ImportError as e:
+        raise ConfigError(f"serving needs the 'serve' extra ({e.name} is missing): "
+                          "pip install 'minigpt[serve]'") from None
+    api_key = args.api_key if args.api_key is not None else os.environ.get("MINIGPT_API_KEY") or None
+    serve(args.run_dir, host=args.host, port=args.port, api_key=api_key,
+          checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
+          max_tokens_limit=args.max_tokens_limit,
+          max_concurrency=args.max_concurrency, max_queue=args.max_queue)
     return 0
 
 

@@ -1,0 +1,377 @@
+"""The OpenAI Completions wire format: parse and check a request body, shape responses and errors.
+
+Checking is strict and explicit (no silent coercion): a wrong type, an out-of-range value or an
+unknown field is an `APIError` carrying the HTTP status and an OpenAI-style error body, so existing
+clients show the message just as they would for api.openai.com.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_CHOICES = 32  # n x number of prompts in one request
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class APIError(Exception):
+    """An error answered as `{"error": {...}}` with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+@dataclass
+class CompletionRequest:
+    prompts: list[str]
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage counts
+    echo: bool = False
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """Request bytes -> JSON object. NaN/Infinity are not JSON and are refused, as is non-UTF-8."""
+
+    def no_constants(name: str) -> None:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        data = json.loads(body.decode("utf-8"), parse_constant=no_constants)
+    except UnicodeDecodeError:
+        raise APIError(400, "request body is not valid UTF-8") from None
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"request body must be a JSON object, got {_json_type(data)}")
+    return data
+
+
+# Fields OpenAI defines that this server accepts only at their neutral value.
+_NEUTRAL = {
+    "frequency_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0),
+    "logprobs": (None,),
+    "suffix": (None,),
+}
+
+
+def parse_completion_request(
+    data: dict[str, Any], model_id: str, max_tokens_limit: int
+) -> CompletionRequest:
+    """Check every field of a /v1/completions body; raise APIError(4xx) on the first problem."""
+    known = {
+        "model",
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "n",
+        "stop",
+        "seed",
+        "stream",
+        "stream_options",
+        "echo",
+        "user",
+        "best_of",
+        "logit_bias",
+        *_NEUTRAL,
+    }
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise APIError(
+            400,
+            f"Unrecognized request argument supplied: {', '.join(unknown)}",
+            param=unknown[0],
+            code="unknown_parameter",
+        )
+
+    model = data.get("model")
+    if model is not None:
+        _check_type("model", model, str)
+        if model != model_id:
+            raise APIError(
+                404,
+                f"The model '{model}' does not exist; this server serves '{model_id}'",
+                param="model",
+                code="model_not_found",
+            )
+
+    prompts = _prompts(data.get("prompt", ""))
+    req = CompletionRequest(prompts=prompts)
+    req.max_tokens = _int(
+        "max_tokens", data.get("max_tokens"), DEFAULT_MAX_TOKENS, 1, max_tokens_limit
+    )
+    req.temperature = _number("temperature", data.get("temperature"), 1.0, 0.0, 2.0)
+    top_p = _number("top_p", data.get("top_p"), 1.0, 0.0, 1.0)
+    if top_p <= 0.0:
+        raise APIError(
+            400, f"top_p must be > 0 and <= 1, got {top_p}", param="top_p", code="invalid_value"
+        )
+    req.top_p = None if top_p == 1.0 else top_p
+    top_k = _int("top_k", data.get("top_k"), 0, 0, None)
+    req.top_k = top_k or None
+    req.n = _int("n", data.get("n"), 1, 1, MAX_CHOICES)
+    if req.n * len(prompts) > MAX_CHOICES:
+        raise APIError(
+            400,
+            f"n x number of prompts must be <= {MAX_CHOICES}, got {req.n} x {len(prompts)}",
+            param="n",
+            code="invalid_value",
+        )
+    best_of = data.get("best_of")
+    if best_of is not None and _int("best_of", best_of, 1, 1, None) != req.n:
+        raise APIError(
+            400,
+            "best_of is not supported (it may only equal n)",
+            param="best_of",
+            code="unsupported_value",
+        )
+    req.stop = _stops(data.get("stop"))
+    seed = data.get("seed")
+    if seed is not None:
+        req.seed = _int("seed", seed, 0, 0, 2**63 - 1)
+    req.stream = _bool("stream", data.get("stream"), False)
+    req.echo = _bool("echo", data.get("echo"), False)
+    options = data.get("stream_options")
+    if options is not None:
+        _check_type("stream_options", options, dict)
+        if not req.stream:
+            raise APIError(
+                400,
+                "stream_options is only allowed when stream is true",
+                param="stream_options",
+                code="invalid_value",
+            )
+        extra = sorted(set(options) - {"include_usage"})
+        if extra:
+            raise APIError(
+                400,
+                f"unknown stream_options field(s): {', '.join(extra)}",
+                param="stream_options",
+                code="unknown_parameter",
+            )
+        req.include_usage = _bool(
+            "stream_options.include_usage", options.get("include_usage"), False
+        )
+    user = data.get("user")
+    if user is not None:
+        _check_type("user", user, str)
+    logit_bias = data.get("logit_bias")
+    if logit_bias not in (None, {}):
+        raise APIError(
+            400, "logit_bias is not supported", param="logit_bias", code="unsupported_value"
+        )
+    for name, allowed in _NEUTRAL.items():
+        value = data.get(name)
+        if value is not None and (isinstance(value, bool) or value not in allowed):
+            raise APIError(
+                400,
+                f"{name} is not supported by this server (only {allowed[0]!r})",
+                param=name,
+                code="unsupported_value",
+            )
+    return req
+
+
+def _prompts(prompt: Any) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        if len(prompt) > MAX_CHOICES:
+            raise APIError(
+                400,
+                f"at most {MAX_CHOICES} prompts per request, got {len(prompt)}",
+                param="prompt",
+                code="invalid_value",
+            )
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (int, list)) for p in prompt):
+        raise APIError(
+            400,
+            "token-id prompts are not supported; send the prompt as text",
+            param="prompt",
+            code="unsupported_value",
+        )
+    raise APIError(
+        400,
+        f"prompt must be a string or a non-empty list of strings, got {_json_type(prompt)}",
+        param="prompt",
+        code="invalid_type",
+    )
+
+
+def _stops(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise APIError(
+            400,
+            f"stop must be a string or a list of strings, got {_json_type(stop)}",
+            param="stop",
+            code="invalid_type",
+        )
+    if len(stops) > MAX_STOP_STRINGS:
+        raise APIError(
+            400,
+            f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}",
+            param="stop",
+            code="invalid_value",
+        )
+    if any(s == "" for s in stops):
+        raise APIError(400, "stop strings must not be empty", param="stop", code="invalid_value")
+    return stops
+
+
+def _check_type(name: str, value: Any, kind: type) -> None:
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        names = {str: "a string", dict: "an object", bool: "a boolean"}
+        raise APIError(
+            400,
+            f"{name} must be {names[kind]}, got {_json_type(value)}",
+            param=name,
+            code="invalid_type",
+        )
+
+
+def _bool(name: str, value: Any, default: bool) -> bool:
+    if value is None:
+        return default
+    _check_type(name, value, bool)
+    return value
+
+
+def _int(name: str, value: Any, default: int, lo: int, hi: int | None) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise APIError(
+            400,
+            f"{name} must be an integer, got {_json_type(value)}",
+            param=name,
+            code="invalid_type",
+        )
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise APIError(
+            400, f"{name} must be {bound}, got {value}", param=name, code="invalid_value"
+        )
+    return value
+
+
+def _number(name: str, value: Any, default: float, lo: float, hi: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise APIError(
+            400,
+            f"{name} must be a number, got {_json_type(value)}",
+            param=name,
+            code="invalid_type",
+        )
+    if not (lo <= value <= hi) or math.isnan(value):
+        raise APIError(
+            400,
+            f"{name} must be between {lo:g} and {hi:g}, got {value}",
+            param=name,
+            code="invalid_value",
+        )
+    return float(value)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array" if value else "an empty array"
+    return "an object"
+
+
+# ---- responses ----------------------------------------------------------------------------------
+
+
+def new_completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_object(
+    completion_id: str,
+    created: int,
+    model_id: str,
+    choices: list[dict[str, Any]],
+    usage_counts: dict[str, int] | None,
+) -> dict[str, Any]:
+    """A `text_completion` object: the whole response, or one streamed chunk (usage=None)."""
+    obj: dict[str, Any] = {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model_id,
+        "choices": choices,
+    }
+    if usage_counts is not None:
+        obj["usage"] = usage_counts
+    return obj
+
+
+def choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+def model_object(model_id: str, created: int) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "minigpt"}
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,466 @@
+"""`minigpt serve`: an OpenAI-compatible HTTP API over `Engine`, with streaming, auth and a playground.
+
+Endpoints: `GET /` (playground page), `GET /health`, `GET /v1/models`, `GET /v1/models/{id}`,
+`POST /v1/completions` (OpenAI Completions API, SSE streaming). With an API key set, every `/v1/*`
+request needs `Authorization: Bearer KEY`. Requests are checked in `openai_api`; generation runs in
+`scheduler` worker threads, never on the event loop; stop strings are cut here (`stopping`).
+Several threads call `Engine.stream` at once: the server relies on each call owning its KV cache and
+generator (tests/test_server.py::test_concurrent_streams_are_not_mixed_up checks it).
+
+    app = create_app(minigpt.load("runs/x"), api_key="secret")   # in-process, e.g. for tests
+    serve("runs/x", port=8000)                                    # what the CLI runs
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import partial
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import openai_api as oa
+from .engine import Engine
+from .errors import ConfigError, TokenizerError
+from .openai_api import APIError, CompletionRequest
+from .scheduler import Job, JobFailed, Scheduler, ServerBusy
+from .stopping import StopMatcher
+
+DEFAULT_MAX_TOKENS_LIMIT = 1024
+DEFAULT_MAX_CONCURRENCY = 4
+DEFAULT_MAX_QUEUE = 64
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def create_app(
+    engine: Engine,
+    *,
+    model_id: str = "minigpt",
+    api_key: str | None = None,
+    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """The ASGI app serving `engine` under the name `model_id`."""
+    if api_key == "":
+        raise ConfigError("the API key must not be empty")
+    for name, value, lo in (
+        ("max-tokens-limit", max_tokens_limit, 1),
+        ("max-concurrency", max_concurrency, 1),
+        ("max-queue", max_queue, 0),
+        ("max-body-bytes", max_body_bytes, 1),
+    ):
+        if value < lo:
+            raise ConfigError(f"{name} must be >= {lo}, got {value}")
+    scheduler = Scheduler(max_concurrency, max_queue)
+    created = oa.now()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        scheduler.close()
+
+    app = FastAPI(
+        title="minigpt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.state.scheduler = scheduler
+    _install_error_handlers(app)
+
+    page = resources.files("minigpt").joinpath("static/playground.html").read_text("utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": model_id,
+            "auth": api_key is not None,
+            "max_tokens_limit": max_tokens_limit,
+            "max_concurrency": max_concurrency,
+            "max_queue": max_queue,
+            "running": scheduler.running,
+            "waiting": scheduler.waiting,
+        }
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_bearer_auth(api_key))])
+
+    @v1.get("/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [oa.model_object(model_id, created)]}
+
+    @v1.get("/models/{name}")
+    async def get_model(name: str) -> dict[str, Any]:
+        if name != model_id:
+            raise APIError(
+                404,
+                f"The model '{name}' does not exist; this server serves '{model_id}'",
+                param="model",
+                code="model_not_found",
+            )
+        return oa.model_object(model_id, created)
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        data = oa.parse_json(await _read_body(request, max_body_bytes))
+        req = oa.parse_completion_request(data, model_id, max_tokens_limit)
+        # Encoding is synchronous work proportional to the prompt: keep it off the event loop too.
+        prompt_tokens = await asyncio.to_thread(_count_prompt_tokens, engine, req.prompts)
+        try:
+            job = scheduler.submit(partial(run_completion, engine, req))
+        except ServerBusy as e:
+            raise APIError(429, str(e), code="server_busy", type="server_busy") from None
+        reply = _Reply(oa.new_completion_id(), oa.now(), model_id, req, prompt_tokens)
+        if req.stream:
+            return _GenerationStream(reply.sse(job), job)
+        body = await _unless_disconnected(request, job, reply.collect(job))
+        return JSONResponse(body) if body is not None else Response(status_code=499)
+
+    app.include_router(v1)
+    return app
+
+
+# ---- generation (runs in a worker thread) --------------------------------------------------------
+
+
+@dataclass
+class Delta:
+    """New text of one choice; the last delta of a choice has its finish_reason and token count."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    tokens: int = 0
+
+
+def run_completion(engine: Engine, req: CompletionRequest, job: Job) -> None:
+    """Generate every choice of `req` into `job`, stopping between tokens once the job is cancelled."""
+    n = req.n
+    for p, prompt in enumerate(req.prompts):
+        stops = [StopMatcher(req.stop) for _ in range(n)]
+        counts = [0] * n
+        done = [False] * n
+        events = engine.stream(
+            prompt,
+            max_new_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            seed=req.seed,
+            num_samples=n,
+        )
+        try:
+            for ev in events:
+                if job.cancelled:
+                    return
+                i = ev.index
+                if done[i]:  # already cut at a stop string; the batch goes on for the others
+                    continue
+                counts[i] += ev.token is not None
+                text = stops[i].feed(ev.text)
+                finish = "stop" if stops[i].stopped else ev.finish_reason
+                if finish is not None:
+                    done[i] = True
+                    text += stops[i].flush()
+                if text or finish:
+                    job.put(Delta(p * n + i, text, finish, counts[i]))
+                if all(done):
+                    break
+        finally:
+            events.close()
+
+
+def _count_prompt_tokens(engine: Engine, prompts: list[str]) -> int:
+    try:
+        return sum(len(engine.encode_prompt(p)) for p in prompts)
+    except TokenizerError as e:
+        raise APIError(
+            400,
+            f"prompt cannot be encoded by this model's tokenizer: {e}",
+            param="prompt",
+            code="invalid_prompt",
+        ) from None
+
+
+# ---- responses --------------------------------------------------------------------------------
+
+
+class _Reply:
+    """Turns a job's deltas into a completion object or a stream of OpenAI chunks."""
+
+    def __init__(
+        self,
+        completion_id: str,
+        created: int,
+        model_id: str,
+        req: CompletionRequest,
+        prompt_tokens: int,
+    ):
+        self.id, self.created, self.model_id = completion_id, created, model_id
+        self.req = req
+        self.prompt_tokens = prompt_tokens
+        self.choices = len(req.prompts) * req.n
+
+    def _prompt_of(self, index: int) -> str:
+        return self.req.prompts[index // self.req.n]
+
+    async def collect(self, job: Job) -> dict[str, Any]:
+        texts = [self._prompt_of(i) if self.req.echo else "" for i in range(self.choices)]
+        finish: list[str | None] = [None] * self.choices
+        tokens = 0
+        while (batch := await _next_or_500(job)) is not None:
+            for d in batch:
+                texts[d.index] += d.text
+                if d.finish_reason:
+                    finish[d.index] = d.finish_reason
+                    tokens += d.tokens
+        choices = [oa.choice(i, texts[i], finish[i]) for i in range(self.choices)]
+        return oa.completion_object(
+            self.id, self.created, self.model_id, choices, oa.usage(self.prompt_tokens, tokens)
+        )
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        obj = oa.completion_object(self.id, self.created, self.model_id, choices, usage)
+        return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+    async def sse(self, job: Job) -> AsyncIterator[str]:
+        if self.req.echo:
+            for i in range(self.choices):
+                yield self._chunk([oa.choice(i, self._prompt_of(i), None)])
+        tokens = 0
+        try:
+            while (batch := await job.next_batch()) is not None:
+                # Under load several tokens may be ready at once: one chunk per choice, not per token.
+                merged: dict[int, list[Any]] = {}
+                for d in batch:
+                    entry = merged.setdefault(d.index, ["", None])
+                    entry[0] += d.text
+                    if d.finish_reason:
+                        entry[1] = d.finish_reason
+                        tokens += d.tokens
+                for i, (text, finish) in merged.items():
+                    yield self._chunk([oa.choice(i, text, finish)])
+        except JobFailed as e:
+            # The 200 header is long gone: report in-band, the way OpenAI's stream does.
+            err = oa.error_body(f"generation failed: {e.args[0]}", "server_error")
+            yield f"data: {json.dumps(err)}\n\n"
+            return
+        if self.req.include_usage:
+            yield self._chunk([], oa.usage(self.prompt_tokens, tokens))
+        yield "data: [DONE]\n\n"
+
+
+async def _next_or_500(job: Job) -> list[Delta] | None:
+    try:
+        return await job.next_batch()
+    except JobFailed as e:
+        raise APIError(500, f"generation failed: {e.args[0]}", type="server_error") from None
+
+
+class _GenerationStream(StreamingResponse):
+    """An SSE response that cancels its job however it ends: done, client gone, or server stopping.
+
+    The client is watched for a disconnect the whole time, including while the job waits for a
+    slot and nothing is being sent, so a client that leaves never keeps a slot.
+    """
+
+    def __init__(self, content: AsyncIterator[str], job: Job):
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self.job = job
+
+    async def __call__(self, scope: Any, receive: Callable, send: Callable) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def stream() -> None:
+                    with contextlib.suppress(OSError):  # the client closed the socket mid-send
+                        await self.stream_response(send)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            self.job.cancel()
+            await self.body_iterator.aclose()
+
+
+async def _unless_disconnected(request: Request, job: Job, work: Any) -> Any:
+    """Await `work`; if the client disconnects first, cancel the job and return None."""
+    result = None
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            job.cancel()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            result = await work
+        finally:
+            job.cancel()  # no-op when it finished; stops generating when this task was cancelled
+            tg.cancel_scope.cancel()
+    return result
+
+
+# ---- auth, body, errors ---------------------------------------------------------------------------
+
+
+def _bearer_auth(api_key: str | None) -> Callable[[Request], None]:
+    expected = api_key.encode() if api_key is not None else None
+
+    def check(request: Request) -> None:
+        if expected is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(
+                401,
+                "Missing API key: send the header 'Authorization: Bearer KEY'",
+                code="missing_api_key",
+            )
+        # compare_digest takes time independent of where the strings differ: no timing oracle.
+        if not hmac.compare_digest(token.strip().encode(), expected):
+            raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+
+    return check
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise APIError(400, f"invalid Content-Length header {declared!r}")
+        if int(declared) > limit:
+            raise APIError(
+                413,
+                f"request body is {int(declared)} bytes; the limit is {limit}",
+                code="request_too_large",
+            )
+    chunks, size = [], 0
+    async for chunk in request.stream():  # chunked uploads declare no length: count as they come
+        size += len(chunk)
+        if size > limit:
+            raise APIError(
+                413, f"request body exceeds the limit of {limit} bytes", code="request_too_large"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def reply(status: int, body: dict[str, Any], headers: dict[str, str] | None = None):
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        if e.status == 429:
+            headers = {"Retry-After": "1"}
+        return reply(e.status, e.body(), headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return reply(e.status_code, oa.error_body(str(e.detail), code=code), e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        return reply(400, oa.error_body(f"invalid request: {e.errors()}"))
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, e: Exception) -> JSONResponse:
+        return reply(500, oa.error_body(f"internal error: {type(e).__name__}: {e}", "server_error"))
+
+
+# ---- running it -----------------------------------------------------------------------------------
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0 = any free port); errors name the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    run_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    checkpoint: str = "best",
+    device: str = "auto",
+    dtype: str = "auto",
+    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    log_level: str = "info",
+) -> None:
+    """Load a run and serve it until Ctrl-C (or SIGTERM), which stops it cleanly."""
+    import uvicorn
+
+    from .engine import load
+
+    engine = load(run_dir, checkpoint=checkpoint, device=device, dtype=dtype)
+    model_id = Path(run_dir).resolve().name
+    app = create_app(
+        engine,
+        model_id=model_id,
+        api_key=api_key,
+        max_tokens_limit=max_tokens_limit,
+        max_concurrency=max_concurrency,
+        max_queue=max_queue,
+    )
+    sock = bind_socket(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    if api_key is None and host not in LOOPBACK:
+        print(
+            f"minigpt: warning: serving on {host} without an API key: anyone who can reach "
+            "this port can use the model (set --api-key or MINIGPT_API_KEY)",
+            file=sys.stderr,
+        )
+    print(
+        f"minigpt: serving model '{model_id}' (step {engine.step}) on http://{shown}:{bound_port} "
+        f"({'API key required' if api_key else 'no API key'}); playground at "
+        f"http://{shown}:{bound_port}/",
+        flush=True,
+    )
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal stop
+        pass
+    print("minigpt: server stopped", flush=True)
