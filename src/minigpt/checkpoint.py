@@ -13,6 +13,9 @@ Each checkpoint is written into a temporary directory, every file fsynced, then 
 crash never leaves a half-written checkpoint under a real name; meta.json holds SHA-256 checksums, so a
 truncated or corrupted file is detected at load time. Weights are safetensors; trainer state (optimizer
 moments, RNG, sampler) is loaded with `torch.load(weights_only=True)`, which cannot execute code.
+A failed save (disk full, unwritable directory) raises a one-line CheckpointError and leaves every
+earlier checkpoint as it was; a checkpoint never holds non-finite weights. A new run claims its
+directory through `new_run_dir`, which puts everything back if setting the run up fails.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -112,11 +119,15 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             f"weights in {path} do not match the model config "
             f"(missing: {sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]})"
         )
-    try:
-        model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"weights in {path} do not match the model config: {first}") from None
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            hint = " (a different vocabulary?)" if name in ("wte.weight", "lm_head.weight") else ""
+            raise CheckpointError(
+                f"weights in {path} do not match this run's model{hint}: {name} is "
+                f"{list(tensor.shape)} in the checkpoint, {list(expected[name].shape)} in the model"
+            )
+    model.load_state_dict(state, strict=False)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -150,8 +161,32 @@ def save_checkpoint(
     keep: int = 2,
     is_best: bool = False,
 ) -> Path:
-    """Write checkpoint `step` atomically; update best.json; keep the newest `keep` (+ the best)."""
+    """Write checkpoint `step` atomically; update best.json; keep the newest `keep` (+ the best).
+
+    Any failure (disk full, unwritable directory, a crash) leaves the earlier checkpoints untouched.
+    """
     root = checkpoints_dir(run_dir)
+    weights = weights_state(model)
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"refusing to save checkpoint at step {step}: {bad[0]} holds NaN or inf")
+    try:
+        final = _write_checkpoint(root, step, weights, trainer_state, meta)
+        if is_best:
+            atomic_write_text(root / BEST, json.dumps({"step": step, "val_loss": meta.get("val_loss")}) + "\n")
+    except OSError as e:
+        intact = [s for s, _ in list_checkpoints(run_dir) if s != step]
+        kept = f"checkpoint at step {intact[-1]} is intact" if intact else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"cannot save checkpoint at step {step} in {root}: {e.strerror or e} ({kept})"
+        ) from None
+    prune_checkpoints(run_dir, keep, current=step)
+    return final
+
+
+def _write_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor],
+                      trainer_state: dict[str, Any] | None, meta: dict[str, Any]) -> Path:
+    """Write into a temp dir, fsync every file, then rename it to its final name."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
@@ -159,7 +194,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_file(weights_state(model), str(tmp / WEIGHTS))
+        save_file(weights, str(tmp / WEIGHTS))
         files = [WEIGHTS]
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER)
@@ -182,36 +217,66 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if is_best:
-        atomic_write_text(root / BEST, json.dumps({"step": step, "val_loss": meta.get("val_loss")}) + "\n")
-    prune_checkpoints(run_dir, keep)
     return final
 
 
 def best_step(run_dir: Path) -> int | None:
+    """The step best.json points to, if that checkpoint exists (it may have been set aside)."""
     try:
-        return int(json.loads((checkpoints_dir(run_dir) / BEST).read_text())["step"])
+        step = int(json.loads((checkpoints_dir(run_dir) / BEST).read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return step if (checkpoints_dir(run_dir) / step_dir_name(step)).is_dir() else None
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints, never the best one; clear crash leftovers."""
-    best = best_step(run_dir)
+def prune_checkpoints(run_dir: Path, keep: int, current: int | None = None) -> None:
+    """Delete all but the newest `keep` checkpoints, never the best or `current`; clear crash leftovers."""
+    protected = {best_step(run_dir), current}
     ckpts = list_checkpoints(run_dir)
     for step, path in ckpts[: max(0, len(ckpts) - keep)]:
-        if step != best:
-            shutil.rmtree(path, ignore_errors=True)
-    for p in checkpoints_dir(run_dir).glob(".tmp-*"):
-        if not p.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(p, ignore_errors=True)
+        if step not in protected:  # rename first: a kill mid-delete must not leave half a checkpoint
+            trash = path.with_name(f".old-{path.name}-{os.getpid()}")
+            os.replace(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+    remove_stale_temp(run_dir)
+
+
+# .tmp-step-0000500-PID / .old-step-0000500-PID (checkpoint dirs), .config.json.tmp-PID (atomic writes)
+_TEMP_NAME = re.compile(r"^\.((tmp|old)-step-\d+|.+\.tmp)-\d+$")
+
+
+def remove_stale_temp(run_dir: Path) -> None:
+    """Remove temp files and dirs that processes which died mid-write left behind (not our own)."""
+    mine = f"-{os.getpid()}"
+    for d in (Path(run_dir), checkpoints_dir(run_dir)):
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if _TEMP_NAME.match(p.name) and not p.name.endswith(mine):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def set_aside_damaged(run_dir: Path, after_step: int) -> list[Path]:
+    """Rename checkpoints newer than `after_step` (the newest intact one) to damaged-step-N.
+
+    A resumed run writes those steps again; keeping the damaged copies under their real names
+    would let pruning, which keeps the newest steps, delete the fresh checkpoints instead.
+    """
+    moved = []
+    for step, path in list_checkpoints(run_dir):
+        if step > after_step:
+            target = path.with_name("damaged-" + path.name)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(path, target)
+            moved.append(target)
+    return moved
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
     """Return the checkpoint's meta.json after checking every file against its checksum."""
     try:
         meta = json.loads((path / META).read_text())
-        sums = meta["sha256"]
+        sums = dict(meta["sha256"])
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} is incomplete: {META} is missing") from None
     except (ValueError, KeyError, TypeError):
@@ -247,13 +312,13 @@ def find_checkpoint(run_dir: Path, which: str = "last") -> tuple[Path, dict[str,
         if not matches:
             raise CheckpointError(f"{run_dir} has no checkpoint at step {which}")
         return matches[0], verify_checkpoint(matches[0]), []
-    warnings = []
+    damaged = []
     for _, path in reversed(ckpts):
         try:
-            return path, verify_checkpoint(path), warnings
+            return path, verify_checkpoint(path), [f"skipping damaged checkpoint: {e}" for e in damaged]
         except CheckpointError as e:
-            warnings.append(f"skipping damaged checkpoint: {e}")
-    raise CheckpointError(f"every checkpoint in {run_dir} is damaged; " + "; ".join(warnings))
+            damaged.append(str(e))
+    raise CheckpointError(f"every checkpoint in {run_dir} is damaged: " + "; ".join(damaged))
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
@@ -262,12 +327,21 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     if not f.exists():
         raise CheckpointError(f"checkpoint {path} has no trainer state ({TRAINER}); cannot resume")
     try:
-        return torch.load(f, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about unusual pickle protocols: noise here
+            warnings.simplefilter("ignore")
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0][:200]
-        raise CheckpointError(f"refusing to load {f}: not plain tensor data ({reason})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"cannot read {f}: {e}") from None
+        # torch's message is many lines, one of which suggests weights_only=False: quote only the cause
+        lines = [ln.strip() for ln in str(e).splitlines()]
+        cause = next((ln for ln in lines if ln.startswith(("Trying to load", "Unsupported"))), "")
+        cause = f" ({cause.rstrip('.')})" if cause else ""
+        raise CheckpointError(
+            f"refusing to load {f}: it is not plain tensor data and loading it could run code{cause}; "
+            "use checkpoints only from sources you trust"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot read {f}: {first}") from None
 
 
 # --- run directory -------------------------------------------------------------------------------
@@ -291,3 +365,42 @@ def read_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
         return model_config_from_dict(d["model"]), train_config_from_dict(d.get("train", {}))
     except (ValueError, KeyError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{path} is corrupted or from another tool: {e}") from None
+
+
+@contextmanager
+def new_run_dir(run_dir: Path, overwrite: bool, mcfg: ModelConfig, tcfg: TrainConfig) -> Iterator[None]:
+    """Claim --out for a new run; if setting it up fails, --out is left exactly as it was.
+
+    Never writes over someone's files: an existing run needs --resume or --overwrite, and the run
+    being overwritten is only deleted once the new one is set up.
+    """
+    replaced = None
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not (run_dir / CONFIG).exists():
+            raise ConfigError(f"{run_dir} exists and is not a minigpt run directory; choose another --out")
+        if not overwrite:
+            raise ConfigError(
+                f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start over"
+            )
+        replaced = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
+        run_dir.replace(replaced)
+    created = run_dir  # the top-most directory this call creates
+    while not created.parent.exists():
+        created = created.parent
+    existed = run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # config.json first: it marks the directory as a run, so a kill during set-up is resumable
+        write_run_config(run_dir, mcfg, tcfg)
+        yield
+    except BaseException:
+        if existed:  # it was empty: empty it again
+            for p in run_dir.iterdir():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        else:
+            shutil.rmtree(created, ignore_errors=True)
+        if replaced is not None:
+            replaced.replace(run_dir)
+        raise
+    if replaced is not None:
+        shutil.rmtree(replaced)

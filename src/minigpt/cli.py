@@ -29,6 +29,8 @@ _HELP = {
     "lr_decay_iters": "step where cosine decay reaches min-lr (default: max-iters)",
     "grad_clip": "global gradient-norm clip (0 = off)",
     "keep_checkpoints": "newest checkpoints to keep (the best is always kept)",
+    "max_bad_steps": "stop after this many steps in a row with a NaN/inf loss or gradient "
+                     "(each is skipped; default 5)",
     "sample_tokens": "length of the sample printed at each evaluation (0 = none)",
 }
 
@@ -167,9 +169,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .engine import load
+    from .engine import check_generation, load
 
+    check_generation(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
     engine = load(args.run_dir, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype)
+    engine.encode_prompt(args.prompt)  # unknown characters: fail before printing anything
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.num_samples == 1:
@@ -234,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except MiniGPTError as e:
         if not getattr(e, "mirrored", False):  # an error rank 0 of a torchrun job also reports
-            print(f"minigpt: error: {e}", file=sys.stderr)
+            message = " ".join(line.strip() for line in str(e).splitlines())  # always one line
+            print(f"minigpt: error: {message}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("minigpt: interrupted", file=sys.stderr)

@@ -78,6 +78,7 @@ class TrainConfig:
     eval_iters: int = 20
     log_interval: int = 10
     keep_checkpoints: int = 2  # newest checkpoints kept on disk (the best one is always kept too)
+    max_bad_steps: int = 5  # stop after this many steps in a row with a non-finite loss/gradient
     sample_tokens: int = 120  # length of the sample printed at each evaluation; 0 disables
     seed: int = 1337
     device: str = "auto"
@@ -111,6 +112,8 @@ class TrainConfig:
                                   f"EOS) and {bpe.MAX_VOCAB_SIZE}, got {self.tokenizer_vocab_size}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.max_bad_steps < 1:
+            raise ConfigError(f"max-bad-steps must be >= 1, got {self.max_bad_steps}")
         if self.sample_tokens < 0:
             raise ConfigError("sample-tokens must be >= 0")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

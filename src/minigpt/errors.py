@@ -21,3 +21,7 @@ class CheckpointError(MiniGPTError):
 
 class TokenizerError(MiniGPTError):
     """Text the tokenizer cannot encode (e.g. characters it has never seen)."""
+
+
+class TrainingDiverged(MiniGPTError):
+    """Too many steps in a row with a non-finite loss or gradient."""

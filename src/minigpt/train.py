@@ -11,6 +11,11 @@ The forward pass runs under autocast in the run's dtype (float32 master weights;
 float16), see device.py. Under torchrun every rank runs this same loop on its slice of each batch and
 DDP averages the gradients; rank 0 alone prepares data, evaluates, samples and writes files, see
 distributed.py.
+
+Nothing lost: a step whose loss or gradient is NaN/inf is skipped (the optimizer does not move) and
+counted; `max_bad_steps` of them in a row stop the run, keeping the last good checkpoint. A new run
+that fails while setting up leaves `--out` as it was; a run killed before its first checkpoint
+restarts from step 0 on `--resume`. Resume refuses a different model, tokenizer or data.
 """
 
 from __future__ import annotations
@@ -47,10 +52,12 @@ from .distributed import DistContext, dropout_seed
 from .engine import Engine
 from .errors import CheckpointError, ConfigError, DataError
 from .model import GPT
+from .nonfinite import NonFiniteGuard, bad_step, grad_norm, step_unless_bad
 from .optim import lr_at, make_optimizer
+from .tokenizers import load_tokenizer
 
 # Settings that shape the prepared data; changing them on resume would change what is being learnt.
-DATA_SHAPING = ("docs", "val_fraction", "tokenizer", "tokenizer_vocab_size")
+DATA_SHAPING = ("data", "docs", "val_fraction", "tokenizer", "tokenizer_vocab_size")
 
 
 def train(
@@ -73,52 +80,45 @@ def train(
         check_reference_config(mcfg, tcfg)
         trainer_cls = ReferenceTrainer
     run_dir = Path(tcfg.out)
+    # a run killed before its first checkpoint starts again from step 0: there is nothing to lose
+    from_checkpoint = resume and bool(ckpt.list_checkpoints(run_dir))
     with distributed.session(tcfg.device) as dist:  # one process, or one rank under torchrun
         if dist.distributed and trainer_cls is not Trainer:
             raise ConfigError("the reference engine trains in one process; start it without torchrun")
-        data_dir = dist.main_first(lambda: _set_up_run(mcfg, tcfg, run_dir, resume, overwrite, progress))
+        data_dir = dist.main_first(
+            lambda: _set_up_run(mcfg, tcfg, run_dir, resume, from_checkpoint, overwrite, progress))
         data = load_prepared(data_dir)
         mcfg = dataclasses.replace(mcfg, vocab_size=data.tokenizer.vocab_size)
         if trainer_cls is Trainer:
-            return Trainer(mcfg, tcfg, data, run_dir, progress, dist).run(resume)
-        return trainer_cls(mcfg, tcfg, data, run_dir, progress).run(resume)
+            return Trainer(mcfg, tcfg, data, run_dir, progress, dist).run(from_checkpoint)
+        return trainer_cls(mcfg, tcfg, data, run_dir, progress).run(from_checkpoint)
 
 
 def _set_up_run(mcfg: ModelConfig, tcfg: TrainConfig, run_dir: Path, resume: bool,
-                overwrite: bool, progress: bool = True) -> Path:
-    """Claim the run directory, prepare the data, write config and tokenizer; -> the data dir."""
-    if not resume:
-        _claim_run_dir(run_dir, overwrite)
-    data = _data_for_run(tcfg, run_dir, resume, progress)
-    tcfg = _record_data_tokenizer(tcfg, data)
-    mcfg = dataclasses.replace(mcfg, vocab_size=data.tokenizer.vocab_size)
-    for split in ("train", "val"):
-        n = len(getattr(data, split))
-        if n <= mcfg.block_size:
-            raise DataError(
-                f"the {split} split has {n} tokens, fewer than block-size + 1 ({mcfg.block_size + 1}); "
-                "use a smaller --block-size or more text"
-            )
-    if not resume:
-        ckpt.write_run_config(run_dir, mcfg, tcfg)
-        ckpt.atomic_write_text(run_dir / ckpt.TOKENIZER, json.dumps(data.tokenizer.to_dict(),
-                                                                    ensure_ascii=False) + "\n")
-    else:
-        ckpt.write_run_config(run_dir, mcfg, tcfg)  # records e.g. a raised max_iters
+                from_checkpoint: bool, overwrite: bool, progress: bool = True) -> Path:
+    """Claim the run directory, prepare the data, write config and tokenizer; -> the data dir.
+
+    A new run that fails here leaves --out as it was (checkpoint.new_run_dir); a resumed run
+    rewrites its config only once its checkpoint has loaded (Trainer.run).
+    """
+    if resume and not from_checkpoint:
+        print(f"warning: {run_dir} has no checkpoint yet; starting it from step 0", file=sys.stderr)
+    with nullcontext() if resume else ckpt.new_run_dir(run_dir, overwrite, mcfg, tcfg):
+        data = _data_for_run(tcfg, run_dir, from_checkpoint, progress)
+        tcfg = _record_data_tokenizer(tcfg, data)
+        mcfg = dataclasses.replace(mcfg, vocab_size=data.tokenizer.vocab_size)
+        for split in ("train", "val"):
+            n = len(getattr(data, split))
+            if n <= mcfg.block_size:
+                raise DataError(
+                    f"the {split} split has {n} tokens, fewer than block-size + 1 ({mcfg.block_size + 1}); "
+                    "use a smaller --block-size or more text"
+                )
+        if not from_checkpoint:
+            ckpt.write_run_config(run_dir, mcfg, tcfg)
+            ckpt.atomic_write_text(run_dir / ckpt.TOKENIZER, json.dumps(data.tokenizer.to_dict(),
+                                                                        ensure_ascii=False) + "\n")
     return data.path
-
-
-def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Never write over someone's files: an existing run needs --resume or --overwrite."""
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not (run_dir / ckpt.CONFIG).exists():
-            raise ConfigError(f"{run_dir} exists and is not a minigpt run directory; choose another --out")
-        if not overwrite:
-            raise ConfigError(
-                f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start over"
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _resume_config(preset, config_file, overrides) -> tuple[ModelConfig, TrainConfig]:
@@ -143,11 +143,23 @@ def _resume_config(preset, config_file, overrides) -> tuple[ModelConfig, TrainCo
     if diffs:
         raise ConfigError(f"cannot resume {out} with a different model: {', '.join(diffs)}")
     for k in DATA_SHAPING:
-        if k in train_over and train_over[k] != getattr(tcfg, k):
-            raise ConfigError(f"cannot resume {out} with a different {k.replace('_', '-')}")
+        if k in train_over and not _same_setting(k, getattr(tcfg, k), train_over[k]):
+            what = "different data" if k == "data" else f"a different {k.replace('_', '-')}"
+            old, new = (_shown(k, v) for v in (getattr(tcfg, k), train_over[k]))
+            raise ConfigError(f"cannot resume {out} with {what}: {old} -> {new}")
     tcfg = dataclasses.replace(tcfg, **train_over)
     tcfg.validate()
     return mcfg, tcfg
+
+
+def _shown(key: str, value: Any) -> Any:
+    return {"data": "the bundled corpus", "docs": "stream"}.get(key, value) if value is None else value
+
+
+def _same_setting(key: str, stored: Any, given: Any) -> bool:
+    if key == "data" and stored is not None and given is not None:
+        return Path(stored).resolve() == Path(given).resolve()  # ./a.txt and /abs/a.txt are the same
+    return stored == given
 
 
 def _data_for_run(tcfg: TrainConfig, run_dir: Path, resume: bool, progress: bool = True) -> PreparedData:
@@ -166,11 +178,12 @@ def _data_for_run(tcfg: TrainConfig, run_dir: Path, resume: bool, progress: bool
             staging.replace(target)
         data = load_prepared(target)
     if resume:
-        run_tok = json.loads((run_dir / ckpt.TOKENIZER).read_text(encoding="utf-8"))
-        if run_tok != data.tokenizer.to_dict():
+        ours, theirs = data.tokenizer, load_tokenizer(run_dir / ckpt.TOKENIZER)
+        if ours.to_dict() != theirs.to_dict():
             raise CheckpointError(
-                f"cannot resume {run_dir}: the data's vocabulary ({data.tokenizer.vocab_size} tokens) "
-                f"differs from the run's tokenizer; train a new run for this data"
+                f"cannot resume {run_dir}: the data's vocabulary ({ours.kind}, {ours.vocab_size} tokens) "
+                f"differs from the run's ({theirs.kind}, {theirs.vocab_size} tokens); "
+                "train a new run for this data"
             )
     return data
 
@@ -216,6 +229,7 @@ class Trainer:
         self.best_val_loss = math.inf
         self.elapsed = 0.0  # training seconds across resumes
         self.stop_requested = False
+        self.guard = NonFiniteGuard(tcfg.max_bad_steps)
         self.tokens_per_step = (tcfg.batch_size * mcfg.block_size * tcfg.grad_accum
                                 * self.dist.world_size)
 
@@ -239,10 +253,22 @@ class Trainer:
             "elapsed": self.elapsed,
             "sampler": self.sampler.state_dict(),
             "grad_scaler": self.scaler.state_dict(),  # {} unless float16
+            **self.guard.state_dict(),
         }
+
+    def data_tokens(self) -> dict[str, int]:
+        return {"train": len(self.data.train), "val": len(self.data.val)}
 
     def restore(self) -> list[str]:
         path, meta, warnings = ckpt.find_checkpoint(self.run_dir, "last")
+        recorded = meta.get("data_tokens")
+        if recorded is not None and recorded != self.data_tokens():
+            now = self.data_tokens()
+            raise CheckpointError(
+                f"cannot resume {self.run_dir}: its data changed since step {meta['step']} was saved "
+                f"(train tokens {recorded.get('train')} -> {now['train']}, "
+                f"val tokens {recorded.get('val')} -> {now['val']}); train a new run for this data"
+            )
         ckpt.load_weights(self.model, path / ckpt.WEIGHTS)
         state = ckpt.load_trainer_state(path)
         try:
@@ -253,6 +279,7 @@ class Trainer:
             self.step = int(state["step"])
             self.best_val_loss = float(state["best_val_loss"])
             self.elapsed = float(state["elapsed"])
+            self.guard.load_state_dict(state)
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"trainer state in {path} is unusable: {e}") from None
         return warnings
@@ -263,7 +290,8 @@ class Trainer:
         is_best = val_loss is not None and val_loss < self.best_val_loss
         if is_best:
             self.best_val_loss = val_loss
-        meta = {"val_loss": val_loss, "train_loss": train_loss, "best_val_loss": self.best_val_loss}
+        meta = {"val_loss": val_loss, "train_loss": train_loss, "best_val_loss": self.best_val_loss,
+                "data_tokens": self.data_tokens()}
         ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.trainer_state(), meta,
                              keep=self.tcfg.keep_checkpoints, is_best=is_best)
 
@@ -301,8 +329,13 @@ class Trainer:
         tcfg = self.tcfg
         metrics_path = self.run_dir / ckpt.METRICS
         if resume:
-            for w in self.restore():
-                if self.dist.is_main:
+            warnings = self.restore()
+            if self.dist.is_main:
+                for damaged in ckpt.set_aside_damaged(self.run_dir, self.step):
+                    warnings.append(f"moved the damaged checkpoint aside to {damaged}")
+                ckpt.remove_stale_temp(self.run_dir)
+                ckpt.write_run_config(self.run_dir, self.mcfg, tcfg)  # records e.g. a raised max_iters
+                for w in warnings:
                     print(f"warning: {w}", file=sys.stderr)
         if self.dist.is_main:
             _truncate_metrics(metrics_path, self.step)
@@ -327,16 +360,20 @@ class Trainer:
                     steps = self.step - last_log_step
                     dt = now - last_log_time
                     self.elapsed += dt
-                    train_loss = self.dist.mean(loss_sum).item() / steps  # over the global batch
+                    self._check_divergence()
+                    steps -= self.guard.skipped_since_last_call()  # their losses were not summed
+                    train_loss = self.dist.mean(loss_sum).item() / steps if steps else math.nan
                     loss_sum.zero_()
                     tok_s = steps * self.tokens_per_step / dt
-                    record = {"iter": self.step, "train_loss": round(train_loss, 5), "val_loss": None,
-                              "lr": lr_at(self.step - 1, tcfg), "tokens_per_sec": round(tok_s, 1),
-                              "elapsed": round(self.elapsed, 3)}
+                    record = {"iter": self.step, "train_loss": round(train_loss, 5) if steps else None,
+                              "val_loss": None, "lr": lr_at(self.step - 1, tcfg),
+                              "tokens_per_sec": round(tok_s, 1), "elapsed": round(self.elapsed, 3),
+                              "skipped_steps": self.guard.skipped}
                     bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                     summary.update(train_loss=train_loss, tokens_per_sec=tok_s)
                     last_log_time, last_log_step = now, self.step
                 if self.step % tcfg.eval_interval == 0 or self.step == tcfg.max_iters:
+                    self._check_divergence()  # never save after a divergence
                     if self.dist.is_main:  # rank 0 evaluates, saves and samples; the others wait
                         losses = self.estimate_loss()
                         record.setdefault("iter", self.step)
@@ -345,6 +382,10 @@ class Trainer:
                                       val_ppl=round(math.exp(losses["val"]), 3),
                                       eval_train_loss=round(losses["train"], 5),
                                       val_bpb=_round(bpb["val"]), train_bpb=_round(bpb["train"]))
+                        # log before saving: a kill in between must not leave a checkpoint without its line
+                        metrics.write(json.dumps(record) + "\n")
+                        metrics.flush()
+                        record = {}
                         self.save(losses["val"], losses["train"])
                         summary.update(val_loss=losses["val"], val_bpb=bpb["val"])
                         bpb_text = f", val bpb {bpb['val']:.4f}" if bpb["val"] is not None else ""
@@ -361,6 +402,7 @@ class Trainer:
                     metrics.flush()
             if self.stop_requested and last_saved != self.step:
                 self.elapsed += time.perf_counter() - last_log_time
+                self._check_divergence()
                 self.save()
                 self.dist.barrier()
         bar.close()
@@ -369,9 +411,14 @@ class Trainer:
             best_val_bpb=(split_bits_per_byte(self.best_val_loss, self.data.meta, "val")
                           if math.isfinite(self.best_val_loss) else None),
             interrupted=self.stop_requested, elapsed=self.elapsed, params=self.model.num_params(),
-            rank=self.dist.rank, world_size=self.dist.world_size,
+            rank=self.dist.rank, world_size=self.dist.world_size, skipped_steps=self.guard.skipped,
         )
         return summary
+
+    def _check_divergence(self) -> None:
+        """Stop, on every rank together, once max_bad_steps steps in a row were skipped."""
+        if self.dist.any(self.guard.diverged()):
+            raise self.guard.error(self.step, self.run_dir)
 
     def _stop_agreed(self) -> bool:
         """Ctrl-C may reach one rank only (or ranks at different steps): stop when any rank asks."""
@@ -379,7 +426,11 @@ class Trainer:
         return self.stop_requested
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step; returns the mean micro-batch loss as a tensor (no host sync)."""
+        """One optimizer step; returns the mean micro-batch loss as a tensor (no host sync).
+
+        A step with a non-finite loss or gradient does not move the weights or the optimizer state;
+        it returns 0 and is counted by `self.guard`.
+        """
         tcfg = self.tcfg
         lr = lr_at(self.step, tcfg)
         for group in self.optimizer.param_groups:
@@ -395,13 +446,22 @@ class Trainer:
                                                y.to(self.device, non_blocking=True))
                 self.scaler.scale(loss / tcfg.grad_accum).backward()
             total += loss.detach()
+        loss, norm = total / tcfg.grad_accum, None
         if tcfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)  # clip true gradients, not float16-scaled ones
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
-        self.scaler.step(self.optimizer)  # skips the step if float16 gradients overflowed
-        self.scaler.update()
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
+        if self.scaler.is_enabled():
+            # float16: overflowing gradients are routine, GradScaler skips those steps and lowers
+            # its scale; only a non-finite loss counts as bad
+            bad = ~torch.isfinite(loss)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            bad = bad_step(loss, grad_norm(self.model.parameters()) if norm is None else norm)
+            step_unless_bad(self.optimizer, bad)
         self.optimizer.zero_grad(set_to_none=True)
-        return total / tcfg.grad_accum
+        self.guard.update(bad)
+        return loss.masked_fill(bad, 0.0)
 
 
 def _round(x: float | None) -> float | None:
