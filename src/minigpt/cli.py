@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .config import ModelConfig, TrainConfig
-from .errors import MiniGPTError
+from .errors import ConfigError, MiniGPTError
 
 # Flags that exist on `train` for every config field; these are handled explicitly instead.
 _EXPLICIT = {"vocab_size", "data", "out"}
@@ -80,6 +80,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("bench", help="measure training or generation speed (last line: JSON)")
+    bench = p.add_subparsers(dest="bench", required=True)
+    b = bench.add_parser("train", help="ms/iteration, tokens/s, MFU and peak RSS of training steps")
+    b.add_argument("--preset", help="tiny | small | medium | large (default: small)")
+    b.add_argument("--config", help="TOML file of settings")
+    b.add_argument("--data", help="text or prepared data (default: bundled Tiny Shakespeare)")
+    b.add_argument("--iters", type=int, default=30, help="timed steps (default 30)")
+    b.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    _add_config_flags(b)
+    b.set_defaults(func=cmd_bench_train)
+    b = bench.add_parser("generate", help="time to first token, decode latency, tokens/s by batch")
+    b.add_argument("run_dir", nargs="?", help="trained run (default: a fresh model of --preset)")
+    b.add_argument("--preset", help="model size when no run is given (default: small)")
+    b.add_argument("--arch", help="layout when no run is given (default: the preset's)")
+    b.add_argument("--checkpoint", default="best")
+    b.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for time to first token")
+    b.add_argument("--new-tokens", type=int, default=50)
+    b.add_argument("--batch-sizes", default="1,8,32", help="streams per batch, comma-separated")
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--threads", type=int, default=0, help="CPU threads (0 = auto)")
+    b.add_argument("--device", default="auto")
+    b.set_defaults(func=cmd_bench_generate)
+
     p = sub.add_parser("info", help="show a run (config, parameters, step, best val loss) or the presets")
     p.add_argument("run_dir", nargs="?", help="run directory (omit to list presets)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -135,6 +158,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return 0
     for i, text in enumerate(engine.generate_many(args.prompt, args.num_samples, **options)):
         print(f"--- sample {i + 1} ---\n{args.prompt}{text}")
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from .bench import bench_train, format_train
+
+    if args.iters < 1 or args.warmup < 0:
+        raise ConfigError("--iters must be >= 1 and --warmup >= 0")
+    fields = {f.name for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    result = bench_train(args.preset, args.config, args.data, args.iters, args.warmup, **overrides)
+    print(format_train(result))
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_bench_generate(args: argparse.Namespace) -> int:
+    from .bench import bench_generate, format_generate
+
+    try:
+        sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    except ValueError:
+        raise ConfigError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
+    if min(sizes) < 1 or args.repeats < 1 or args.prompt_tokens < 1 or args.new_tokens < 1:
+        raise ConfigError("--batch-sizes, --repeats, --prompt-tokens and --new-tokens must be >= 1")
+    result = bench_generate(args.run_dir, args.preset, args.checkpoint, args.prompt_tokens,
+                            args.new_tokens, sizes, args.repeats, args.threads, args.device,
+                            **({"arch": args.arch} if args.arch else {}))
+    print(format_generate(result))
+    print(json.dumps(result))
     return 0
 
 

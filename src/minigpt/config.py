@@ -21,9 +21,30 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+# Layout presets: `arch` names a value for every layout switch of ModelConfig. A switch given
+# explicitly wins over its arch. "gpt2" is GPT-2's layout (and these parameter names load into other
+# GPT-2 tools); "modern" is the recipe that reaches a given loss soonest here (docs/speed.md).
+ARCHS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(pos_emb="learned", norm="layernorm", activation="gelu_tanh", qk_norm=False,
+                 tie_embeddings=True, bias=True),
+    "modern": dict(pos_emb="rope", norm="rmsnorm", activation="relu2", qk_norm=True,
+                   tie_embeddings=False, bias=False),
+}
+LAYOUT_CHOICES = {
+    "pos_emb": ("learned", "rope"),
+    "norm": ("layernorm", "rmsnorm"),
+    "activation": ("gelu_tanh", "gelu", "relu2"),
+}
+
+
 @dataclass
 class ModelConfig:
-    """Architecture. Everything needed to rebuild the network from config.json alone."""
+    """Architecture. Everything needed to rebuild the network from config.json alone.
+
+    The layout switches default to None = "as `arch` says"; after construction they hold concrete
+    values, so config.json records exactly what was built. A config.json written before the
+    switches existed has none of them and rebuilds the GPT-2 layout it was trained with.
+    """
 
     vocab_size: int = 67
     block_size: int = 64
@@ -31,9 +52,26 @@ class ModelConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
-    bias: bool = True
+    arch: str = "gpt2"  # gpt2 | modern: the defaults of the switches below
+    bias: bool | None = None  # biases in Linear and LayerNorm
+    pos_emb: str | None = None  # learned (wpe table) | rope (rotary, no parameters)
+    norm: str | None = None  # layernorm | rmsnorm
+    activation: str | None = None  # gelu_tanh (GPT-2) | gelu (exact) | relu2 (ReLU squared)
+    qk_norm: bool | None = None  # RMS-normalise queries and keys per head
+    tie_embeddings: bool | None = None  # the LM head reuses the token embedding matrix
+
+    def __post_init__(self) -> None:
+        for name, value in ARCHS.get(self.arch, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unknown arch {self.arch!r}; choose from {', '.join(ARCHS)}")
+        for name, choices in LAYOUT_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name.replace('_', '-')} must be one of {', '.join(choices)}; "
+                                  f"got {getattr(self, name)!r}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -43,6 +81,9 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise ConfigError(f"rotary embeddings need an even head size (n-embd / n-head), "
+                              f"got {self.head_dim}")
 
     @property
     def head_dim(self) -> int:
@@ -64,7 +105,9 @@ class TrainConfig:
     max_iters: int = 2000
     batch_size: int = 12
     grad_accum: int = 1
-    lr: float = 1e-3
+    optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on the rest)
+    lr: float = 1e-3  # AdamW's peak learning rate
+    muon_lr: float = 0.02  # Muon's peak learning rate (optimizer muon); follows lr's schedule
     min_lr: float = 1e-4
     warmup_iters: int = 100
     lr_decay_iters: int | None = None  # None = max_iters
@@ -79,6 +122,7 @@ class TrainConfig:
     sample_tokens: int = 120  # length of the sample printed at each evaluation; 0 disables
     seed: int = 1337
     device: str = "auto"
+    threads: int = 0  # CPU threads; 0 = auto (the cores not busy with other processes)
 
     def validate(self) -> None:
         positive = ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters",
@@ -100,6 +144,12 @@ class TrainConfig:
             raise ConfigError(f"keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.sample_tokens < 0:
             raise ConfigError("sample-tokens must be >= 0")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0 = auto), got {self.threads}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.muon_lr <= 0:
+            raise ConfigError(f"muon-lr must be > 0, got {self.muon_lr}")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
-"""Which device to run on: `auto` picks CUDA, then Apple MPS, then CPU."""
+"""Which device to run on (`auto` picks CUDA, then Apple MPS, then CPU) and how many CPU threads."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -34,3 +36,18 @@ def resolve_device(name: str | None = "auto") -> torch.device:
 def _mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)
     return bool(mps and mps.is_available())
+
+
+def configure_threads(threads: int = 0) -> int:
+    """Set torch's CPU threads and return the count; 0 = auto: the cores other work leaves idle.
+
+    Why not simply every core: torch's OpenMP threads meet at a barrier after each operation. When
+    another process holds one of the cores, every operation waits for the descheduled thread, and
+    training runs several times slower than on one thread (measured in docs/speed.md).
+    """
+    if threads <= 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        threads = max(1, min(cores or 1, round((cores or 1) - busy)))
+    torch.set_num_threads(threads)
+    return threads

@@ -34,11 +34,11 @@ from .config import (
     split_overrides,
 )
 from .data import BatchSampler, PreparedData, bundled_corpus, is_prepared, load_prepared, prepare
-from .device import resolve_device
+from .device import configure_threads, resolve_device
 from .engine import Engine
 from .errors import CheckpointError, ConfigError, DataError
 from .model import GPT
-from .optim import lr_at, make_optimizer
+from .optim import lr_at, make_optimizer, set_lr
 
 # Settings that shape the prepared data; changing them on resume would change what is being learnt.
 DATA_SHAPING = ("docs", "val_fraction", "tokenizer")
@@ -156,6 +156,7 @@ class Trainer:
         self.mcfg, self.tcfg, self.data, self.run_dir = mcfg, tcfg, data, run_dir
         self.progress = progress
         self.device = resolve_device(tcfg.device)
+        self.threads = configure_threads(tcfg.threads)
         torch.manual_seed(tcfg.seed)
         self.model = GPT(mcfg).to(self.device)
         self.optimizer = make_optimizer(self.model, tcfg)
@@ -293,9 +294,7 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         """One optimizer step; returns the mean micro-batch loss as a tensor (no host sync)."""
         tcfg = self.tcfg
-        lr = lr_at(self.step, tcfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, self.step, tcfg)
         total = torch.zeros((), device=self.device)
         for _ in range(tcfg.grad_accum):
             x, y = self.sampler.next()

@@ -1,0 +1,217 @@
+"""Speed measurements behind `minigpt bench train` and `minigpt bench generate`.
+
+train: the real training step (`Trainer.train_step`: batch sampling, forward, backward, clipping,
+optimizer) in steady state: ms per iteration, tokens/s, model FLOPs utilisation against a matmul
+peak measured here with the same threads, peak RSS of the process.
+generate: time to first token for a prompt, per-token decode latency, tokens/s of one stream and of a
+sweep of batch sizes (num_samples), all through `Engine.stream`, the path the CLI and server use.
+
+Each function returns a dict; the CLI prints a summary and that dict as JSON on the last line.
+Timings are medians of repeats: other processes on the machine move single figures, not medians.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import resolve
+from .data import bundled_corpus, is_prepared, load_prepared, prepare
+from .device import configure_threads, resolve_device
+from .engine import Engine, load
+from .model import GPT
+from .tokenizers import load_tokenizer
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5, device: torch.device | None = None) -> float:
+    """Best fp32 n x n matmul rate on this device with the current threads: the MFU denominator."""
+    device = device or torch.device("cpu")
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b  # warm up: first call pays for allocations and library dispatch
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(seconds: list[float]) -> float:
+    return statistics.median(seconds) * 1e3
+
+
+def bench_train(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    data: str | Path | None = None,
+    iters: int = 30,
+    warmup: int = 5,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Time `iters` training steps after `warmup` steps on `data` (default: bundled corpus)."""
+    from .train import Trainer  # train imports the engine; keep `minigpt bench generate` light
+
+    mcfg, tcfg = resolve(preset, config_file, overrides)
+    with tempfile.TemporaryDirectory(prefix="minigpt-bench-") as tmp:
+        if data and is_prepared(data):
+            prepared = load_prepared(data)
+        else:
+            prepare([data or bundled_corpus()], Path(tmp) / "data", seed=tcfg.seed,
+                    val_fraction=tcfg.val_fraction, tokenizer=tcfg.tokenizer, docs=tcfg.docs)
+            prepared = load_prepared(Path(tmp) / "data")
+        mcfg = dataclasses.replace(mcfg, vocab_size=prepared.tokenizer.vocab_size)
+        trainer = Trainer(mcfg, tcfg, prepared, Path(tmp), progress=False)
+        device = trainer.device
+        peak = matmul_peak_gflops(device=device)
+        trainer.model.train()
+        losses, times = [], []
+        for i in range(warmup + iters):
+            _sync(device)
+            t0 = time.perf_counter()
+            loss = trainer.train_step()
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+            trainer.step += 1
+            losses.append(loss.item())  # outside the timed region
+    ms = _median_ms(times)
+    tokens_per_sec = trainer.tokens_per_step / (ms / 1e3)
+    model_gflops = trainer.model.flops_per_token() * tokens_per_sec / 1e9
+    return {
+        "bench": "train",
+        "arch": mcfg.arch,
+        "optimizer": tcfg.optimizer,
+        "params": trainer.model.num_params(),
+        "n_layer": mcfg.n_layer, "n_embd": mcfg.n_embd, "block_size": mcfg.block_size,
+        "batch_size": tcfg.batch_size, "grad_accum": tcfg.grad_accum,
+        "device": str(device),
+        "threads": trainer.threads,
+        "iters": iters,
+        "ms_per_iter": round(ms, 2),
+        "ms_per_iter_min": round(min(times) * 1e3, 2),
+        "tokens_per_sec": round(tokens_per_sec, 1),
+        "model_gflops_per_sec": round(model_gflops, 2),
+        "matmul_peak_gflops": round(peak, 1),
+        "mfu": round(model_gflops / peak, 4),
+        "loss_first": round(losses[0], 4),
+        "loss_last": round(losses[-1], 4),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+
+
+def _engine(run_dir: str | Path | None, preset: str | None, checkpoint: str, device: str,
+            overrides: dict[str, Any]) -> Engine:
+    """A trained run, or a freshly initialised model of `preset` (speed does not need training)."""
+    if run_dir is not None:
+        return load(run_dir, checkpoint=checkpoint, device=device)
+    with tempfile.TemporaryDirectory(prefix="minigpt-bench-") as tmp:
+        prepare([bundled_corpus()], tmp)
+        tokenizer = load_tokenizer(Path(tmp) / "tokenizer.json")
+    mcfg, _ = resolve(preset, None, {**overrides, "vocab_size": tokenizer.vocab_size})
+    torch.manual_seed(0)
+    model = GPT(mcfg).to(resolve_device(device))
+    return Engine(model, tokenizer)
+
+
+def _timed_stream(engine: Engine, prompt: str, new_tokens: int, num_samples: int,
+                  seed: int) -> tuple[float, list[float], float]:
+    """(time to first token, gaps between later steps, total time) of one generation, seconds."""
+    stamps = []
+    t0 = time.perf_counter()
+    events = engine.stream(prompt, max_new_tokens=new_tokens, temperature=0.8, seed=seed,
+                           num_samples=num_samples, stop_at_eos=False)
+    for i, _ in enumerate(events):  # without EOS stops, each step yields one event per stream
+        if i % num_samples == 0:
+            stamps.append(time.perf_counter())
+    total = time.perf_counter() - t0
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return stamps[0] - t0, gaps, total
+
+
+def bench_generate(
+    run_dir: str | Path | None = None,
+    preset: str | None = None,
+    checkpoint: str = "best",
+    prompt_tokens: int = 64,
+    new_tokens: int = 50,
+    batch_sizes: tuple[int, ...] = (1, 8, 32),
+    repeats: int = 5,
+    threads: int = 0,
+    device: str = "auto",
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Generation speed of a run (or of a fresh `preset` model): TTFT, decode latency, tokens/s."""
+    threads = configure_threads(threads)
+    engine = _engine(run_dir, preset, checkpoint, device, overrides)
+    text = bundled_corpus().read_text(encoding="utf-8")
+    prompt = engine.tokenizer.decode(engine.tokenizer.encode(text[: prompt_tokens * 8])[:prompt_tokens])
+    _timed_stream(engine, prompt, new_tokens, 1, seed=0)  # warm-up: lazy allocations, dispatch caches
+
+    ttft, gaps, single = [], [], []
+    for r in range(repeats):
+        first, g, _ = _timed_stream(engine, prompt, new_tokens, 1, seed=r)
+        ttft.append(first)
+        gaps.extend(g)
+        _, _, total = _timed_stream(engine, "", new_tokens, 1, seed=r)  # 1-token prompt, as nanoGPT
+        single.append(total)
+    sweep = {}
+    for b in batch_sizes:
+        totals = [_timed_stream(engine, "", new_tokens, b, seed=r)[2] for r in range(repeats)]
+        sweep[str(b)] = round(b * new_tokens / statistics.median(totals), 1)
+    return {
+        "bench": "generate",
+        "arch": engine.model.config.arch,
+        "params": engine.model.num_params(),
+        "block_size": engine.block_size,
+        "device": str(engine.device),
+        "threads": threads,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "ttft_ms": round(_median_ms(ttft), 3),
+        "decode_ms_per_token": round(_median_ms(gaps), 3),
+        "decode_ms_per_token_p90": round(sorted(gaps)[int(0.9 * (len(gaps) - 1))] * 1e3, 3),
+        "tokens_per_sec": round(new_tokens / statistics.median(single), 1),
+        "batch_tokens_per_sec": sweep,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+
+
+def format_train(r: dict[str, Any]) -> str:
+    return (f"train {r['arch']}/{r['optimizer']}: {r['params']:,} params, batch {r['batch_size']}x"
+            f"{r['block_size']}, {r['threads']} thread(s) on {r['device']}\n"
+            f"  {r['ms_per_iter']:.1f} ms/iter (min {r['ms_per_iter_min']:.1f}), "
+            f"{r['tokens_per_sec']:,.0f} tokens/s, {r['model_gflops_per_sec']:.1f} model GFLOP/s = "
+            f"{100 * r['mfu']:.1f}% of the {r['matmul_peak_gflops']:.0f} GFLOP/s matmul peak\n"
+            f"  peak RSS {r['peak_rss_mb']:.0f} MB")
+
+
+def format_generate(r: dict[str, Any]) -> str:
+    sweep = ", ".join(f"{b}: {v:,.0f}" for b, v in r["batch_tokens_per_sec"].items())
+    return (f"generate {r['arch']}: {r['params']:,} params, context {r['block_size']}, "
+            f"{r['threads']} thread(s) on {r['device']}\n"
+            f"  time to first token ({r['prompt_tokens']}-token prompt) {r['ttft_ms']:.2f} ms; "
+            f"decode {r['decode_ms_per_token']:.3f} ms/token (p90 {r['decode_ms_per_token_p90']:.3f})\n"
+            f"  one stream, {r['new_tokens']} new tokens: {r['tokens_per_sec']:,.0f} tokens/s\n"
+            f"  batched tokens/s by streams: {sweep}\n"
+            f"  peak RSS {r['peak_rss_mb']:.0f} MB")
