@@ -64,15 +64,15 @@ def _median_ms(seconds: list[float]) -> float:
 def bench_train(
     preset: str | None = None,
     config_file: str | Path | None = None,
-    data: str | Path | None = None,
     iters: int = 30,
     warmup: int = 5,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Time `iters` training steps after `warmup` steps on `data` (default: bundled corpus)."""
+    """Time `iters` training steps after `warmup` steps; `data` as for train (default: bundled)."""
     from .train import Trainer  # train imports the engine; keep `minigpt bench generate` light
 
     mcfg, tcfg = resolve(preset, config_file, overrides)
+    data = tcfg.data
     with tempfile.TemporaryDirectory(prefix="minigpt-bench-") as tmp:
         if data and is_prepared(data):
             prepared = load_prepared(data)

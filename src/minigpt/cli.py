@@ -168,7 +168,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         raise ConfigError("--iters must be >= 1 and --warmup >= 0")
     fields = {f.name for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    result = bench_train(args.preset, args.config, args.data, args.iters, args.warmup, **overrides)
+    result = bench_train(args.preset, args.config, args.iters, args.warmup, **overrides)
     print(format_train(result))
     print(json.dumps(result))
     return 0

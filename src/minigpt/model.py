@@ -2,7 +2,8 @@
 
 ModelConfig's switches pick the layout. `arch="gpt2"` is GPT-2's: learned position embeddings
 (wpe), LayerNorm, tanh-GELU, biases, LM head tied to wte. `arch="modern"`: rotary position
-embeddings, RMSNorm, ReLU^2 MLP, QK-norm, no biases, untied head. Parameter names follow GPT-2 in every
+embeddings, RMSNorm, ReLU^2 MLP, QK-norm (queries and keys normalised with the model's norm),
+no biases, untied head. Parameter names follow GPT-2 in every
 layout (wte, wpe, h, ln_f, lm_head; c_attn, c_proj, c_fc) so checkpoints read like the papers and
 other tools; a layout only adds or drops tensors, it never renames one. `forward` always returns
 (logits, loss); loss is None without targets.
@@ -36,10 +37,10 @@ def rotary_tables(block_size: int, head_dim: int) -> tuple[torch.Tensor, torch.T
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x1[i], x2[i]) of the two head halves by each position's angle.
+    """Rotate pairs (x1[i], x2[i]) of the two halves of each head by each position's angle.
 
-    x: (B, n_head, T, head_dim); cos, sin: (T, head_dim / 2). Dot products of rotated queries and
-    keys depend only on the distance between their positions.
+    x: (B, T, ..., head_dim); cos, sin broadcast against x's halves, (T, 1, ..., head_dim / 2).
+    Dot products of rotated queries and keys depend only on the distance between their positions.
     """
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
@@ -49,7 +50,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head = cfg.n_head
-        self.qk_norm = cfg.qk_norm
+        self.qk_norm = cfg.norm if cfg.qk_norm else None
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in that order
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
@@ -58,13 +59,20 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 layer: int = 0, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if self.qk_norm:  # bounded attention logits: a higher learning rate stays stable
-            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        if rope is None and self.qk_norm is None:
+            q, k = qkv[:, :, 0], qkv[:, :, 1]
+        else:  # queries and keys together: one set of operations instead of two
+            qk = qkv[:, :, :2]  # (B, T, 2, n_head, head_dim)
+            if rope is not None:
+                qk = apply_rotary(qk, *rope)
+            if self.qk_norm == "rmsnorm":  # bounded attention logits: higher learning rates stay stable
+                qk = F.rms_norm(qk, (qk.size(-1),))
+            elif self.qk_norm == "layernorm":
+                qk = F.layer_norm(qk, (qk.size(-1),))
+            q, k = qk.unbind(2)
+        # (B, T, n_head, head_dim) -> (B, n_head, T, head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         mask, causal = None, True
         if kv_cache is not None:
             start = kv_cache.pos
@@ -165,7 +173,8 @@ class GPT(nn.Module):
         if self.config.pos_emb == "learned":
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         else:  # positions come from the cache: a decoded token is rotated by its true position
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            rope = (self.rope_cos[start : start + T, None, None],  # (T, 1, 1, head_dim / 2)
+                    self.rope_sin[start : start + T, None, None])
         x = self.drop(x)
         for i, block in enumerate(self.h):
             x = block(x, rope, i, kv_cache)
