@@ -66,9 +66,14 @@ def bench_train(
     config_file: str | Path | None = None,
     iters: int = 30,
     warmup: int = 5,
+    peak_gflops: float | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Time `iters` training steps after `warmup` steps; `data` as for train (default: bundled)."""
+    """Time `iters` training steps after `warmup` steps; `data` as for train (default: bundled).
+
+    Reports wall and CPU time per step: with one thread, CPU time is what the step would take on an
+    idle machine, so it stays comparable while other processes share the cores.
+    """
     from .train import Trainer  # train imports the engine; keep `minigpt bench generate` light
 
     mcfg, tcfg = resolve(preset, config_file, overrides)
@@ -83,16 +88,17 @@ def bench_train(
         mcfg = dataclasses.replace(mcfg, vocab_size=prepared.tokenizer.vocab_size)
         trainer = Trainer(mcfg, tcfg, prepared, Path(tmp), progress=False)
         device = trainer.device
-        peak = matmul_peak_gflops(device=device)
+        peak = peak_gflops or matmul_peak_gflops(device=device)
         trainer.model.train()
-        losses, times = [], []
+        losses, times, cpu_times = [], [], []
         for i in range(warmup + iters):
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = trainer.train_step()
             _sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
+                cpu_times.append(time.process_time() - c0)
             trainer.step += 1
             losses.append(loss.item())  # outside the timed region
     ms = _median_ms(times)
@@ -110,6 +116,7 @@ def bench_train(
         "iters": iters,
         "ms_per_iter": round(ms, 2),
         "ms_per_iter_min": round(min(times) * 1e3, 2),
+        "cpu_ms_per_iter": round(_median_ms(cpu_times), 2),
         "tokens_per_sec": round(tokens_per_sec, 1),
         "model_gflops_per_sec": round(model_gflops, 2),
         "matmul_peak_gflops": round(peak, 1),
@@ -118,6 +125,22 @@ def bench_train(
         "loss_last": round(losses[-1], 4),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
+
+
+@torch.no_grad()
+def split_loss(model: GPT, tokens, batch_size: int = 64) -> float:
+    """Mean next-token loss over a whole split, in consecutive block_size windows (no sampling noise)."""
+    model.eval()
+    T = model.config.block_size
+    device = next(model.parameters()).device
+    n = (len(tokens) - 1) // T
+    ids = torch.from_numpy(tokens[: n * T + 1].astype("int64")).to(device)
+    x, y = ids[:-1].view(n, T), ids[1:].view(n, T)
+    total = 0.0
+    for i in range(0, n, batch_size):
+        _, loss = model(x[i : i + batch_size], y[i : i + batch_size])
+        total += loss.item() * len(x[i : i + batch_size])
+    return total / n
 
 
 def _engine(run_dir: str | Path | None, preset: str | None, checkpoint: str, device: str,

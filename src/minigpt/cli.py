@@ -23,12 +23,19 @@ _HELP = {
     "grad_clip": "global gradient-norm clip (0 = off)",
     "keep_checkpoints": "newest checkpoints to keep (the best is always kept)",
     "sample_tokens": "length of the sample printed at each evaluation (0 = none)",
+    "arch": "layout preset: gpt2 | modern (the switches below default to it)",
+    "pos_emb": "learned | rope (default: the arch's)",
+    "norm": "layernorm | rmsnorm (default: the arch's)",
+    "activation": "gelu_tanh | gelu | relu2 (default: the arch's)",
+    "optimizer": "adamw | muon (Muon on hidden matrices, AdamW on the rest)",
+    "muon_lr": "Muon's peak learning rate (optimizer muon)",
+    "threads": "CPU threads (0 = auto: the cores other processes leave idle)",
 }
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, classes: tuple = (ModelConfig, TrainConfig)) -> None:
     """One kebab-case flag per ModelConfig/TrainConfig field; default None = "not given"."""
-    for cls in (ModelConfig, TrainConfig):
+    for cls in classes:
         for f in dataclasses.fields(cls):
             if f.name in _EXPLICIT:
                 continue
@@ -92,8 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench_train)
     b = bench.add_parser("generate", help="time to first token, decode latency, tokens/s by batch")
     b.add_argument("run_dir", nargs="?", help="trained run (default: a fresh model of --preset)")
-    b.add_argument("--preset", help="model size when no run is given (default: small)")
-    b.add_argument("--arch", help="layout when no run is given (default: the preset's)")
+    b.add_argument("--preset", help="model when no run is given (default: small)")
     b.add_argument("--checkpoint", default="best")
     b.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for time to first token")
     b.add_argument("--new-tokens", type=int, default=50)
@@ -101,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--threads", type=int, default=0, help="CPU threads (0 = auto)")
     b.add_argument("--device", default="auto")
+    _add_config_flags(b.add_argument_group("model settings when no run is given"), (ModelConfig,))
     b.set_defaults(func=cmd_bench_generate)
 
     p = sub.add_parser("info", help="show a run (config, parameters, step, best val loss) or the presets")
@@ -183,9 +190,13 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
     if min(sizes) < 1 or args.repeats < 1 or args.prompt_tokens < 1 or args.new_tokens < 1:
         raise ConfigError("--batch-sizes, --repeats, --prompt-tokens and --new-tokens must be >= 1")
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in model_fields and v is not None}
+    if args.run_dir and overrides:
+        raise ConfigError("model settings apply to a fresh model; a run brings its own")
     result = bench_generate(args.run_dir, args.preset, args.checkpoint, args.prompt_tokens,
                             args.new_tokens, sizes, args.repeats, args.threads, args.device,
-                            **({"arch": args.arch} if args.arch else {}))
+                            **overrides)
     print(format_generate(result))
     print(json.dumps(result))
     return 0

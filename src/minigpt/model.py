@@ -60,19 +60,17 @@ class CausalSelfAttention(nn.Module):
                 layer: int = 0, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
-        if rope is None and self.qk_norm is None:
-            q, k = qkv[:, :, 0], qkv[:, :, 1]
-        else:  # queries and keys together: one set of operations instead of two
-            qk = qkv[:, :, :2]  # (B, T, 2, n_head, head_dim)
-            if rope is not None:
-                qk = apply_rotary(qk, *rope)
-            if self.qk_norm == "rmsnorm":  # bounded attention logits: higher learning rates stay stable
-                qk = F.rms_norm(qk, (qk.size(-1),))
-            elif self.qk_norm == "layernorm":
-                qk = F.layer_norm(qk, (qk.size(-1),))
-            q, k = qk.unbind(2)
+        # split, not indexing: its backward is one concatenation instead of zero-filled copies
+        qk, v = qkv.split((2, 1), dim=2)  # (B, T, 2, n_head, head_dim), (B, T, 1, n_head, head_dim)
+        if rope is not None:  # queries and keys together: one set of operations instead of two
+            qk = apply_rotary(qk, *rope)
+        if self.qk_norm == "rmsnorm":  # bounded attention logits: higher learning rates stay stable
+            qk = F.rms_norm(qk, (qk.size(-1),))
+        elif self.qk_norm == "layernorm":
+            qk = F.layer_norm(qk, (qk.size(-1),))
+        q, k = qk.unbind(2)
         # (B, T, n_head, head_dim) -> (B, n_head, T, head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)
         mask, causal = None, True
         if kv_cache is not None:
             start = kv_cache.pos
@@ -171,7 +169,7 @@ class GPT(nn.Module):
         x = self.wte(idx)  # (B, T, C)
         rope = None
         if self.config.pos_emb == "learned":
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.wpe.weight[start : start + T]  # a slice: no index tensor, cheap backward
         else:  # positions come from the cache: a decoded token is rotated by its true position
             rope = (self.rope_cos[start : start + T, None, None],  # (T, 1, 1, head_dim / 2)
                     self.rope_sin[start : start + T, None, None])
