@@ -25,7 +25,7 @@ import torch
 
 from .config import resolve
 from .data import bundled_corpus, is_prepared, load_prepared, prepare
-from .device import configure_threads, resolve_device
+from .device import configure_cpu, resolve_device
 from .engine import Engine, load
 from .model import GPT
 from .tokenizers import load_tokenizer
@@ -185,7 +185,7 @@ def bench_generate(
     **overrides: Any,
 ) -> dict[str, Any]:
     """Generation speed of a run (or of a fresh `preset` model): TTFT, decode latency, tokens/s."""
-    threads = configure_threads(threads)
+    threads = configure_cpu(threads)
     engine = _engine(run_dir, preset, checkpoint, device, overrides)
     text = bundled_corpus().read_text(encoding="utf-8")
     prompt = engine.tokenizer.decode(engine.tokenizer.encode(text[: prompt_tokens * 8])[:prompt_tokens])

@@ -151,8 +151,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from .device import configure_cpu
     from .engine import load
 
+    configure_cpu()  # threads for the cores that are idle now
     engine = load(args.run_dir, checkpoint=args.checkpoint, device=args.device)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 
 import torch
 
@@ -38,6 +40,17 @@ def _mps_available() -> bool:
     return bool(mps and mps.is_available())
 
 
+def configure_cpu(threads: int = 0) -> int:
+    """Set torch's CPU threads (returned; 0 = auto) and keep freed memory for reuse.
+
+    glibc hands blocks over 128 KiB back to the kernel on free, so every training step page-faults
+    its activations in again (~1,000 faults per step for the small preset). Keeping them in the heap
+    makes a step ~4% faster; peak memory is unchanged (docs/speed.md).
+    """
+    _keep_freed_memory()
+    return configure_threads(threads)
+
+
 def configure_threads(threads: int = 0) -> int:
     """Set torch's CPU threads and return the count; 0 = auto: the cores other work leaves idle.
 
@@ -51,3 +64,14 @@ def configure_threads(threads: int = 0) -> int:
         threads = max(1, min(cores or 1, round((cores or 1) - busy)))
     torch.set_num_threads(threads)
     return threads
+
+
+def _keep_freed_memory() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: do not give the heap back after each step
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        pass

@@ -34,7 +34,7 @@ from .config import (
     split_overrides,
 )
 from .data import BatchSampler, PreparedData, bundled_corpus, is_prepared, load_prepared, prepare
-from .device import configure_threads, resolve_device
+from .device import configure_cpu, resolve_device
 from .engine import Engine
 from .errors import CheckpointError, ConfigError, DataError
 from .model import GPT
@@ -156,7 +156,7 @@ class Trainer:
         self.mcfg, self.tcfg, self.data, self.run_dir = mcfg, tcfg, data, run_dir
         self.progress = progress
         self.device = resolve_device(tcfg.device)
-        self.threads = configure_threads(tcfg.threads)
+        self.threads = configure_cpu(tcfg.threads)
         torch.manual_seed(tcfg.seed)
         self.model = GPT(mcfg).to(self.device)
         self.optimizer = make_optimizer(self.model, tcfg)
