@@ -28,7 +28,6 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -19,6 +19,7 @@ _EXPLICIT = {"vocab_size", "data", "out"}
 _HELP = {
     "docs": "documents mode: lines | blank | files (default: one continuous stream)",
     "device": "auto | cpu | cuda | cuda:N | mps",
+    "engine": "torch (default) | reference: the NumPy engine with a hand-written backward (CPU)",
     "lr_decay_iters": "step where cosine decay reaches min-lr (default: max-iters)",
     "grad_clip": "global gradient-norm clip (0 = off)",
     "keep_checkpoints": "newest checkpoints to keep (the best is always kept)",

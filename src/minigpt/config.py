@@ -123,6 +123,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     threads: int = 0  # CPU threads; 0 = auto (the cores not busy with other processes)
+    engine: str = "torch"  # torch | reference (NumPy, hand-written backward: see docs/backprop.md)
 
     def validate(self) -> None:
         positive = ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters",
@@ -150,6 +151,8 @@ class TrainConfig:
             raise ConfigError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.muon_lr <= 0:
             raise ConfigError(f"muon-lr must be > 0, got {self.muon_lr}")
+        if self.engine not in ("torch", "reference"):
+            raise ConfigError(f"engine must be torch or reference, got {self.engine!r}")
 
 
 @dataclass(frozen=True)

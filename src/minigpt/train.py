@@ -57,6 +57,12 @@ def train(
         mcfg, tcfg = _resume_config(preset, config_file, overrides)
     else:
         mcfg, tcfg = resolve(preset, config_file, overrides)
+    trainer_cls = Trainer
+    if tcfg.engine == "reference":  # NumPy engine: refuse what it cannot do before touching --out
+        from .reference_train import ReferenceTrainer, check_reference_config
+
+        check_reference_config(mcfg, tcfg)
+        trainer_cls = ReferenceTrainer
     run_dir = Path(tcfg.out)
     if not resume:
         _claim_run_dir(run_dir, overwrite)
@@ -75,7 +81,7 @@ def train(
                                                                     ensure_ascii=False) + "\n")
     else:
         ckpt.write_run_config(run_dir, mcfg, tcfg)  # records e.g. a raised max_iters
-    return Trainer(mcfg, tcfg, data, run_dir, progress).run(resume)
+    return trainer_cls(mcfg, tcfg, data, run_dir, progress).run(resume)
 
 
 def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:

@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from minigpt.errors import ConfigError
+from minigpt.sampling import check_sampling, filter_logits, sample_next_token
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.tensor([[0.1, 2.0, 0.3], [5.0, 0.0, 1.0]])
+    assert sample_next_token(logits, None, temperature=0).tolist() == [1, 0]
+
+
+def test_top_k_keeps_only_k_best():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    kept = torch.isfinite(filter_logits(logits, top_k=2))
+    assert kept.tolist() == [[False, True, True, False]]
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = torch.isfinite(filter_logits(probs.log(), top_p=0.75))
+    assert kept.tolist() == [[True, True, False, False]]
+    # the most likely token always survives, however small p is
+    assert torch.isfinite(filter_logits(probs.log(), top_p=0.01)).tolist() == [[True, False, False, False]]
+
+
+def test_same_seed_same_tokens_and_masked_tokens_never_drawn():
+    logits = torch.randn(4, 30)
+    draw = [sample_next_token(logits, torch.Generator().manual_seed(5), 1.0, top_k=3) for _ in range(2)]
+    assert torch.equal(draw[0], draw[1])
+    top3 = torch.topk(logits, 3).indices
+    assert all(draw[0][i] in top3[i] for i in range(4))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(-1, None, None), (1, -1, None), (1, None, 0.0), (1, None, 1.5)])
+def test_impossible_sampling_settings_are_refused(temperature, top_k, top_p):
+    with pytest.raises(ConfigError):
+        check_sampling(temperature, top_k, top_p)
