@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -75,16 +74,20 @@ print(statistics.median(times))
 
 
 def run(cmd: list[str], cwd: Path | None = None, env: dict | None = None) -> tuple[str, float, float]:
-    """(stdout, wall seconds, CPU seconds of the child) of a command that must succeed."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if p.returncode != 0:
-        sys.exit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return p.stdout, wall, cpu
+    """(stdout, wall seconds, CPU seconds) of a command that must succeed; its peak RSS in MB is
+    kept in run.peak_rss_mb."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=out,
+                             stderr=err, text=True)
+        _, status, usage = os.wait4(p.pid, 0)  # this child's own CPU time and peak memory
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            sys.exit(f"command failed: {' '.join(cmd)}\n{err.read()[-3000:]}")
+        run.peak_rss_mb = usage.ru_maxrss / 1024
+        return out.read(), wall, usage.ru_utime + usage.ru_stime
 
 
 def threads_env(threads: int) -> dict:
@@ -113,7 +116,7 @@ def prepare_nanogpt(nano: Path) -> None:
 
 
 def nano_train(nano: Path, out: Path, iters: int, threads: int, evals: bool) -> tuple[str, float, float]:
-    extra = (["--eval_iters=20", "--eval_interval=250"] if evals else
+    extra = (["--eval_iters=20", f"--eval_interval={min(250, max(1, iters // 2))}"] if evals else
              ["--eval_iters=1", "--eval_interval=1000000"])
     cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", *NANO_FLAGS, *extra,
            "--log_interval=1", f"--max_iters={iters}", f"--out_dir={out}"]
@@ -168,13 +171,14 @@ def nano_checkpoint_loss(nano: Path, out: Path) -> float:
     return split_loss(model, val)
 
 
-def part_loss(nano: Path, tmp: Path, rounds: int, threads: int, long_iters: int) -> dict:
+def part_loss(nano: Path, tmp: Path, rounds: int, threads: int, long_iters: int,
+              nano_iters: int = 2000) -> dict:
     runs: dict[str, list[dict]] = {}
     for _ in range(rounds):
-        out, wall, cpu = nano_train(nano, tmp / "nano-loss", 2000, threads, evals=True)
+        out, wall, cpu = nano_train(nano, tmp / "nano-loss", nano_iters, threads, evals=True)
         reported = float(re.findall(r"step \d+: train loss [\d.]+, val loss ([\d.]+)", out)[-1])
         runs.setdefault("nanogpt", []).append({
-            "wall_s": wall, "cpu_s": cpu, "val_loss_reported": reported,
+            "wall_s": wall, "cpu_s": cpu, "peak_rss_mb": run.peak_rss_mb, "val_loss_reported": reported,
             "val_loss_full_split": nano_checkpoint_loss(nano, tmp / "nano-loss")})
         for label, extra in (("minigpt_default", []),
                              ("minigpt_long", ["--max-iters", str(long_iters)])):
@@ -183,10 +187,11 @@ def part_loss(nano: Path, tmp: Path, rounds: int, threads: int, long_iters: int)
             run_dir = tmp / label
             _, wall, cpu = run(minigpt_cmd("train", "--out", str(run_dir), "--overwrite", "--quiet",
                                            "--threads", str(threads), *extra))
+            rss = run.peak_rss_mb
             info = json.loads(run(minigpt_cmd("info", str(run_dir), "--json"))[0])
             engine = minigpt.load(run_dir, device="cpu")
             runs.setdefault(label, []).append({
-                "wall_s": wall, "cpu_s": cpu, "val_loss_reported": info["best_val_loss"],
+                "wall_s": wall, "cpu_s": cpu, "peak_rss_mb": rss, "val_loss_reported": info["best_val_loss"],
                 "val_loss_full_split": split_loss(engine.model, load_prepared(run_dir / "data").val),
                 "steps": info["step"]})
     result = {}
