@@ -13,6 +13,7 @@ import torch
 # Tiny models are overhead-bound: one thread is as fast, and it keeps parallel test runs (and a
 # loaded 2-core machine) from oversubscribing the CPU.
 torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"  # and minigpt's auto thread setting keeps it (device.py)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -32,12 +32,19 @@ _HELP = {
     "max_bad_steps": "stop after this many steps in a row with a NaN/inf loss or gradient "
                      "(each is skipped; default 5)",
     "sample_tokens": "length of the sample printed at each evaluation (0 = none)",
+    "arch": "layout preset: gpt2 | modern (the switches below default to it)",
+    "pos_emb": "learned | rope (default: the arch's)",
+    "norm": "layernorm | rmsnorm (default: the arch's)",
+    "activation": "gelu_tanh | gelu | relu2 (default: the arch's)",
+    "optimizer": "adamw | muon (Muon on hidden matrices, AdamW on the rest)",
+    "muon_lr": "Muon's peak learning rate (optimizer muon)",
+    "threads": "CPU threads (0 = auto: the cores other processes leave idle)",
 }
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, classes: tuple = (ModelConfig, TrainConfig)) -> None:
     """One kebab-case flag per ModelConfig/TrainConfig field; default None = "not given"."""
-    for cls in (ModelConfig, TrainConfig):
+    for cls in classes:
         for f in dataclasses.fields(cls):
             if f.name in _EXPLICIT:
                 continue
@@ -117,6 +124,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting for a slot; beyond that the server answers 429")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("bench", help="measure training or generation speed (last line: JSON)")
+    bench = p.add_subparsers(dest="bench", required=True)
+    b = bench.add_parser("train", help="ms/iteration, tokens/s, MFU and peak RSS of training steps")
+    b.add_argument("--preset", help="tiny | small | medium | large (default: small)")
+    b.add_argument("--config", help="TOML file of settings")
+    b.add_argument("--data", help="text or prepared data (default: bundled Tiny Shakespeare)")
+    b.add_argument("--iters", type=int, default=30, help="timed steps (default 30)")
+    b.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    _add_config_flags(b)
+    b.set_defaults(func=cmd_bench_train)
+    b = bench.add_parser("generate", help="time to first token, decode latency, tokens/s by batch")
+    b.add_argument("run_dir", nargs="?", help="trained run (default: a fresh model of --preset)")
+    b.add_argument("--preset", help="model when no run is given (default: small)")
+    b.add_argument("--checkpoint", default="best")
+    b.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for time to first token")
+    b.add_argument("--new-tokens", type=int, default=50)
+    b.add_argument("--batch-sizes", default="1,8,32", help="streams per batch, comma-separated")
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--threads", type=int, default=0, help="CPU threads (0 = auto)")
+    b.add_argument("--device", default="auto")
+    _add_config_flags(b.add_argument_group("model settings when no run is given"), (ModelConfig,))
+    b.set_defaults(func=cmd_bench_generate)
+
     p = sub.add_parser("info", help="show a run (config, parameters, step, best val loss) or the presets "
                                     "with their training memory")
     p.add_argument("run_dir", nargs="?", help="run directory (omit to list presets)")
@@ -169,7 +199,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from .device import configure_cpu
     from .engine import check_generation, load
+
+    configure_cpu()  # threads for the cores that are idle now
 
     check_generation(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
     engine = load(args.run_dir, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype)
@@ -199,6 +232,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
           checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
           max_tokens_limit=args.max_tokens_limit,
           max_concurrency=args.max_concurrency, max_queue=args.max_queue)
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from .bench import bench_train, format_train
+
+    if args.iters < 1 or args.warmup < 0:
+        raise ConfigError("--iters must be >= 1 and --warmup >= 0")
+    fields = {f.name for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    result = bench_train(args.preset, args.config, args.iters, args.warmup, **overrides)
+    print(format_train(result))
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_bench_generate(args: argparse.Namespace) -> int:
+    from .bench import bench_generate, format_generate
+
+    try:
+        sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    except ValueError:
+        raise ConfigError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
+    if min(sizes) < 1 or args.repeats < 1 or args.prompt_tokens < 1 or args.new_tokens < 1:
+        raise ConfigError("--batch-sizes, --repeats, --prompt-tokens and --new-tokens must be >= 1")
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in model_fields and v is not None}
+    if args.run_dir and overrides:
+        raise ConfigError("model settings apply to a fresh model; a run brings its own")
+    result = bench_generate(args.run_dir, args.preset, args.checkpoint, args.prompt_tokens,
+                            args.new_tokens, sizes, args.repeats, args.threads, args.device,
+                            **overrides)
+    print(format_generate(result))
+    print(json.dumps(result))
     return 0
 
 

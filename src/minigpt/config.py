@@ -22,9 +22,30 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+# Layout presets: `arch` names a value for every layout switch of ModelConfig. A switch given
+# explicitly wins over its arch. "gpt2" is GPT-2's layout (and these parameter names load into other
+# GPT-2 tools); "modern" is the recipe that reaches a given loss soonest here (docs/speed.md).
+ARCHS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(pos_emb="learned", norm="layernorm", activation="gelu_tanh", qk_norm=False,
+                 tie_embeddings=True, bias=True),
+    "modern": dict(pos_emb="rope", norm="rmsnorm", activation="relu2", qk_norm=True,
+                   tie_embeddings=False, bias=False),
+}
+LAYOUT_CHOICES = {
+    "pos_emb": ("learned", "rope"),
+    "norm": ("layernorm", "rmsnorm"),
+    "activation": ("gelu_tanh", "gelu", "relu2"),
+}
+
+
 @dataclass
 class ModelConfig:
-    """Architecture. Everything needed to rebuild the network from config.json alone."""
+    """Architecture. Everything needed to rebuild the network from config.json alone.
+
+    The layout switches default to None = "as `arch` says"; after construction they hold concrete
+    values, so config.json records exactly what was built. A config.json written before the
+    switches existed has none of them and rebuilds the GPT-2 layout it was trained with.
+    """
 
     vocab_size: int = 67
     block_size: int = 64
@@ -32,9 +53,26 @@ class ModelConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
-    bias: bool = True
+    arch: str = "gpt2"  # gpt2 | modern: the defaults of the switches below
+    bias: bool | None = None  # biases in Linear and LayerNorm
+    pos_emb: str | None = None  # learned (wpe table) | rope (rotary, no parameters)
+    norm: str | None = None  # layernorm | rmsnorm
+    activation: str | None = None  # gelu_tanh (GPT-2) | gelu (exact) | relu2 (ReLU squared)
+    qk_norm: bool | None = None  # RMS-normalise queries and keys per head
+    tie_embeddings: bool | None = None  # the LM head reuses the token embedding matrix
+
+    def __post_init__(self) -> None:
+        for name, value in ARCHS.get(self.arch, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unknown arch {self.arch!r}; choose from {', '.join(ARCHS)}")
+        for name, choices in LAYOUT_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name.replace('_', '-')} must be one of {', '.join(choices)}; "
+                                  f"got {getattr(self, name)!r}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -44,6 +82,9 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise ConfigError(f"rotary embeddings need an even head size (n-embd / n-head), "
+                              f"got {self.head_dim}")
 
     @property
     def head_dim(self) -> int:
@@ -66,7 +107,9 @@ class TrainConfig:
     max_iters: int = 2000
     batch_size: int = 12
     grad_accum: int = 1
-    lr: float = 1e-3
+    optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on the rest)
+    lr: float = 1e-3  # AdamW's peak learning rate
+    muon_lr: float = 0.02  # Muon's peak learning rate (optimizer muon); follows lr's schedule
     min_lr: float = 1e-4
     warmup_iters: int = 100
     lr_decay_iters: int | None = None  # None = max_iters
@@ -84,6 +127,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # compute precision (autocast); weights stay float32. See device.resolve_dtype
     compile: bool = False  # torch.compile the model for training
+    threads: int = 0  # CPU threads; 0 = auto (the cores not busy with other processes)
     engine: str = "torch"  # torch | reference (NumPy, hand-written backward: see docs/backprop.md)
 
     def validate(self) -> None:
@@ -118,6 +162,12 @@ class TrainConfig:
             raise ConfigError("sample-tokens must be >= 0")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16; got {self.dtype!r}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0 = auto), got {self.threads}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.muon_lr <= 0:
+            raise ConfigError(f"muon-lr must be > 0, got {self.muon_lr}")
         if self.engine not in ("torch", "reference"):
             raise ConfigError(f"engine must be torch or reference, got {self.engine!r}")
 

@@ -24,6 +24,8 @@ class KVCache:
         shape = (n_layer, batch_size, n_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # per-layer views made once: indexing the 5-D buffers each step costs several operations
+        self._k, self._v = [self.k[i] for i in range(n_layer)], [self.v[i] for i in range(n_layer)]
         self.max_len = max_len
         self.pos = 0  # number of positions already filled
 
@@ -42,9 +44,10 @@ class KVCache:
         end = self.pos + t
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} > {self.max_len} positions")
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        k_all, v_all = self._k[layer], self._v[layer]
+        k_all[:, :, self.pos : end] = k
+        v_all[:, :, self.pos : end] = v
+        return k_all[:, :, :end], v_all[:, :, :end]
 
     def advance(self, t: int) -> None:
         self.pos += t

@@ -1,7 +1,12 @@
-"""The GPT: token + learned position embeddings, pre-norm transformer blocks, tied LM head.
+"""The GPT: token embeddings, pre-norm transformer blocks, LM head; one class for every layout.
 
-Names follow GPT-2 (wte, wpe, h, ln_f, lm_head; c_attn, c_proj, c_fc) so checkpoints read like the
-papers and other tools. `forward` always returns (logits, loss); loss is None without targets.
+ModelConfig's switches pick the layout. `arch="gpt2"` is GPT-2's: learned position embeddings
+(wpe), LayerNorm, tanh-GELU, biases, LM head tied to wte. `arch="modern"`: rotary position
+embeddings, RMSNorm, ReLU^2 MLP, QK-norm (queries and keys normalised with the model's norm),
+no biases, untied head. Parameter names follow GPT-2 in every
+layout (wte, wpe, h, ln_f, lm_head; c_attn, c_proj, c_fc) so checkpoints read like the papers and
+other tools; a layout only adds or drops tensors, it never renames one. `forward` always returns
+(logits, loss); loss is None without targets.
 """
 
 from __future__ import annotations
@@ -15,21 +20,64 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .kv_cache import KVCache
 
+ROPE_BASE = 10000.0
+
+
+def make_dropout(p: float) -> nn.Module:
+    """Dropout, or nothing at p = 0: an eval-mode Dropout still costs an operation per call, which
+    shows in per-token decoding."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=1e-6)
+    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+
+
+def rotary_tables(block_size: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (block_size, head_dim / 2): rotation angle of each position and pair."""
+    inv_freq = 1.0 / ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x1[i], x2[i]) of the two halves of each head by each position's angle.
+
+    x: (B, T, ..., head_dim); cos, sin broadcast against x's halves, (T, 1, ..., head_dim / 2).
+    Dot products of rotated queries and keys depend only on the distance between their positions.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out if out.dtype == x.dtype else out.to(x.dtype)  # fp32 tables under autocast
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head = cfg.n_head
+        self.qk_norm = cfg.norm if cfg.qk_norm else None
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in that order
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
-        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.resid_drop = make_dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, layer: int = 0, kv_cache: KVCache | None = None):
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                layer: int = 0, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        # split, not indexing: its backward is one concatenation instead of zero-filled copies
+        qk, v = qkv.split((2, 1), dim=2)  # (B, T, 2, n_head, head_dim), (B, T, 1, n_head, head_dim)
+        if rope is not None:  # queries and keys together: one set of operations instead of two
+            qk = apply_rotary(qk, *rope)
+        if self.qk_norm == "rmsnorm":  # bounded attention logits: higher learning rates stay stable
+            qk = F.rms_norm(qk, (qk.size(-1),))
+        elif self.qk_norm == "layernorm":
+            qk = F.layer_norm(qk, (qk.size(-1),))
+        q, k = qk.unbind(2)
+        # (B, T, n_head, head_dim) -> (B, n_head, T, head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)
         mask, causal = None, True
         if kv_cache is not None:
             start = kv_cache.pos
@@ -50,24 +98,31 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
+        self.activation = cfg.activation
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = make_dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.activation == "relu2":
+            h = F.relu(h).square()
+        elif self.activation == "gelu":
+            h = F.gelu(h)
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+        return self.drop(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, layer: int = 0, kv_cache: KVCache | None = None):
-        x = x + self.attn(self.ln_1(x), layer, kv_cache)
+    def forward(self, x, rope=None, layer: int = 0, kv_cache: KVCache | None = None):
+        x = x + self.attn(self.ln_1(x), rope, layer, kv_cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -77,21 +132,33 @@ class GPT(nn.Module):
         cfg.validate()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.drop = nn.Dropout(cfg.dropout)
+        if cfg.pos_emb == "learned":
+            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        else:  # rotary tables are derived, not learnt: buffers outside the state_dict
+            cos, sin = rotary_tables(cfg.block_size, cfg.head_dim)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = make_dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds and un-embeds
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # one matrix embeds and un-embeds
         self.init_weights()
 
     def init_weights(self) -> None:
-        """GPT-2 init: N(0, 0.02), zero biases, residual projections scaled by 1/sqrt(2 * n_layer)."""
+        """GPT-2 init: N(0, 0.02), zero biases, residual projections scaled by 1/sqrt(2 * n_layer).
+
+        An untied head starts at zero, so the first logits are uniform and the first steps do not
+        spend themselves undoing a random read-out.
+        """
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 nn.init.zeros_(p) if name.endswith("bias") else nn.init.ones_(p)
             elif name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+            elif name == "lm_head.weight":  # reached only when untied (tied tensors appear once)
+                nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
@@ -106,10 +173,16 @@ class GPT(nn.Module):
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos_emb == "learned":
+            x = x + self.wpe.weight[start : start + T]  # a slice: no index tensor, cheap backward
+        else:  # positions come from the cache: a decoded token is rotated by its true position
+            rope = (self.rope_cos[start : start + T, None, None],  # (T, 1, 1, head_dim / 2)
+                    self.rope_sin[start : start + T, None, None])
+        x = self.drop(x)
         for i, block in enumerate(self.h):
-            x = block(x, i, kv_cache)
+            x = block(x, rope, i, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
@@ -119,9 +192,11 @@ class GPT(nn.Module):
         return logits, loss
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Unique parameters (the tied head counts once); optionally without position embeddings."""
+        """Unique parameters (a tied head counts once); optionally without position embeddings."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+        if non_embedding and self.config.pos_emb == "learned":
+            n -= self.wpe.weight.numel()
+        return n
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward = 6N plus attention), as in the PaLM paper."""

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ModelConfig
+from .config import ARCHS, ModelConfig
 from .errors import ConfigError
 
 Params = dict[str, np.ndarray]
@@ -42,6 +42,13 @@ def check_supported(cfg: ModelConfig) -> None:
         raise ConfigError(
             f"the reference engine does not implement dropout (got dropout={cfg.dropout}); "
             "use --dropout 0 or --engine torch"
+        )
+    other = [f"{k.replace('_', '-')} {getattr(cfg, k)}" for k, v in ARCHS["gpt2"].items()
+             if k != "bias" and getattr(cfg, k) != v]
+    if other:
+        raise ConfigError(
+            f"the reference engine implements the GPT-2 layout only (got {', '.join(other)}); "
+            "use --arch gpt2 or --engine torch"
         )
 
 

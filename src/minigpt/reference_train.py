@@ -19,7 +19,8 @@ How the two worlds meet:
   a reference run, and the other way round).
 
 Supported: any bias setting, grad_accum, grad clipping, weight decay, the LR schedule. Refused with a
-one-line ConfigError: dropout > 0 (the reference is deterministic) and any device but the CPU.
+one-line ConfigError: dropout > 0 (the reference is deterministic), any device but the CPU, any
+layout but GPT-2's (`--arch gpt2`) and any optimizer but AdamW.
 Training is float32 like the torch engine; `minigpt.reference` itself also runs float64 (the tests
 use it to check gradients).
 """
@@ -55,6 +56,11 @@ def check_reference_config(mcfg: ModelConfig, tcfg: TrainConfig) -> None:
     if tcfg.dtype not in ("auto", "float32") or tcfg.compile:
         raise ConfigError("the reference engine trains in float32 without torch.compile; "
                           "drop --dtype/--compile or use --engine torch")
+    if tcfg.optimizer != "adamw":
+        raise ConfigError(
+            f"the reference engine implements AdamW only (got --optimizer {tcfg.optimizer}); "
+            "use --optimizer adamw or --engine torch"
+        )
 
 
 class ReferenceTrainer(Trainer):

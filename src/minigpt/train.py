@@ -47,13 +47,21 @@ from .config import (
     split_overrides,
 )
 from .data import BatchSampler, PreparedData, bundled_corpus, is_prepared, load_prepared, prepare
-from .device import autocast, dtype_name, enable_tf32, grad_scaler, resolve_device, resolve_dtype
+from .device import (
+    autocast,
+    configure_cpu,
+    dtype_name,
+    enable_tf32,
+    grad_scaler,
+    resolve_device,
+    resolve_dtype,
+)
 from .distributed import DistContext, dropout_seed
 from .engine import Engine
 from .errors import CheckpointError, ConfigError, DataError
 from .model import GPT
 from .nonfinite import NonFiniteGuard, bad_step, grad_norm, step_unless_bad
-from .optim import lr_at, make_optimizer
+from .optim import lr_at, make_optimizer, set_lr
 from .tokenizers import load_tokenizer
 
 # Settings that shape the prepared data; changing them on resume would change what is being learnt.
@@ -217,6 +225,7 @@ class Trainer:
         self.device = self.dist.device
         self.dtype = resolve_dtype(tcfg.dtype, self.device)
         enable_tf32(self.device)
+        self.threads = configure_cpu(tcfg.threads)
         torch.manual_seed(tcfg.seed)
         self.model = GPT(mcfg).to(self.device)  # float32 master weights; evaluation and samples use it
         self.wrapped = self.dist.wrap(self.model)  # DDP when data-parallel
@@ -432,9 +441,7 @@ class Trainer:
         it returns 0 and is counted by `self.guard`.
         """
         tcfg = self.tcfg
-        lr = lr_at(self.step, tcfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, self.step, tcfg)
         torch.manual_seed(dropout_seed(tcfg.seed, self.step, self.dist.rank))
         total = torch.zeros((), device=self.device)
         for micro in range(tcfg.grad_accum):
