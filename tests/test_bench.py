@@ -35,8 +35,11 @@ def test_bench_train_prints_figures_and_json(tmp_path):
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["bench"] == "train" and result["arch"] == "modern" and result["threads"] == 1
     assert result["tokens_per_sec"] > 0 and result["ms_per_iter"] > 0
+    # Throughput is tokens per step (batch 4 x context 16) over the step time; the printed
+    # figures are rounded, so the product agrees to about a percent.
+    assert result["tokens_per_iter"] == 4 * 16
     assert result["tokens_per_sec"] * result["ms_per_iter"] / 1e3 == \
-        __import__("pytest").approx(4 * 16, rel=1e-3)
+        __import__("pytest").approx(4 * 16, rel=1e-2)
     assert 0 < result["mfu"] and result["matmul_peak_gflops"] > 0 and result["peak_rss_mb"] > 10
     assert "tokens/s" in r.stdout
 
