@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import minigpt
+from minigpt import checkpoint as ckpt
 from minigpt.bench import bench_train, split_loss
 from minigpt.data import bundled_corpus, is_prepared, load_prepared, prepare
 
@@ -46,6 +47,36 @@ VARIANTS: dict[str, dict] = {
     "modern muon b24 mlr.05": {**MODERN, "optimizer": "muon", "lr": 3e-3, "min_lr": 3e-4,
                                "muon_lr": 0.05, "batch_size": 24},
 }
+# The recipe candidate, then the candidate with one choice undone or retuned at a time.
+RECIPE = {**MODERN, "optimizer": "muon", "lr": 3e-3, "min_lr": 3e-4, "muon_lr": 0.02}
+VARIANTS.update({
+    "recipe": RECIPE,
+    "recipe -rope (learned pos)": {**RECIPE, "pos_emb": "learned"},
+    "recipe -rmsnorm (layernorm)": {**RECIPE, "norm": "layernorm"},
+    "recipe -relu2 (gelu)": {**RECIPE, "activation": "gelu"},
+    "recipe -qk_norm": {**RECIPE, "qk_norm": False},
+    "recipe -untied (tied)": {**RECIPE, "tie_embeddings": True},
+    "recipe +bias": {**RECIPE, "bias": True},
+    "recipe -muon (adamw)": {**RECIPE, "optimizer": "adamw"},
+    "recipe muon_lr .01": {**RECIPE, "muon_lr": 0.01},
+    "recipe muon_lr .04": {**RECIPE, "muon_lr": 0.04},
+    "recipe lr 1e-2": {**RECIPE, "lr": 1e-2, "min_lr": 1e-3},
+    "recipe warmup 20": {**RECIPE, "warmup_iters": 20},
+})
+# Round 3: the single changes that won in round 2, together.
+C1 = {**RECIPE, "norm": "layernorm", "activation": "gelu", "tie_embeddings": True, "muon_lr": 0.01,
+      "lr": 1e-2, "min_lr": 1e-3, "warmup_iters": 20}
+VARIANTS.update({
+    "c1": C1,
+    "c1 seed2": {**C1, "seed": 2},
+    "c1 +bias": {**C1, "bias": True},
+    "c1 muon_lr .005": {**C1, "muon_lr": 0.005},
+    "c1 lr 3e-3": {**C1, "lr": 3e-3, "min_lr": 3e-4},
+    "c1 b24": {**C1, "batch_size": 24},
+    "c1 relu2": {**C1, "activation": "relu2"},
+    "c1 untied": {**C1, "tie_embeddings": False},
+    "c1 rmsnorm": {**C1, "norm": "rmsnorm"},
+})
 
 
 def flags(overrides: dict) -> list[str]:
@@ -78,10 +109,12 @@ def train_variant(name: str, iters: int, data: Path, runs: Path) -> float:
     result = run / "ablation.json"
     if result.exists():
         return json.loads(result.read_text())["val_loss"]
-    cmd = [sys.executable, "-m", "minigpt", "train", "--data", str(data), "--out", str(run),
-           "--overwrite", "--quiet", "--max-iters", str(iters), "--eval-interval", str(iters),
-           "--sample-tokens", "0", "--threads", "1", *flags(VARIANTS[name])]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    done = [s for s, _ in ckpt.list_checkpoints(run)] if run.exists() else []
+    if iters not in done:  # a run finished before an interruption is not trained again
+        cmd = [sys.executable, "-m", "minigpt", "train", "--data", str(data), "--out", str(run),
+               "--overwrite", "--quiet", "--max-iters", str(iters), "--eval-interval", str(iters),
+               "--sample-tokens", "0", "--threads", "1", *flags(VARIANTS[name])]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     engine = minigpt.load(run, checkpoint="last", device="cpu")
     loss = split_loss(engine.model, load_prepared(data).val)
     result.write_text(json.dumps({"val_loss": loss, "iters": iters}) + "\n")
