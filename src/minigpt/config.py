@@ -182,7 +182,7 @@ PRESETS: dict[str, Preset] = {
     "small": Preset(
         "nanoGPT's CPU model size: 4 layers, 128 dims, 4 heads, context 64",
         model=dict(RECIPE_MODEL, n_layer=4, n_head=4, n_embd=128, block_size=64),
-        train=dict(RECIPE_TRAIN, batch_size=24, max_iters=400, eval_interval=100),
+        train=dict(RECIPE_TRAIN, batch_size=24, max_iters=400, eval_interval=200),
     ),
     "medium": Preset(
         "6 layers, 256 dims, 8 heads, context 128",
