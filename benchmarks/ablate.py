@@ -1,6 +1,6 @@
 """Ablation at equal compute: validation loss of recipe variants, each trained for the same time.
 
-    flock /tmp/minigpt-bench.lock python benchmarks/ablate.py --budget 140 --jobs 2
+    flock /tmp/minigpt-bench.lock python benchmarks/ablate.py --budget 70 --jobs 2
 
 Equal wall time on a machine other people share is measured as equal CPU time on one thread:
 1. calibrate: every variant's CPU ms per training step (`minigpt bench train`, one thread, variants
@@ -25,26 +25,36 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import minigpt
+from minigpt import checkpoint as ckpt
 from minigpt.bench import bench_train, split_loss
+from minigpt.config import PRESETS, RECIPE_MODEL, RECIPE_TRAIN
 from minigpt.data import bundled_corpus, is_prepared, load_prepared, prepare
 
 # nanoGPT's Tiny Shakespeare CPU recipe, in minigpt's GPT-2 layout: the reference every variant
 # is compared with.
 NANOGPT = dict(arch="gpt2", bias=False, activation="gelu", optimizer="adamw", lr=1e-3, min_lr=1e-4,
                batch_size=12, warmup_iters=100, weight_decay=0.1, beta2=0.99)
-MODERN = dict(arch="modern", batch_size=12, warmup_iters=100, weight_decay=0.1, beta2=0.99)
+# minigpt's default recipe (the small preset), then that recipe with one choice undone or changed.
+RECIPE = {**RECIPE_MODEL, **RECIPE_TRAIN, **PRESETS["small"].train}
+RECIPE.pop("max_iters")
+RECIPE.pop("eval_interval")
 VARIANTS: dict[str, dict] = {
-    "nanogpt-recipe": NANOGPT,
-    "nanogpt-recipe lr2e-3": {**NANOGPT, "lr": 2e-3, "min_lr": 2e-4},
-    "modern adamw lr1e-3": {**MODERN, "optimizer": "adamw", "lr": 1e-3, "min_lr": 1e-4},
-    "modern adamw lr3e-3": {**MODERN, "optimizer": "adamw", "lr": 3e-3, "min_lr": 3e-4},
-    "modern muon b12": {**MODERN, "optimizer": "muon", "lr": 3e-3, "min_lr": 3e-4, "muon_lr": 0.02},
-    "modern muon b24": {**MODERN, "optimizer": "muon", "lr": 3e-3, "min_lr": 3e-4, "muon_lr": 0.02,
-                        "batch_size": 24},
-    "modern muon b48": {**MODERN, "optimizer": "muon", "lr": 3e-3, "min_lr": 3e-4, "muon_lr": 0.02,
-                        "batch_size": 48},
-    "modern muon b24 mlr.05": {**MODERN, "optimizer": "muon", "lr": 3e-3, "min_lr": 3e-4,
-                               "muon_lr": 0.05, "batch_size": 24},
+    "nanoGPT recipe": NANOGPT,
+    "nanoGPT recipe, lr 2e-3": {**NANOGPT, "lr": 2e-3, "min_lr": 2e-4},
+    "minigpt recipe": RECIPE,
+    "minigpt recipe, seed 2": {**RECIPE, "seed": 2},
+    "- rotary (learned positions)": {**RECIPE, "pos_emb": "learned"},
+    "- QK-norm": {**RECIPE, "qk_norm": False},
+    "- Muon (AdamW only)": {**RECIPE, "optimizer": "adamw"},
+    "- biases": {**RECIPE, "bias": False},
+    "- GPT-2 layout (arch gpt2)": {**RECIPE, "arch": "gpt2"},
+    "+ tanh GELU (GPT-2's)": {**RECIPE, "activation": "gelu_tanh"},
+    "+ RMSNorm": {**RECIPE, "norm": "rmsnorm"},
+    "+ ReLU^2": {**RECIPE, "activation": "relu2"},
+    "+ untied head": {**RECIPE, "tie_embeddings": False},
+    "batch 12": {**RECIPE, "batch_size": 12},
+    "warmup 100": {**RECIPE, "warmup_iters": 100},
+    "Muon lr 0.02": {**RECIPE, "muon_lr": 0.02},
 }
 
 
@@ -65,7 +75,7 @@ def calibrate(names: list[str], data: Path, rounds: int, cache: Path) -> dict[st
     samples: dict[str, list[float]] = {n: [] for n in todo}
     for _ in range(rounds):
         for name in todo:
-            r = bench_train(data=str(data), iters=12, warmup=3, threads=1, peak_gflops=1.0,
+            r = bench_train(data=str(data), iters=20, warmup=3, threads=1, peak_gflops=1.0,
                             **VARIANTS[name])
             samples[name].append(r["cpu_ms_per_iter"])
     known.update({n: statistics.median(s) for n, s in samples.items()})
@@ -78,10 +88,12 @@ def train_variant(name: str, iters: int, data: Path, runs: Path) -> float:
     result = run / "ablation.json"
     if result.exists():
         return json.loads(result.read_text())["val_loss"]
-    cmd = [sys.executable, "-m", "minigpt", "train", "--data", str(data), "--out", str(run),
-           "--overwrite", "--quiet", "--max-iters", str(iters), "--eval-interval", str(iters),
-           "--sample-tokens", "0", "--threads", "1", *flags(VARIANTS[name])]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    done = [s for s, _ in ckpt.list_checkpoints(run)] if run.exists() else []
+    if iters not in done:  # a run finished before an interruption is not trained again
+        cmd = [sys.executable, "-m", "minigpt", "train", "--data", str(data), "--out", str(run),
+               "--overwrite", "--quiet", "--max-iters", str(iters), "--eval-interval", str(iters),
+               "--sample-tokens", "0", "--threads", "1", *flags(VARIANTS[name])]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     engine = minigpt.load(run, checkpoint="last", device="cpu")
     loss = split_loss(engine.model, load_prepared(data).val)
     result.write_text(json.dumps({"val_loss": loss, "iters": iters}) + "\n")
@@ -90,11 +102,12 @@ def train_variant(name: str, iters: int, data: Path, runs: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budget", type=float, default=140, help="CPU seconds of training per variant")
+    ap.add_argument("--budget", type=float, default=70,
+                    help="CPU seconds of training per variant (default 70: the small preset's run)")
     ap.add_argument("--only", help="comma-separated variant names (default: all)")
     ap.add_argument("--out", default="runs/ablate", help="where data, runs and results are kept")
     ap.add_argument("--jobs", type=int, default=1, help="variants trained at once")
-    ap.add_argument("--rounds", type=int, default=2, help="calibration rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="calibration rounds")
     args = ap.parse_args()
     names = args.only.split(",") if args.only else list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
@@ -109,11 +122,11 @@ def main() -> None:
     iters = {n: max(1, int(args.budget * 1e3 / ms[n])) for n in names}
     with ThreadPoolExecutor(args.jobs) as pool:
         losses = dict(zip(names, pool.map(lambda n: train_variant(n, iters[n], data, runs), names)))
-    base = losses.get("nanogpt-recipe")
-    print(f"{'variant':<28} {'ms/step':>8} {'steps':>6} {'val loss':>9} {'vs nanoGPT recipe':>18}")
+    base = losses.get("minigpt recipe")
+    print(f"{'variant':<30} {'CPU ms/step':>11} {'steps':>6} {'val loss':>9} {'vs recipe':>10}")
     for n in names:
         delta = f"{losses[n] - base:+.4f}" if base is not None else ""
-        print(f"{n:<28} {ms[n]:8.1f} {iters[n]:6d} {losses[n]:9.4f} {delta:>18}")
+        print(f"{n:<30} {ms[n]:11.1f} {iters[n]:6d} {losses[n]:9.4f} {delta:>10}")
     print(json.dumps({"budget_cpu_s": args.budget, "threads": 1, "cpu_count": os.cpu_count(),
                       "variants": {n: {"cpu_ms_per_step": ms[n], "steps": iters[n],
                                        "val_loss": round(losses[n], 4)} for n in names}}))

@@ -136,20 +136,21 @@ def test_gpt2_layout_keeps_gpt2_parameter_names():
     assert model.lm_head.weight is model.wte.weight
 
 
-def test_modern_layout_only_drops_or_adds_tensors():
-    model = tiny_model(arch="modern")
-    names = set(model.state_dict())
+def test_other_layouts_only_drop_or_add_tensors():
+    """Rotary drops wpe, an untied head adds lm_head, no biases drops them: nothing is renamed."""
+    modern = set(tiny_model(arch="modern").state_dict())
+    assert modern == GPT2_NAMES - {"wpe.weight"}
+    other = tiny_model(arch="gpt2", pos_emb="rope", tie_embeddings=False, bias=False)
+    names = set(other.state_dict())
     assert "wpe.weight" not in names and "lm_head.weight" in names
-    assert not any(n.endswith(".bias") for n in names)
-    # every tensor it has carries the GPT-2 name of the same role
-    assert names <= GPT2_NAMES
-    assert model.lm_head.weight is not model.wte.weight
+    assert not any(n.endswith(".bias") for n in names) and names <= GPT2_NAMES
+    assert other.lm_head.weight is not other.wte.weight
 
 
 def test_arch_fills_switches_and_explicit_switches_win():
-    cfg = ModelConfig(arch="modern", norm="layernorm")
+    cfg = ModelConfig(arch="modern", norm="rmsnorm")
     assert (cfg.pos_emb, cfg.norm, cfg.activation, cfg.qk_norm, cfg.tie_embeddings, cfg.bias) == (
-        "rope", "layernorm", "relu2", True, False, False)
+        "rope", "rmsnorm", "gelu", True, True, True)
     default = ModelConfig()
     assert {k: getattr(default, k) for k in ARCHS["gpt2"]} == ARCHS["gpt2"]
 

@@ -24,7 +24,7 @@ def test_prepare_train_sample_info_plot_end_to_end(corpus_file, tmp_path):
     info = json.loads(run_cli("info", str(run), "--json", check=True).stdout)
     assert info["step"] == 20 and info["best_val_loss"] is not None and info["params"] > 0
     presets = run_cli("info", check=True).stdout
-    assert "small" in presets and "810,112" in presets
+    assert "small" in presets and "801,920" in presets
     run_cli("plot", str(run), "--out", str(tmp_path / "loss.png"), check=True)
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -49,18 +49,21 @@ def test_muon_step_changes_every_matrix_and_keeps_shapes():
         assert (id(p) in muon_params) == (name.startswith("h.") and p.dim() == 2), name
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     set_lr(opt, 0, tcfg)
-    one_step(model, opt, seed=0)  # the zero-initialised head moves first ...
-    one_step(model, opt, seed=1)  # ... then gradients reach every matrix
+    one_step(model, opt, seed=0)
+    one_step(model, opt, seed=1)  # two steps: an untied head starts at zero and moves first
     for name, p in model.named_parameters():
         assert p.shape == before[name].shape
         if p.dim() == 2:
             assert not torch.equal(p, before[name]), f"{name} did not move"
-    # a Muon update has the same size in every direction: its singular values are all alike
-    w = dict(model.named_parameters())["h.0.attn.c_proj.weight"]
-    before_second = w.detach().clone()
+    # a Muon update has about the same size in every direction its gradient spans: the singular
+    # values are alike, except where the gradient has none (LayerNorm'd inputs have zero mean, so
+    # one input direction gets no gradient at all)
+    w = dict(model.named_parameters())["h.0.mlp.c_fc.weight"]
+    before_third = w.detach().clone()
     one_step(model, opt, seed=2)
-    s = torch.linalg.svdvals(w.detach() - before_second)
-    assert s.max() / s.min() < 3
+    s = torch.linalg.svdvals(w.detach() - before_third)
+    spanned = s[s > 0.1 * s.max()]
+    assert len(spanned) >= len(s) - 1 and spanned.max() / spanned.min() < 3
 
 
 def test_schedule_scales_each_group_from_its_own_peak():

@@ -225,6 +225,8 @@ CORPUS = (
     "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
 ) * 30
 RUN = dict(
+    arch="gpt2",  # the layout and optimizer the reference implements, for both engines
+    optimizer="adamw",
     n_layer=2,
     n_head=2,
     n_embd=16,

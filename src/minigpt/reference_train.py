@@ -208,6 +208,7 @@ def load_params(
     NumPy, checksums verified, `best` falling back to `last` as `minigpt sample` does."""
     run_dir = Path(run_dir)
     mcfg, _ = ckpt.read_run_config(run_dir)
+    R.check_supported(mcfg)  # a layout other than GPT-2's: one clear line, not a name mismatch
     if checkpoint == "best" and ckpt.best_step(run_dir) is None:
         checkpoint = "last"
     path, _, _ = ckpt.find_checkpoint(run_dir, checkpoint)
