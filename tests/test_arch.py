@@ -150,7 +150,7 @@ def test_other_layouts_only_drop_or_add_tensors():
 def test_arch_fills_switches_and_explicit_switches_win():
     cfg = ModelConfig(arch="modern", norm="rmsnorm")
     assert (cfg.pos_emb, cfg.norm, cfg.activation, cfg.qk_norm, cfg.tie_embeddings, cfg.bias) == (
-        "rope", "rmsnorm", "gelu", True, True, True)
+        "rope", "rmsnorm", "relu2", True, True, True)
     default = ModelConfig()
     assert {k: getattr(default, k) for k in ARCHS["gpt2"]} == ARCHS["gpt2"]
 

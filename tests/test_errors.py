@@ -11,6 +11,7 @@ In messages, `…` stands for text that depends on the torch version (the refusa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,7 +28,6 @@ import torch
 
 import cli_harness
 from minigpt import checkpoint as ckpt
-from minigpt.config import ModelConfig
 from minigpt.data import bundled_corpus
 from minigpt.model import GPT
 from test_crash_safety import Payload  # a real payload: unpickling it runs `touch`
@@ -194,7 +194,7 @@ def workspace(tmp_path_factory) -> Path:
     _flip_byte(ws / "bad-weights" / step / ckpt.WEIGHTS)
     _flip_byte(ws / "bad-trainer" / step / ckpt.TRAINER)
     write_malicious_trainer_state(ws / "evil" / step, ws / "pwned")
-    mcfg = ModelConfig(vocab_size=70, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    mcfg = dataclasses.replace(ckpt.read_run_config(ws / "run")[0], vocab_size=70)  # only the vocabulary differs
     shutil.rmtree(ws / "other-vocab" / "checkpoints")
     ckpt.save_checkpoint(ws / "other-vocab", 10, GPT(mcfg), None, {})
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from minigpt.cli import main
-from minigpt.config import ModelConfig
-from minigpt.info import param_count
+from minigpt.config import ModelConfig, resolve
+from minigpt.info import muon_param_count, param_count
 from minigpt.memory import format_bytes, training_memory
 from minigpt.model import GPT
 
@@ -55,13 +55,17 @@ def test_info_shows_memory_per_preset_and_a_breakdown(capsys):
     table = capsys.readouterr().out
     assert "mem fp32" in table and "mem bf16" in table
     large = next(line for line in table.splitlines() if line.startswith("large"))
-    cfg = ModelConfig(vocab_size=67, block_size=256, n_layer=12, n_head=6, n_embd=384, dropout=0.2)
-    est = training_memory(cfg, param_count(cfg), 64, mixed_precision=True)
+    cfg, tcfg = resolve("large", overrides={"vocab_size": 67})
+    assert tcfg.optimizer == "muon"  # the default recipe: hidden matrices keep one buffer, not two
+    muon = muon_param_count(cfg)
+    assert 0.8 * param_count(cfg) < muon < param_count(cfg)
+    est = training_memory(cfg, param_count(cfg), 64, mixed_precision=True, muon_params=muon)
+    assert est.optimizer == 8 * param_count(cfg) - 4 * muon
     assert format_bytes(est.total) in large
 
     assert main(["info", "--preset", "large", "--batch-size", "8"]) == 0
     detail = capsys.readouterr().out
     assert "batch-size 8 per device" in detail
-    est8 = training_memory(cfg, param_count(cfg), 8, mixed_precision=True)
+    est8 = training_memory(cfg, param_count(cfg), 8, mixed_precision=True, muon_params=muon)
     total = next(line for line in detail.splitlines() if line.startswith("total"))
     assert format_bytes(est8.total) in total

@@ -76,7 +76,9 @@ def test_a_non_finite_step_is_skipped_and_counted(corpus, monkeypatch, kind):
     path, meta, _ = ckpt.find_checkpoint(run, "last")
     state = ckpt.load_trainer_state(path)
     assert state["skipped_steps"] == 2
-    assert all(int(s["step"]) == 10 for s in state["optimizer"]["state"].values())  # 12 - 2 updates
+    # 12 - 2 updates, counted by the AdamW half of the optimizer (Muon's buffers keep no count)
+    steps = [int(s["step"]) for s in state["optimizer"]["state"].values() if "step" in s]
+    assert steps and all(n == 10 for n in steps)
     metrics = [json.loads(line) for line in (run / ckpt.METRICS).read_text().splitlines()]
     assert [m["skipped_steps"] for m in metrics if m["iter"] in (2, 4, 8, 12)] == [0, 1, 2, 2]
     assert all(math.isfinite(m["train_loss"]) for m in metrics)  # skipped losses are not averaged in

@@ -26,12 +26,12 @@ else:  # pragma: no cover
 # Layout presets: `arch` names a value for every layout switch of ModelConfig. A switch given
 # explicitly wins over its arch. "gpt2" is GPT-2's layout (and these parameter names load into other
 # GPT-2 tools). "modern" is the layout that reached a given validation loss soonest on a CPU here:
-# GPT-2's plus rotary position embeddings and QK-norm, with exact GELU; RMSNorm, ReLU^2 and an
-# untied head were measured too and lost at this size (docs/speed.md), so they are switches only.
+# GPT-2's plus rotary position embeddings, QK-norm and a ReLU^2 MLP; RMSNorm and an untied head were
+# measured too and lost at this size (docs/speed.md), so they are switches only.
 ARCHS: dict[str, dict[str, Any]] = {
     "gpt2": dict(pos_emb="learned", norm="layernorm", activation="gelu_tanh", qk_norm=False,
                  tie_embeddings=True, bias=True),
-    "modern": dict(pos_emb="rope", norm="layernorm", activation="gelu", qk_norm=True,
+    "modern": dict(pos_emb="rope", norm="layernorm", activation="relu2", qk_norm=True,
                    tie_embeddings=True, bias=True),
 }
 LAYOUT_CHOICES = {

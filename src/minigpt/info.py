@@ -13,6 +13,7 @@ from . import checkpoint as ckpt
 from .config import PRESETS, ModelConfig, resolve
 from .memory import format_bytes, training_memory
 from .model import GPT
+from .optim import is_muon_param
 
 # Tiny Shakespeare's 65 characters + BOS + EOS: the vocabulary preset parameter counts are quoted for
 SHAKESPEARE_VOCAB = 67
@@ -30,7 +31,7 @@ def preset_rows(vocab_size: int = SHAKESPEARE_VOCAB, batch_size: int | None = No
             "n_layer": mcfg.n_layer, "n_head": mcfg.n_head, "n_embd": mcfg.n_embd,
             "block_size": mcfg.block_size, "params": params,
             "batch_size": tcfg.batch_size, "description": PRESETS[name].description,
-            "memory": memory_breakdown(mcfg, params, tcfg.batch_size),
+            "memory": memory_breakdown(mcfg, params, tcfg.batch_size, tcfg.optimizer),
         })
     return rows
 
@@ -41,9 +42,17 @@ def param_count(mcfg: ModelConfig) -> int:
         return GPT(mcfg).num_params()
 
 
-def memory_breakdown(mcfg: ModelConfig, params: int, batch_size: int) -> dict[str, dict[str, int]]:
+def muon_param_count(mcfg: ModelConfig) -> int:
+    """Parameters that take Muon steps (the hidden matrices) when training with --optimizer muon."""
+    with torch.device("meta"):
+        return sum(p.numel() for n, p in GPT(mcfg).named_parameters() if is_muon_param(n, p))
+
+
+def memory_breakdown(mcfg: ModelConfig, params: int, batch_size: int,
+                     optimizer: str) -> dict[str, dict[str, int]]:
     """Training memory per device in bytes, for float32 and for bf16/fp16 autocast."""
-    return {name: training_memory(mcfg, params, batch_size, mixed).to_dict()
+    muon = muon_param_count(mcfg) if optimizer == "muon" else 0
+    return {name: training_memory(mcfg, params, batch_size, mixed, muon).to_dict()
             for name, mixed in (("float32", False), ("bfloat16", True))}
 
 
@@ -61,7 +70,7 @@ def run_info(run_dir: Path) -> dict[str, Any]:
     return {
         "run_dir": str(run_dir),
         "params": params,
-        "memory": memory_breakdown(mcfg, params, tcfg.batch_size),
+        "memory": memory_breakdown(mcfg, params, tcfg.batch_size, tcfg.optimizer),
         "step": ckpts[-1][0] if ckpts else 0,
         "max_iters": tcfg.max_iters,
         "best_step": best,

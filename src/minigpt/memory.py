@@ -8,7 +8,8 @@ per activation element (4 for float32; 2 under bf16/fp16 autocast):
 
     weights          4N      float32 master weights (autocast never changes them)
     gradients        4N      float32; under DDP they live in the all-reduce buckets, no second copy
-    AdamW moments    8N      exp_avg and exp_avg_sq, float32
+    optimizer        8N      AdamW's exp_avg and exp_avg_sq, float32; with --optimizer muon the M
+                             hidden-matrix parameters keep one momentum buffer: 8(N - M) + 4M
     autocast copies  2N      bf16/fp16 casts of the weights kept for the backward pass (0 in float32)
     activations      B*T*C*L*(8 + 15a [+ 2 with dropout]) + B*T*C*(4 + a)
     logits           B*T*V*(a + 8)
@@ -50,15 +51,16 @@ class MemoryEstimate:
 
 
 def training_memory(mcfg: ModelConfig, n_params: int, batch_size: int,
-                    mixed_precision: bool) -> MemoryEstimate:
-    """Bytes per device for one training micro-batch of `batch_size` sequences (see module doc)."""
+                    mixed_precision: bool, muon_params: int = 0) -> MemoryEstimate:
+    """Bytes per device for one training micro-batch of `batch_size` sequences (see module doc);
+    `muon_params` of the `n_params` take Muon steps (one buffer), the rest AdamW steps (two)."""
     a = 2 if mixed_precision else 4
     tokens = batch_size * mcfg.block_size
     per_layer = 8 + 15 * a + (2 if mcfg.dropout > 0 else 0)
     return MemoryEstimate(
         weights=4 * n_params,
         gradients=4 * n_params,
-        optimizer=8 * n_params,
+        optimizer=8 * (n_params - muon_params) + 4 * muon_params,
         autocast_copies=2 * n_params if mixed_precision else 0,
         activations=tokens * mcfg.n_embd * (mcfg.n_layer * per_layer + 4 + a),
         logits=tokens * mcfg.vocab_size * (a + 8),
