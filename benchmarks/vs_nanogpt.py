@@ -210,7 +210,8 @@ def part_generate(nano: Path, rounds: int) -> dict:
         for new in (50, 500):
             s, _, _ = run([sys.executable, "-c", NANO_GENERATE, str(new), "3"], cwd=nano,
                           env=threads_env(1))
-            out.setdefault(f"nanogpt_tok_s_{new}", []).append(new / float(s.strip()))
+            seconds = float(s.strip().splitlines()[-1])  # nanoGPT prints its parameter count first
+            out.setdefault(f"nanogpt_tok_s_{new}", []).append(new / seconds)
             res = last_json(run(minigpt_cmd("bench", "generate", *SAME_MODEL, "--new-tokens", str(new),
                                             "--batch-sizes", "1,32", "--repeats", "3",
                                             "--threads", "1"))[0])

@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from minigpt import device
 from minigpt.device import configure_threads
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -39,7 +41,7 @@ def test_bench_train_prints_figures_and_json(tmp_path):
     # figures are rounded, so the product agrees to about a percent.
     assert result["tokens_per_iter"] == 4 * 16
     assert result["tokens_per_sec"] * result["ms_per_iter"] / 1e3 == \
-        __import__("pytest").approx(4 * 16, rel=1e-2)
+        pytest.approx(4 * 16, rel=1e-2)
     assert 0 < result["mfu"] and result["matmul_peak_gflops"] > 0 and result["peak_rss_mb"] > 10
     assert "tokens/s" in r.stdout
 
@@ -58,6 +60,29 @@ def test_bench_rejects_bad_sizes_with_one_line(tmp_path):
     r = minigpt("bench", "generate", "--batch-sizes", "1,x", cwd=tmp_path)
     assert r.returncode != 0 and r.stderr.startswith("minigpt: error: --batch-sizes")
     assert "Traceback" not in r.stderr
+
+
+def test_busy_cores_counts_what_other_processes_use_now(monkeypatch):
+    assert 0 <= device.busy_cores(interval=0.01) <= (os.cpu_count() or 1)  # the real /proc/stat
+    samples = iter([(1000, 400, 2), (1200, 500, 2)])  # 200 ticks passed on 2 CPUs, 100 of them idle
+    monkeypatch.setattr(device, "_cpu_times", lambda: next(samples))
+    assert device.busy_cores(interval=0) == pytest.approx(1.0)
+    samples = iter([(1000, 400, 2), (1200, 600, 2)])  # all idle
+    monkeypatch.setattr(device, "_cpu_times", lambda: next(samples))
+    assert device.busy_cores(interval=0) == 0.0
+
+
+def test_auto_threads_leave_busy_cores_alone(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(device, "busy_cores", lambda: 0.0)
+        assert configure_threads(0) == cores  # an idle machine: every core
+        monkeypatch.setattr(device, "busy_cores", lambda: float(cores))
+        assert configure_threads(0) == 1  # all busy: one thread, never zero
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_configure_threads():

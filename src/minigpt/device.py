@@ -17,7 +17,9 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import time
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import torch
 
@@ -130,10 +132,34 @@ def configure_threads(threads: int = 0) -> int:
         return torch.get_num_threads()  # the user (or a launcher like torchrun) already chose
     if threads <= 0:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        threads = max(1, min(cores or 1, round((cores or 1) - busy)))
+        threads = max(1, min(cores or 1, round((cores or 1) - busy_cores())))
     torch.set_num_threads(threads)
     return threads
+
+
+def busy_cores(interval: float = 0.2) -> float:
+    """How many cores other processes keep busy right now.
+
+    On Linux: the machine's non-idle CPU time over `interval` seconds, from /proc/stat (this process
+    sleeps meanwhile, so what it sees is the others' work). The 1-minute load average, used where
+    /proc/stat is missing, lags: a job that ended seconds ago still counts as a busy core.
+    """
+    try:
+        before = _cpu_times()
+        time.sleep(interval)
+        after = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    total, idle, cpus = after[0] - before[0], after[1] - before[1], after[2]
+    return cpus * (1 - idle / total) if total > 0 else 0.0
+
+
+def _cpu_times() -> tuple[int, int, int]:
+    """(all CPU time, idle CPU time, number of CPUs) since boot, in clock ticks, from /proc/stat."""
+    lines = Path("/proc/stat").read_text().splitlines()
+    fields = [int(v) for v in lines[0].split()[1:9]]  # user nice system idle iowait irq softirq steal
+    cpus = sum(1 for line in lines[1:] if line.startswith("cpu"))
+    return sum(fields), fields[3] + fields[4], cpus
 
 
 def _keep_freed_memory() -> None:
