@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import SRC, TINY, cli_flags, run_cli
 
 TRAIN_FLAGS = cli_flags(**{k: v for k, v in TINY.items()})
@@ -41,7 +43,8 @@ def test_train_from_raw_text_file_and_a_toml_config(corpus_file, tmp_path):
     assert conf["train"]["max_iters"] == 8 and (run / "data" / "train.bin").exists()
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(corpus_file, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(corpus_file, tmp_path, stop):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -53,7 +56,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(corpus_file, tmp_path):
     metrics = run / "metrics.jsonl"
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "--resume" in err

@@ -491,7 +491,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 @contextmanager
 def _stop_on_sigint(trainer: Trainer):
-    """First Ctrl-C: finish the step, save, stop. Second Ctrl-C: stop at once."""
+    """First Ctrl-C (or SIGTERM, what `kill` and job schedulers send before they SIGKILL): finish
+    the step, save, stop. A second one: stop at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -505,11 +506,14 @@ def _stop_on_sigint(trainer: Trainer):
             raise KeyboardInterrupt
         trainer.stop_requested = True
         if trainer.dist.is_main:
-            print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)",
+            name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
+            print(f"\n{name}: finishing this step and saving a checkpoint (Ctrl-C again to abort)",
                   file=sys.stderr)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    stopping = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, handler) for sig in stopping}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
