@@ -26,6 +26,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+bench: setup
+	$(BIN)/minigpt bench train
+	$(BIN)/minigpt bench generate
+
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
