@@ -1,7 +1,7 @@
 """Generation: prompt -> stream of tokens/text, with a preallocated KV cache.
 
 The CLI, the Python API and the server all generate through `Engine.stream`. The prompt is prefilled
-once; then each step feeds one token. When the context window is full the cache is rebuilt from the
+once; then each step feeds one token through `decode.DecodeStep`. When the context window is full the cache is rebuilt from the
 last 3/4 of the window (absolute position embeddings cannot be shifted in place), so generation can go
 on for any length at the cost of one re-prefill every block_size/4 tokens.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .decode import DecodeStep
 from .device import resolve_device, resolve_dtype
 from .errors import CheckpointError, ConfigError
 from .kv_cache import KVCache
@@ -74,17 +75,22 @@ class Engine:
         tokens[:, : len(prompt)] = prompt
         n = len(prompt)
         cache = KVCache.for_model(self.model, num_samples)
-        logits, _ = self.model(tokens[:, :n], kv_cache=cache)
-        for _ in range(max_new_tokens):
-            nxt = sample_next_token(logits[:, -1], gen, temperature, top_k, top_p)
+        decode = DecodeStep(self.model)
+        logits, _ = self.model(tokens[:, :n], kv_cache=cache)  # the prompt, in one forward
+        last = logits[:, -1]
+        for i in range(max_new_tokens):
+            nxt = sample_next_token(last, gen, temperature, top_k, top_p)
             tokens[:, n] = nxt
             n += 1
             yield nxt
+            if i == max_new_tokens - 1:
+                return  # no forward for a token nobody will sample
             if cache.pos == T:  # window full: rebuild the cache from the most recent tokens
                 cache.reset()
                 logits, _ = self.model(tokens[:, n - keep : n], kv_cache=cache)
+                last = logits[:, -1]
             else:
-                logits, _ = self.model(tokens[:, n - 1 : n], kv_cache=cache)
+                last = decode(tokens[:, n - 1], cache)
 
     def stream(
         self,

@@ -45,9 +45,10 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} > {self.max_len} positions")
         k_all, v_all = self._k[layer], self._v[layer]
-        k_all[:, :, self.pos : end] = k
-        v_all[:, :, self.pos : end] = v
-        return k_all[:, :, :end], v_all[:, :, :end]
+        # narrow: one operation per view, where k_all[:, :, a:b] dispatches a slice per dimension
+        k_all.narrow(2, self.pos, t).copy_(k)
+        v_all.narrow(2, self.pos, t).copy_(v)
+        return k_all.narrow(2, 0, end), v_all.narrow(2, 0, end)
 
     def advance(self, t: int) -> None:
         self.pos += t
