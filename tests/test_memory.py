@@ -30,15 +30,18 @@ def saved_for_backward(model: GPT, x: torch.Tensor, dtype: torch.dtype) -> int:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 2, 64, 64, 67, 8), (3, 4, 96, 48, 500, 4)])
-def test_activation_estimate_matches_what_autograd_saves(shape, dtype):
+@pytest.mark.parametrize("layout", [dict(arch="gpt2"), dict(arch="modern"),
+                                    dict(arch="gpt2", qk_norm=True)], ids=["gpt2", "modern", "qk-norm"])
+def test_activation_estimate_matches_what_autograd_saves(shape, dtype, layout):
     n_layer, n_head, n_embd, block, vocab, batch = shape
-    cfg = ModelConfig(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    cfg = ModelConfig(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                      **layout)
     model = GPT(cfg)
     est = training_memory(cfg, model.num_params(), batch, mixed_precision=dtype is not torch.float32)
     measured = saved_for_backward(model, torch.randint(0, vocab, (batch, block)), dtype)
     # what the estimate says autograd keeps: activations, the bf16 weight copies, the fp32 log-softmax
     expected = est.activations + est.autocast_copies + 4 * batch * block * vocab
-    assert measured == pytest.approx(expected, rel=0.08)  # measured: 3-6% under
+    assert measured == pytest.approx(expected, rel=0.08)  # measured: 2-5% under
 
 
 def test_static_memory_is_16_bytes_per_parameter_and_activations_scale_with_batch():

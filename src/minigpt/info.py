@@ -117,7 +117,7 @@ def format_presets(rows: list[dict[str, Any]], vocab_size: int = SHAKESPEARE_VOC
 def format_memory(row: dict[str, Any]) -> str:
     """The estimate's parts for one preset and batch size, float32 beside bf16/fp16 autocast."""
     parts = [("weights", "weights (fp32)"), ("gradients", "gradients (fp32)"),
-             ("optimizer", "AdamW moments"), ("autocast_copies", "autocast weight copies"),
+             ("optimizer", "optimizer state"), ("autocast_copies", "autocast weight copies"),
              ("activations", "activations"), ("logits", "logits and loss"), ("total", "total")]
     mem = row["memory"]
     lines = [f"{row['preset']}: {row['params']:,} parameters, batch-size {row['batch_size']} per device "
