@@ -40,6 +40,8 @@ def bench(engine: str, preset: str, iters: int, data: Path, out: Path) -> dict[s
         data=str(data),
         out=str(out),
         engine=engine,
+        arch="gpt2",  # the layout and optimizer the reference implements, for both engines
+        optimizer="adamw",
         device="cpu",
         max_iters=iters,
         log_interval=iters,  # one log window = the whole run
