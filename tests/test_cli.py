@@ -25,10 +25,18 @@ def test_prepare_train_sample_info_plot_end_to_end(corpus_file, tmp_path):
     assert again == sample
     info = json.loads(run_cli("info", str(run), "--json", check=True).stdout)
     assert info["step"] == 20 and info["best_val_loss"] is not None and info["params"] > 0
+    assert 0 < info["best_val_bpb"] < 8  # bits per byte of the best step, from the metrics log
+    assert f"({info['best_val_bpb']:.4f} bits per byte)" in run_cli("info", str(run), check=True).stdout
     presets = run_cli("info", check=True).stdout
     assert "small" in presets and "801,920" in presets
     run_cli("plot", str(run), "--out", str(tmp_path / "loss.png"), check=True)
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    run_cli("plot", str(run), "--metric", "bpb", "--out", str(tmp_path / "bpb.png"), check=True)
+    assert (tmp_path / "bpb.png").read_bytes()[:4] == b"\x89PNG"
+    (run / "metrics.jsonl").write_text('{"iter": 1, "train_loss": 2.0}\n')  # a log without bpb
+    failed = run_cli("plot", str(run), "--metric", "bpb", "--out", str(tmp_path / "none.png"))
+    assert failed.returncode == 1 and failed.stderr.startswith("minigpt: error: no bpb values")
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_train_from_raw_text_file_and_a_toml_config(corpus_file, tmp_path):

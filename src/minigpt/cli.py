@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="plot train/val loss curves of one or more runs")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default="loss.png")
+    p.add_argument("--metric", choices=("loss", "bpb"), default="loss",
+                   help="loss per token, or bits per byte (compares runs with different tokenizers)")
     p.set_defaults(func=cmd_plot)
     return parser
 
@@ -295,7 +297,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plot import plot_runs
 
-    print(f"wrote {plot_runs(args.run_dirs, args.out)}")
+    print(f"wrote {plot_runs(args.run_dirs, args.out, args.metric)}")
     return 0
 
 

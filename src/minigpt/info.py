@@ -75,15 +75,32 @@ def run_info(run_dir: Path) -> dict[str, Any]:
         "max_iters": tcfg.max_iters,
         "best_step": best,
         "best_val_loss": best_val,
+        "best_val_bpb": _logged_val_bpb(run_dir, best),
         "checkpoints": [s for s, _ in ckpts],
         "model": dataclasses.asdict(mcfg),
         "train": dataclasses.asdict(tcfg),
     }
 
 
+def _logged_val_bpb(run_dir: Path, step: int | None) -> float | None:
+    """The validation bits per byte metrics.jsonl logged at `step` (None if it logged none)."""
+    if step is None or not (run_dir / ckpt.METRICS).exists():
+        return None
+    for line in (run_dir / ckpt.METRICS).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a crash
+        if row.get("iter") == step and row.get("val_bpb") is not None:
+            return row["val_bpb"]
+    return None
+
+
 def format_run_info(info: dict[str, Any]) -> str:
     m = info["model"]
     best = f"{info['best_val_loss']:.4f} at step {info['best_step']}" if info["best_val_loss"] else "none yet"
+    if info["best_val_loss"] and info["best_val_bpb"] is not None:
+        best += f" ({info['best_val_bpb']:.4f} bits per byte)"
     lines = [
         f"run:            {info['run_dir']}",
         f"parameters:     {info['params']:,}",
