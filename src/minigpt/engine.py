@@ -1,9 +1,10 @@
 """Generation: prompt -> stream of tokens/text, with a preallocated KV cache.
 
 The CLI, the Python API and the server all generate through `Engine.stream`. The prompt is prefilled
-once; then each step feeds one token through `decode.DecodeStep`. When the context window is full the cache is rebuilt from the
-last 3/4 of the window (absolute position embeddings cannot be shifted in place), so generation can go
-on for any length at the cost of one re-prefill every block_size/4 tokens.
+once; then each step feeds one token through `decode.DecodeStep`. When the context window is full the
+cache is rebuilt from the last 3/4 of the window (cached keys carry their absolute positions, learned
+or rotary, so they cannot be shifted in place), so generation can go on for any length at the cost of
+one re-prefill every block_size/4 tokens.
 """
 
 from __future__ import annotations

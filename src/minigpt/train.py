@@ -358,7 +358,7 @@ class Trainer:
         last_saved = -1
         summary: dict[str, Any] = {"val_loss": None, "train_loss": None, "val_bpb": None}
         metrics_file = open(metrics_path, "a") if self.dist.is_main else nullcontext()
-        with metrics_file as metrics, _stop_on_sigint(self):
+        with metrics_file as metrics, _stop_on_signal(self):
             while self.step < tcfg.max_iters and not self._stop_agreed():
                 loss_sum += self.train_step()
                 self.step += 1
@@ -490,7 +490,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 @contextmanager
-def _stop_on_sigint(trainer: Trainer):
+def _stop_on_signal(trainer: Trainer):
     """First Ctrl-C (or SIGTERM, what `kill` and job schedulers send before they SIGKILL): finish
     the step, save, stop. A second one: stop at once."""
     if threading.current_thread() is not threading.main_thread():
