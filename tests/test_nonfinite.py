@@ -143,3 +143,33 @@ def _skip_sequence(sync: bool) -> torch.Tensor:
 def test_both_ways_of_skipping_skip_everything_and_agree():
     """The CPU's host check and the accelerators' fused found_inf (tested here on the CPU)."""
     assert torch.equal(_skip_sequence(sync=True), _skip_sequence(sync=False))
+
+
+@pytest.mark.parametrize("kind", ["nan-loss", "inf-gradient"])
+def test_the_reference_engine_skips_non_finite_steps_too(corpus, monkeypatch, kind):
+    from minigpt import reference as R
+
+    real, calls = R.loss_and_grads, []
+
+    def poisoned(params, cfg, x, y):
+        loss, grads = real(params, cfg, x, y)
+        calls.append(loss)
+        if len(calls) in (4, 8):  # training steps 3 and 7 (no accumulation)
+            if kind == "nan-loss":
+                loss = math.nan
+            else:
+                grads["wte.weight"][0, 0] = math.inf
+        return loss, grads
+
+    monkeypatch.setattr(R, "loss_and_grads", poisoned)
+    run = corpus.parent / "run"
+    summary = train(data=str(corpus), out=str(run), engine="reference", max_iters=12, eval_interval=12,
+                    log_interval=2, **TINY)
+    assert len(calls) == 12 and summary["skipped_steps"] == 2
+    path, _, _ = ckpt.find_checkpoint(run, "last")
+    state = ckpt.load_trainer_state(path)
+    assert state["skipped_steps"] == 2
+    assert all(int(s["step"]) == 10 for s in state["optimizer"]["state"].values())  # 12 - 2 updates
+    model = GPT(ckpt.read_run_config(run)[0])
+    ckpt.load_weights(model, path / ckpt.WEIGHTS)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

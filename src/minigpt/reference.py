@@ -366,7 +366,7 @@ def clip_grad_norm(grads: Params, max_norm: float) -> float:
     clip_grad_norm_: coefficient max_norm / (norm + 1e-6), never above 1). Returns the norm before
     clipping; max_norm <= 0 only measures."""
     total = math.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads.values()))
-    if max_norm > 0:
+    if max_norm > 0 and math.isfinite(total):  # a non-finite step is skipped, not scaled
         coef = min(max_norm / (total + 1e-6), 1.0)
         if coef < 1.0:
             for g in grads.values():

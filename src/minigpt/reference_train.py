@@ -28,6 +28,7 @@ use it to check gradients).
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +104,14 @@ class ReferenceTrainer(Trainer):
         if tcfg.grad_accum > 1:  # mean over micro-batches, as backward() of loss / grad_accum does
             for g in grads.values():
                 g /= g.dtype.type(tcfg.grad_accum)
-        if tcfg.grad_clip > 0:
-            R.clip_grad_norm(grads, tcfg.grad_clip)
-        self.optimizer.step(grads, lr)
-        return torch.tensor(total / tcfg.grad_accum)
+        norm = R.clip_grad_norm(grads, tcfg.grad_clip)  # max_norm <= 0 only measures
+        loss = total / tcfg.grad_accum
+        # as Trainer.train_step: a NaN/inf loss or gradient leaves weights and moments untouched
+        bad = not math.isfinite(loss + norm)
+        if not bad:
+            self.optimizer.step(grads, lr)
+        self.guard.update(torch.tensor(bad))
+        return torch.tensor(0.0 if bad else loss)
 
     def estimate_loss(self) -> dict[str, float]:
         """Mean loss over eval_iters fixed batches per split, by the NumPy forward. The seeds are
