@@ -80,7 +80,8 @@ def main() -> None:
     for preset in ("tiny", "small"):
         for clip in (1.0, 0.0):
             mcfg, tcfg = resolve(preset, overrides={"vocab_size": data.tokenizer.vocab_size,
-                                                    "grad_clip": clip, "device": "cpu"})
+                                                    "grad_clip": clip, "device": "cpu",
+                                                    "threads": args.threads})
             guarded = Trainer(mcfg, tcfg, data, work / "run", progress=False)
             plain = Unguarded(mcfg, tcfg, data, work / "run", progress=False)
             for t in (guarded, plain):

@@ -41,7 +41,7 @@ def run_tokenizer(spec: str, args: argparse.Namespace, work: Path) -> dict:
     data = work / f"data-{spec.replace(':', '-')}"
     meta = prepare([args.data], data, tokenizer=kind, vocab_size=vocab_size, progress=False)
     common = dict(preset=args.preset, data=str(data), sample_tokens=0, progress=False, device=args.device,
-                  overwrite=True)
+                  overwrite=True, threads=args.threads)  # fixed: auto threads would vary with load
     cpu = []
     for steps in (PROBES[0], *PROBES):  # the first run only pays one-time costs (imports, allocator)
         t = time.process_time()
