@@ -18,14 +18,15 @@ Activations, per layer and token: the residual stream enters each LayerNorm in f
 15 more elements of width C are kept for the backward pass in the compute dtype: the attention input,
 q, k, v, the attention output and its re-assembled copy, the MLP input, and the MLP's 4C hidden layer
 before and after GELU (4 + 4; ReLU^2 keeps the same two); rotary embeddings and QK-norm each make a
-new copy of queries and keys (2 each); dropout adds two 1-byte masks. Attention is assumed fused (flash or
-memory-efficient, as on CUDA), which keeps no T x T score matrix. Logits: the log-softmax output
-(float32) and the gradient of the logits (float32) plus the logits themselves in the compute dtype.
+new copy of queries and keys (2 each); dropout adds two 1-byte masks. Attention is assumed fused
+(flash or memory-efficient, as on CUDA), which keeps no T x T score matrix. Logits: the log-softmax
+output (float32) and the gradient of the logits (float32) plus the logits themselves in the compute
+dtype.
 
 Not included: the CUDA context and allocator slack (typically 0.3-1 GiB), evaluation batches,
 torch.compile's savings (fusion usually shrinks activations), and --norm rmsnorm's extra: torch's CPU
-RMSNorm is not one fused kernel and keeps 7-23% more than this estimate. `tests/test_memory.py` checks the
-activation formula against the tensors autograd actually saves.
+RMSNorm is not one fused kernel and keeps 7-23% more than this estimate. `tests/test_memory.py`
+checks the activation formula against the tensors autograd actually saves.
 """
 
 from __future__ import annotations
