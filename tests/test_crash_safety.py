@@ -57,8 +57,10 @@ def _alive(pid: int):
 
 def test_kill_9_at_random_moments_and_mid_save_then_resume_equals_the_uninterrupted_run(corpus):
     ws = corpus.parent
+    # Long enough that no kill finds the run finished: a "random" kill may come 0.2 s after a save,
+    # ~20 steps of this model, and up to 8 kills are planned.
     flags = ("--n-layer 2 --n-head 2 --n-embd 32 --block-size 16 --batch-size 4 --eval-interval 3 "
-             "--eval-iters 1 --log-interval 3 --sample-tokens 0 --max-iters 36 --quiet")
+             "--eval-iters 1 --log-interval 3 --sample-tokens 0 --max-iters 150 --quiet")
     fresh = lambda out: ["train", "--data", "corpus.txt", "--out", out, *shlex.split(flags)]  # noqa: E731
     assert cli_harness.run(fresh("ref"), ws).rc == 0
 
