@@ -35,15 +35,6 @@ GPT2_NAMES = {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "lm_head.w
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and lose a lot on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(seed: int = 0, **layout) -> GPT:
     torch.manual_seed(seed)
     model = GPT(ModelConfig(**TINY, **layout))

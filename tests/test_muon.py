@@ -14,14 +14,6 @@ from minigpt.optim import MuonAdamW, make_optimizer, orthogonalize, set_lr
 TINY = dict(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=16, arch="modern")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def one_step(model: GPT, opt: torch.optim.Optimizer, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 23, (4, 16), generator=g)

@@ -248,15 +248,6 @@ def text(tmp_path: Path) -> Path:
     return p
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models on a shared 2-core machine: torch's thread pool only adds contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def train_run(text: Path, out: Path, **kw) -> list[dict]:
     from minigpt.train import train
 
@@ -268,7 +259,7 @@ def losses(metrics: list[dict]) -> np.ndarray:
     return np.array([m["train_loss"] for m in metrics])
 
 
-def test_reference_and_torch_engines_have_the_same_loss_curve(text, tmp_path, one_thread):
+def test_reference_and_torch_engines_have_the_same_loss_curve(text, tmp_path):
     """Same seed => same initial weights and batches; the curves then agree step for step."""
     ref = train_run(text, tmp_path / "ref", engine="reference", max_iters=50, eval_interval=50)
     pt = train_run(text, tmp_path / "torch", engine="torch", max_iters=50, eval_interval=50)
@@ -279,7 +270,7 @@ def test_reference_and_torch_engines_have_the_same_loss_curve(text, tmp_path, on
 
 
 @pytest.mark.parametrize("first, then", [("reference", "torch"), ("torch", "reference")])
-def test_either_engine_resumes_the_others_run(text, tmp_path, one_thread, first, then):
+def test_either_engine_resumes_the_others_run(text, tmp_path, first, then):
     """Optimizer moments cross engines: 4 steps + resume to 8 equals 8 uninterrupted steps (which
     fails if the AdamW state were dropped or scrambled: bias correction alone would differ)."""
     kw = dict(max_iters=8, eval_interval=4, grad_accum=2, bias=first == "torch")
@@ -293,7 +284,7 @@ def test_either_engine_resumes_the_others_run(text, tmp_path, one_thread, first,
     np.testing.assert_allclose(losses(split), losses(straight), atol=2e-4)
 
 
-def test_torch_checkpoint_loads_into_the_reference(text, tmp_path, one_thread):
+def test_torch_checkpoint_loads_into_the_reference(text, tmp_path):
     from minigpt.engine import load
     from minigpt.reference_train import load_params
 
