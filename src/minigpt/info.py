@@ -14,6 +14,7 @@ from .config import PRESETS, ModelConfig, resolve
 from .memory import format_bytes, training_memory
 from .model import GPT
 from .optim import is_muon_param
+from .plot import read_metrics
 
 # Tiny Shakespeare's 65 characters + BOS + EOS: the vocabulary preset parameter counts are quoted for
 SHAKESPEARE_VOCAB = 67
@@ -86,14 +87,8 @@ def _logged_val_bpb(run_dir: Path, step: int | None) -> float | None:
     """The validation bits per byte metrics.jsonl logged at `step` (None if it logged none)."""
     if step is None or not (run_dir / ckpt.METRICS).exists():
         return None
-    for line in (run_dir / ckpt.METRICS).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line torn by a crash
-        if row.get("iter") == step and row.get("val_bpb") is not None:
-            return row["val_bpb"]
-    return None
+    return next((row["val_bpb"] for row in read_metrics(run_dir)
+                 if row.get("iter") == step and row.get("val_bpb") is not None), None)
 
 
 def format_run_info(info: dict[str, Any]) -> str:
