@@ -26,9 +26,11 @@ from pathlib import Path
 
 import minigpt
 from minigpt import checkpoint as ckpt
-from minigpt.bench import bench_train, split_loss
 from minigpt.config import PRESETS, RECIPE_MODEL, RECIPE_TRAIN
-from minigpt.data import bundled_corpus, is_prepared, load_prepared, prepare
+from minigpt.data.corpus import bundled_corpus
+from minigpt.data.dataset import is_prepared, load_prepared
+from minigpt.data.prepare import prepare
+from minigpt.tools.bench import bench_train, split_loss
 
 # nanoGPT's Tiny Shakespeare CPU recipe, in minigpt's GPT-2 layout: the reference every variant
 # is compared with.

@@ -41,7 +41,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 
 from minigpt import checkpoint as ckpt  # noqa: E402
-from minigpt.data import bundled_corpus  # noqa: E402
+from minigpt import rundir  # noqa: E402
+from minigpt.data.corpus import bundled_corpus  # noqa: E402
 from minigpt.errors import CheckpointError  # noqa: E402
 
 TRAIN_ARGS = ("--n-layer 2 --n-head 2 --n-embd 32 --block-size 32 --batch-size 8 --eval-interval 5 "
@@ -117,7 +118,7 @@ def final_state(run: Path) -> tuple[dict, dict, list]:
     weights = load_file(str(path / ckpt.WEIGHTS))
     trainer = ckpt.load_trainer_state(path)
     trainer.pop("elapsed")  # wall-clock seconds: the one field that is not a result
-    metrics = [json.loads(line) for line in (run / ckpt.METRICS).read_text().splitlines()]
+    metrics = [json.loads(line) for line in (run / rundir.METRICS).read_text().splitlines()]
     losses = [(m["iter"], m.get("train_loss"), m.get("val_loss")) for m in metrics]
     return weights, trainer, losses
 
@@ -166,7 +167,7 @@ def main() -> None:
     modes = ["save", "random", "early"]
     started = False
     while counts["kills"] < args.kills:
-        resume = started and (run / ckpt.CONFIG).exists()
+        resume = started and (run / rundir.CONFIG).exists()
         start_step = newest_step(run)
         proc = launch(run, corpus, args.max_iters, resume=resume)
         started = True

@@ -25,10 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from minigpt.config import resolve  # noqa: E402
-from minigpt.data import bundled_corpus, load_prepared, prepare  # noqa: E402
-from minigpt.distributed import dropout_seed  # noqa: E402
-from minigpt.optim import lr_at  # noqa: E402
-from minigpt.train import Trainer  # noqa: E402
+from minigpt.data.corpus import bundled_corpus  # noqa: E402
+from minigpt.data.dataset import load_prepared  # noqa: E402
+from minigpt.data.prepare import prepare  # noqa: E402
+from minigpt.training.distributed import dropout_seed  # noqa: E402
+from minigpt.training.optim import lr_at  # noqa: E402
+from minigpt.training.trainer import Trainer  # noqa: E402
 
 
 class Unguarded(Trainer):

@@ -29,7 +29,7 @@ MB = 1_000_000
 
 CHILD = """
 import json, resource, sys, time
-from minigpt.data import prepare
+from minigpt.data.prepare import prepare
 corpus, out, kind, vocab = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t = time.perf_counter()

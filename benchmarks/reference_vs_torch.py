@@ -32,8 +32,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def bench(engine: str, preset: str, iters: int, data: Path, out: Path) -> dict[str, float]:
+    from minigpt import train
     from minigpt.config import resolve
-    from minigpt.train import train
 
     summary = train(
         preset=preset,
@@ -68,7 +68,8 @@ def main() -> None:
             os.environ[var] = str(args.threads)
     import torch  # only now: thread settings are read at import
 
-    from minigpt.data import bundled_corpus, prepare
+    from minigpt.data.corpus import bundled_corpus
+    from minigpt.data.prepare import prepare
 
     if args.threads:
         torch.set_num_threads(args.threads)

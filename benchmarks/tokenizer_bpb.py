@@ -30,7 +30,8 @@ sys.path.insert(0, str(SRC))
 import torch  # noqa: E402
 
 import minigpt  # noqa: E402
-from minigpt.data import bundled_corpus, prepare  # noqa: E402
+from minigpt.data.corpus import bundled_corpus  # noqa: E402
+from minigpt.data.prepare import prepare  # noqa: E402
 
 PROBES = (20, 120)  # steps; the difference times steps alone, without start-up and evaluation
 

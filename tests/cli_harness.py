@@ -153,8 +153,11 @@ def _child(request: dict) -> None:
 def _serve() -> None:
     import torch._dynamo  # noqa: F401  (torch.optim imports it lazily: seconds per process)
 
-    import minigpt.__init__  # noqa: F401  (torch, numpy, safetensors and every minigpt module)
+    # torch, numpy, safetensors and the minigpt modules the commands use (the package is lazy)
     import minigpt.cli  # noqa: F401
+    import minigpt.engine  # noqa: F401
+    import minigpt.tools.info  # noqa: F401
+    import minigpt.training.run  # noqa: F401
 
     replies = sys.stdout
     for line in sys.stdin:

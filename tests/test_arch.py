@@ -11,8 +11,9 @@ from minigpt.engine import Engine
 from minigpt.errors import ConfigError
 from minigpt.kv_cache import KVCache
 from minigpt.model import GPT
-from minigpt.optim import make_optimizer, set_lr
-from minigpt.tokenizers.char import CharTokenizer
+from minigpt.sampling import SamplingParams
+from minigpt.tokenization.char import CharTokenizer
+from minigpt.training.optim import make_optimizer, set_lr
 
 TINY = dict(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=16)
 # each arch, plus each modern switch alone on top of GPT-2
@@ -102,7 +103,7 @@ def test_engine_past_the_window_matches_recomputing_the_window(name):
     assert tok.vocab_size == model.config.vocab_size
     engine = Engine(model, tok)
     prompt = tok.encode("abcdef")
-    got = torch.stack(list(engine.generate_ids(prompt, 40, temperature=0))).squeeze(-1).tolist()
+    got = torch.stack(list(engine.generate_ids(prompt, SamplingParams(max_new_tokens=40, temperature=0)))).squeeze(-1).tolist()
 
     T = model.config.block_size
     keep = T - T // 4

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt import device
-from minigpt.device import configure_threads
+from minigpt import cpu
+from minigpt.cpu import configure_threads
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -63,13 +63,13 @@ def test_bench_rejects_bad_sizes_with_one_line(tmp_path):
 
 
 def test_busy_cores_counts_what_other_processes_use_now(monkeypatch):
-    assert 0 <= device.busy_cores(interval=0.01) <= (os.cpu_count() or 1)  # the real /proc/stat
+    assert 0 <= cpu.busy_cores(interval=0.01) <= (os.cpu_count() or 1)  # the real /proc/stat
     samples = iter([(1000, 400, 2), (1200, 500, 2)])  # 200 ticks passed on 2 CPUs, 100 of them idle
-    monkeypatch.setattr(device, "_cpu_times", lambda: next(samples))
-    assert device.busy_cores(interval=0) == pytest.approx(1.0)
+    monkeypatch.setattr(cpu, "_cpu_times", lambda: next(samples))
+    assert cpu.busy_cores(interval=0) == pytest.approx(1.0)
     samples = iter([(1000, 400, 2), (1200, 600, 2)])  # all idle
-    monkeypatch.setattr(device, "_cpu_times", lambda: next(samples))
-    assert device.busy_cores(interval=0) == 0.0
+    monkeypatch.setattr(cpu, "_cpu_times", lambda: next(samples))
+    assert cpu.busy_cores(interval=0) == 0.0
 
 
 def test_auto_threads_leave_busy_cores_alone(monkeypatch):
@@ -77,9 +77,9 @@ def test_auto_threads_leave_busy_cores_alone(monkeypatch):
     cores = len(os.sched_getaffinity(0))
     before = torch.get_num_threads()
     try:
-        monkeypatch.setattr(device, "busy_cores", lambda: 0.0)
+        monkeypatch.setattr(cpu, "busy_cores", lambda: 0.0)
         assert configure_threads(0) == cores  # an idle machine: every core
-        monkeypatch.setattr(device, "busy_cores", lambda: float(cores))
+        monkeypatch.setattr(cpu, "busy_cores", lambda: float(cores))
         assert configure_threads(0) == 1  # all busy: one thread, never zero
     finally:
         torch.set_num_threads(before)

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from minigpt import train
-from minigpt.bpb import bits_per_byte, split_bits_per_byte
+from minigpt.data.bpb import bits_per_byte, split_bits_per_byte
 
 TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=4, max_iters=2, eval_interval=2,
             eval_iters=1, sample_tokens=0, warmup_iters=0, device="cpu")

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from minigpt import checkpoint as ckpt
+from minigpt import train
 from minigpt.config import ModelConfig
-from minigpt.data import bundled_corpus, prepare
+from minigpt.data.corpus import bundled_corpus
+from minigpt.data.prepare import prepare
 from minigpt.errors import CheckpointError, DataError
 from minigpt.model import GPT
-from minigpt.train import train
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, eval_iters=2,
             sample_tokens=0, progress=False)

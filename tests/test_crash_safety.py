@@ -22,9 +22,9 @@ import torch
 
 import cli_harness
 from minigpt import checkpoint as ckpt
-from minigpt.data import bundled_corpus
+from minigpt import train
+from minigpt.data.corpus import bundled_corpus
 from minigpt.errors import CheckpointError
-from minigpt.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # The kill test shares the benchmark's checks (checkpoint verification, bitwise comparison).

@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from minigpt.data import BatchSampler, load_prepared, prepare
+from minigpt.data.dataset import BatchSampler, load_prepared
+from minigpt.data.prepare import prepare
 from minigpt.errors import DataError
 
 

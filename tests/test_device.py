@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from minigpt import device as dev
-from minigpt.distributed import rank_device, torchrun_env
 from minigpt.errors import ConfigError
+from minigpt.training.distributed import rank_device, torchrun_env
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ import torch
 
 import minigpt
 from minigpt import checkpoint as ckpt
-from minigpt.distributed import DistContext, dropout_seed
+from minigpt import rundir
+from minigpt.training.distributed import DistContext, dropout_seed
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 B = 4  # per-rank batch; the single-process reference uses 2 * B
@@ -65,7 +66,7 @@ def write_corpus(path: Path) -> Path:
 
 
 def metric_lines(run_dir: Path) -> list[dict]:
-    path = run_dir / ckpt.METRICS
+    path = run_dir / rundir.METRICS
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -110,7 +111,7 @@ def test_two_ranks_interrupt_resume_and_match_one_process_with_twice_the_batch(t
     outs = [node.communicate(timeout=240)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outs
     assert "".join(outs).count(f"step {end}") == 2  # rank 0's eval line and its summary only
-    assert checkpoint_entries(run) == [ckpt.BEST, ckpt.step_dir_name(stopped), ckpt.step_dir_name(end)]
+    assert checkpoint_entries(run) == [rundir.BEST, ckpt.step_dir_name(stopped), ckpt.step_dir_name(end)]
     assert [m["iter"] for m in metric_lines(run)] == list(range(1, end + 1))
 
     # 3. the same checkpoint resumes in one process with twice the batch (any world size)
@@ -130,7 +131,7 @@ def test_two_ranks_interrupt_resume_and_match_one_process_with_twice_the_batch(t
 def test_an_error_on_rank_0_is_reported_once_and_no_rank_hangs(tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
-    (taken / ckpt.CONFIG).write_text("{}")
+    (taken / rundir.CONFIG).write_text("{}")
     result = subprocess.run(torchrun(ONE_NODE, "--out", str(taken), "--max-iters", "2", *MODEL, *SCHEDULE),
                             env=ENV, capture_output=True, text=True, timeout=240)
     assert result.returncode != 0
@@ -138,7 +139,7 @@ def test_an_error_on_rank_0_is_reported_once_and_no_rank_hangs(tmp_path):
               if line.startswith("minigpt: error:")]
     assert errors == [f"minigpt: error: {taken} already holds a run; pass --resume to continue it "
                       "or --overwrite to start over"]
-    assert (taken / ckpt.CONFIG).read_text() == "{}"  # nothing of the user's was touched
+    assert (taken / rundir.CONFIG).read_text() == "{}"  # nothing of the user's was touched
 
 
 def _as_kwargs(flags: list[str]) -> dict:

@@ -5,7 +5,8 @@ from minigpt.config import ModelConfig
 from minigpt.engine import Engine
 from minigpt.errors import ConfigError, TokenizerError
 from minigpt.model import GPT
-from minigpt.tokenizers import CharTokenizer
+from minigpt.sampling import SamplingParams
+from minigpt.tokenization import CharTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_greedy_decoding_with_cache_matches_recomputing_the_window(engine):
                 start = len(ids) - keep
             logits, _ = engine.model(torch.tensor([ids[start:]]))
             ids.append(int(logits[0, -1].argmax()))
-    got = [int(t) for t in engine.generate_ids(prompt, 30, temperature=0)]
+    got = [int(t) for t in engine.generate_ids(prompt, SamplingParams(max_new_tokens=30, temperature=0))]
     assert got == ids[len(prompt) :]
 
 

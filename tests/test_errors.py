@@ -28,7 +28,8 @@ import torch
 
 import cli_harness
 from minigpt import checkpoint as ckpt
-from minigpt.data import bundled_corpus
+from minigpt import fsio, rundir
+from minigpt.data.corpus import bundled_corpus
 from minigpt.model import GPT
 from test_crash_safety import Payload  # a real payload: unpickling it runs `touch`
 
@@ -166,7 +167,7 @@ def write_malicious_trainer_state(step_dir: Path, target: Path) -> None:
     """Replace trainer.pt with a payload and update meta.json's checksum, as an attacker would."""
     torch.save({"optimizer": Payload(target), "step": 10}, step_dir / ckpt.TRAINER)
     meta = json.loads((step_dir / ckpt.META).read_text())
-    meta["sha256"][ckpt.TRAINER] = ckpt.sha256_file(step_dir / ckpt.TRAINER)
+    meta["sha256"][ckpt.TRAINER] = fsio.sha256_file(step_dir / ckpt.TRAINER)
     (step_dir / ckpt.META).write_text(json.dumps(meta))
 
 
@@ -194,7 +195,7 @@ def workspace(tmp_path_factory) -> Path:
     _flip_byte(ws / "bad-weights" / step / ckpt.WEIGHTS)
     _flip_byte(ws / "bad-trainer" / step / ckpt.TRAINER)
     write_malicious_trainer_state(ws / "evil" / step, ws / "pwned")
-    mcfg = dataclasses.replace(ckpt.read_run_config(ws / "run")[0], vocab_size=70)  # only the vocabulary differs
+    mcfg = dataclasses.replace(rundir.read_config(ws / "run")[0], vocab_size=70)  # only the vocabulary differs
     shutil.rmtree(ws / "other-vocab" / "checkpoints")
     ckpt.save_checkpoint(ws / "other-vocab", 10, GPT(mcfg), None, {})
 

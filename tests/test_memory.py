@@ -7,9 +7,9 @@ import torch
 
 from minigpt.cli import main
 from minigpt.config import ModelConfig, resolve
-from minigpt.info import muon_param_count, param_count
-from minigpt.memory import format_bytes, training_memory
 from minigpt.model import GPT
+from minigpt.tools.info import muon_param_count, param_count
+from minigpt.tools.memory import format_bytes, training_memory
 
 
 def saved_for_backward(model: GPT, x: torch.Tensor, dtype: torch.dtype) -> int:

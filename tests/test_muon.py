@@ -9,7 +9,7 @@ import torch
 
 from minigpt.config import ModelConfig, TrainConfig
 from minigpt.model import GPT
-from minigpt.optim import MuonAdamW, make_optimizer, orthogonalize, set_lr
+from minigpt.training.optim import MuonAdamW, make_optimizer, orthogonalize, set_lr
 
 TINY = dict(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=16, arch="modern")
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from minigpt import checkpoint as ckpt
+from minigpt import rundir, train
 from minigpt.config import ModelConfig
-from minigpt.data import bundled_corpus
+from minigpt.data.corpus import bundled_corpus
 from minigpt.errors import CheckpointError, TrainingDiverged
 from minigpt.model import GPT
-from minigpt.nonfinite import step_unless_bad
-from minigpt.train import train
+from minigpt.training.nonfinite import step_unless_bad
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, eval_iters=2,
             sample_tokens=0, progress=False)
@@ -79,7 +79,7 @@ def test_a_non_finite_step_is_skipped_and_counted(corpus, monkeypatch, kind):
     # 12 - 2 updates, counted by the AdamW half of the optimizer (Muon's buffers keep no count)
     steps = [int(s["step"]) for s in state["optimizer"]["state"].values() if "step" in s]
     assert steps and all(n == 10 for n in steps)
-    metrics = [json.loads(line) for line in (run / ckpt.METRICS).read_text().splitlines()]
+    metrics = [json.loads(line) for line in (run / rundir.METRICS).read_text().splitlines()]
     assert [m["skipped_steps"] for m in metrics if m["iter"] in (2, 4, 8, 12)] == [0, 1, 2, 2]
     assert all(math.isfinite(m["train_loss"]) for m in metrics)  # skipped losses are not averaged in
     assert math.isfinite(meta["val_loss"])
@@ -99,7 +99,7 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpo
     best, meta, _ = ckpt.find_checkpoint(run, "best")
     assert math.isfinite(meta["val_loss"])
     for _, path in ckpt.list_checkpoints(run):
-        model = GPT(ckpt.read_run_config(run)[0])
+        model = GPT(rundir.read_config(run)[0])
         ckpt.load_weights(model, path / ckpt.WEIGHTS)
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -147,7 +147,7 @@ def test_both_ways_of_skipping_skip_everything_and_agree():
 
 @pytest.mark.parametrize("kind", ["nan-loss", "inf-gradient"])
 def test_the_reference_engine_skips_non_finite_steps_too(corpus, monkeypatch, kind):
-    from minigpt import reference as R
+    from minigpt.reference import model as R
 
     real, calls = R.loss_and_grads, []
 
@@ -163,13 +163,13 @@ def test_the_reference_engine_skips_non_finite_steps_too(corpus, monkeypatch, ki
 
     monkeypatch.setattr(R, "loss_and_grads", poisoned)
     run = corpus.parent / "run"
-    summary = train(data=str(corpus), out=str(run), engine="reference", max_iters=12, eval_interval=12,
+    summary = train(data=str(corpus), out=str(run), backend="reference", max_iters=12, eval_interval=12,
                     log_interval=2, **TINY)
     assert len(calls) == 12 and summary["skipped_steps"] == 2
     path, _, _ = ckpt.find_checkpoint(run, "last")
     state = ckpt.load_trainer_state(path)
     assert state["skipped_steps"] == 2
     assert all(int(s["step"]) == 10 for s in state["optimizer"]["state"].values())  # 12 - 2 updates
-    model = GPT(ckpt.read_run_config(run)[0])
+    model = GPT(rundir.read_config(run)[0])
     ckpt.load_weights(model, path / ckpt.WEIGHTS)
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import minigpt
 from minigpt import checkpoint as ckpt
+from minigpt import rundir
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, lr=3e-3, min_lr=3e-4,
             warmup_iters=2, eval_iters=2, log_interval=1, sample_tokens=0, device="cpu")
@@ -27,7 +28,7 @@ def corpus(tmp_path_factory):
 
 
 def losses(run_dir) -> list[float]:
-    lines = (run_dir / ckpt.METRICS).read_text().splitlines()
+    lines = (run_dir / rundir.METRICS).read_text().splitlines()
     return [json.loads(line)["train_loss"] for line in lines]
 
 
@@ -85,5 +86,5 @@ def test_sampling_in_reduced_precision(corpus, tmp_path):
 
 
 def test_unknown_dtype_is_a_one_line_error(corpus, tmp_path):
-    with pytest.raises(minigpt.MiniGPTError, match="dtype must be auto, float32, bfloat16 or float16"):
+    with pytest.raises(minigpt.MiniGPTError, match="dtype must be one of auto, float32, bfloat16, float16"):
         run(corpus, tmp_path / "x", max_iters=1, dtype="half")

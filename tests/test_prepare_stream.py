@@ -12,11 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minigpt import data as data_mod
-from minigpt import text_stream
-from minigpt.data import load_prepared, prepare
+from minigpt.data import corpus as text_stream
+from minigpt.data import prepare as prepare_mod
+from minigpt.data.corpus import iter_documents, read_chunks
+from minigpt.data.dataset import load_prepared
+from minigpt.data.prepare import prepare
 from minigpt.errors import DataError
-from minigpt.text_stream import iter_documents, read_chunks
 
 TRICKY = ["a", "b c", "\n", "\n\n", " \n", "\r\n", "\t\n \n", "\u2028", "\x0b", "é", "中", "𝄞",
           "\r", "   ", "\x1c", "\u3000", "\n \t \n\n"]
@@ -27,8 +28,8 @@ def small_chunks(monkeypatch):
     """Chunks of a few bytes, so every boundary case (cut lines, cut characters) happens."""
     def set_size(n: int) -> None:
         monkeypatch.setattr(text_stream, "CHUNK_BYTES", n)
-        monkeypatch.setattr(data_mod, "PIECE_CHARS", max(1, n // 2))
-        monkeypatch.setattr(data_mod, "BATCH_CHARS", 3 * n)
+        monkeypatch.setattr(prepare_mod, "PIECE_CHARS", max(1, n // 2))
+        monkeypatch.setattr(prepare_mod, "BATCH_CHARS", 3 * n)
     set_size(5)
     return set_size
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt import reference as R
 from minigpt.config import ModelConfig
 from minigpt.errors import ConfigError
 from minigpt.model import GPT
+from minigpt.reference import model as R
 
 PKG = str(Path(R.__file__).resolve().parent)  # the src/minigpt this test imports
 TINY = dict(vocab_size=13, block_size=6, n_layer=2, n_head=2, n_embd=8)
@@ -50,19 +50,17 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_reference_runs_without_torch():
     """Importing and using the reference loads no torch: every gradient here is written by hand.
-    The package __init__ imports the torch engine, so the package is stubbed to its bare path."""
-    code = f"""
-import sys, types
-pkg = types.ModuleType("minigpt")
-pkg.__path__ = [{PKG!r}]
-sys.modules["minigpt"] = pkg
-from minigpt import reference as R
+    The package is lazy, so importing it through `minigpt` costs nothing either."""
+    code = """
+import sys
+from minigpt.reference import model as R
 from minigpt.config import ModelConfig
 cfg = ModelConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=4)
 loss, grads = R.loss_and_grads(R.init_params(cfg), cfg, [[1, 2, 3]], [[2, 3, 4]])
 print(len(grads), "torch" in sys.modules)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(PKG).parent)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.stdout.split() == ["16", "False"], out.stderr
 
 
@@ -217,7 +215,7 @@ def test_state_dict_round_trip_and_mismatch():
 
 
 # ----------------------------------------------------------------------------------------------
-# The reference as a training engine (`train(engine="reference")`, `minigpt train --engine ...`)
+# The reference as a training engine (`train(backend="reference")`, `minigpt train --engine ...`)
 
 CORPUS = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
@@ -249,7 +247,7 @@ def text(tmp_path: Path) -> Path:
 
 
 def train_run(text: Path, out: Path, **kw) -> list[dict]:
-    from minigpt.train import train
+    from minigpt import train
 
     train(data=str(text), out=str(out), progress=False, **{**RUN, **kw})
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -261,8 +259,8 @@ def losses(metrics: list[dict]) -> np.ndarray:
 
 def test_reference_and_torch_engines_have_the_same_loss_curve(text, tmp_path):
     """Same seed => same initial weights and batches; the curves then agree step for step."""
-    ref = train_run(text, tmp_path / "ref", engine="reference", max_iters=50, eval_interval=50)
-    pt = train_run(text, tmp_path / "torch", engine="torch", max_iters=50, eval_interval=50)
+    ref = train_run(text, tmp_path / "ref", backend="reference", max_iters=50, eval_interval=50)
+    pt = train_run(text, tmp_path / "torch", backend="torch", max_iters=50, eval_interval=50)
     assert len(ref) == len(pt) == 50
     np.testing.assert_allclose(losses(ref), losses(pt), atol=2e-4)
     assert ref[-1]["val_loss"] == pytest.approx(pt[-1]["val_loss"], abs=2e-4)
@@ -274,9 +272,9 @@ def test_either_engine_resumes_the_others_run(text, tmp_path, first, then):
     """Optimizer moments cross engines: 4 steps + resume to 8 equals 8 uninterrupted steps (which
     fails if the AdamW state were dropped or scrambled: bias correction alone would differ)."""
     kw = dict(max_iters=8, eval_interval=4, grad_accum=2, bias=first == "torch")
-    straight = train_run(text, tmp_path / "straight", engine="torch", **kw)
+    straight = train_run(text, tmp_path / "straight", backend="torch", **kw)
     train_run(text, tmp_path / "split", engine=first, **{**kw, "max_iters": 4})
-    from minigpt.train import train
+    from minigpt import train
 
     train(out=str(tmp_path / "split"), resume=True, engine=then, max_iters=8, progress=False)
     split = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
@@ -286,9 +284,9 @@ def test_either_engine_resumes_the_others_run(text, tmp_path, first, then):
 
 def test_torch_checkpoint_loads_into_the_reference(text, tmp_path):
     from minigpt.engine import load
-    from minigpt.reference_train import load_params
+    from minigpt.reference.trainer import load_params
 
-    train_run(text, tmp_path / "run", engine="torch", max_iters=6, eval_interval=3)
+    train_run(text, tmp_path / "run", backend="torch", max_iters=6, eval_interval=3)
     mcfg, params = load_params(tmp_path / "run")
     model = load(tmp_path / "run", device="cpu").model
     idx = np.array([[1, 2, 3, 4, 5, 6, 7, 8]])
@@ -312,7 +310,7 @@ def test_cli_trains_with_the_reference_and_the_run_samples(text, tmp_path):
     run = tmp_path / "run"
     trained = cli(
         "train",
-        "--engine",
+        "--backend",
         "reference",
         "--preset",
         "tiny",
@@ -332,12 +330,12 @@ def test_cli_trains_with_the_reference_and_the_run_samples(text, tmp_path):
     )
     assert trained.returncode == 0, trained.stderr
     assert "step 30" in trained.stdout
-    assert json.loads((run / "config.json").read_text())["train"]["engine"] == "reference"
+    assert json.loads((run / "config.json").read_text())["train"]["backend"] == "reference"
     sampled = cli("sample", str(run), "--prompt", "All:", "--max-new-tokens", "40", "--seed", "0")
     assert sampled.returncode == 0, sampled.stderr
     # a continuation of the prompt (it may stop early: the model can sample its end-of-text token)
     assert sampled.stdout.startswith("All:") and len(sampled.stdout.strip()) > len("All:")
-    from minigpt.info import run_info
+    from minigpt.tools.info import run_info
 
     assert run_info(run)["step"] == 30  # what `minigpt info` reports
 
@@ -346,7 +344,7 @@ def test_cli_refuses_dropout_with_one_line(text, tmp_path):
     run = tmp_path / "run"
     proc = cli(
         "train",
-        "--engine",
+        "--backend",
         "reference",
         "--preset",
         "tiny",
@@ -369,7 +367,7 @@ def test_reference_refuses_a_gpu_device(text, tmp_path, capsys):
     code = main(
         [
             "train",
-            "--engine",
+            "--backend",
             "reference",
             "--device",
             "cuda",

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from minigpt.errors import ConfigError
-from minigpt.sampling import check_sampling, filter_logits, sample_next_token
+from minigpt.sampling import SamplingParams, filter_logits, sample_next_token
 
 
 def test_temperature_zero_is_argmax():
@@ -32,7 +32,20 @@ def test_same_seed_same_tokens_and_masked_tokens_never_drawn():
     assert all(draw[0][i] in top3[i] for i in range(4))
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(-1, None, None), (1, -1, None), (1, None, 0.0), (1, None, 1.5)])
-def test_impossible_sampling_settings_are_refused(temperature, top_k, top_p):
+@pytest.mark.parametrize("settings", [dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0),
+                                      dict(top_p=1.5), dict(max_new_tokens=0), dict(num_samples=0)])
+def test_impossible_sampling_settings_are_refused(settings):
     with pytest.raises(ConfigError):
-        check_sampling(temperature, top_k, top_p)
+        SamplingParams(**settings).validate()
+    with pytest.raises(ConfigError):  # and a copy with a bad setting, as the entry points make
+        SamplingParams().replace(**settings)
+
+
+def test_one_sampling_default_for_every_entry_point():
+    """The CLI, the Python API, the trainer's sample and the server all start from SamplingParams."""
+    from minigpt.cli import build_parser
+    from minigpt.serve.openai_api import CompletionRequest
+
+    args = build_parser().parse_args(["sample", "run"])
+    assert args.temperature is None  # not given: SamplingParams' default applies
+    assert CompletionRequest(prompts=[""]).sampling().temperature == SamplingParams().temperature == 0.8

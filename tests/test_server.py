@@ -22,7 +22,7 @@ import uvicorn
 
 from minigpt import load, train
 from minigpt.cli import main
-from minigpt.server import bind_socket, create_app
+from minigpt.serve.app import bind_socket, create_app
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 KEY = "sk-test-123"
@@ -90,6 +90,44 @@ def url(engine):
         yield base
 
 
+class FirstTokenGate:
+    """The real engine, except that every generation pauses after its first token until `go` is
+    set. The test sets it once it has *seen* that first token arrive, so "the text streamed in
+    pieces" is shown by an event, not by generation happening to be slower than the network."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.go = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def stream(self, *args, **kwargs):
+        events = self.engine.stream(*args, **kwargs)
+
+        def gated():
+            try:
+                for i, event in enumerate(events):
+                    yield event
+                    if i == 0:
+                        assert self.go.wait(60), "the test never released the first token"
+            finally:
+                events.close()
+
+        return gated()
+
+
+@pytest.fixture
+def gated(engine):
+    """(server url, gate): a server whose generations wait at their first token for the test."""
+    gate = FirstTokenGate(engine)
+    with serving(create_app(gate, model_id="tiny", api_key=KEY)) as base:
+        try:
+            yield base, gate
+        finally:
+            gate.go.set()  # never leave a worker waiting while the server shuts down
+
+
 @pytest.fixture
 def client(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
@@ -127,12 +165,18 @@ def test_completion_is_the_models_greedy_continuation(client, engine):
     assert r.usage.total_tokens == 24
 
 
-def test_streaming_arrives_in_pieces_and_matches_the_plain_completion(client):
-    texts, finish, chunks = stream_texts(client, max_tokens=30, temperature=0)
+def test_streaming_arrives_in_pieces_and_matches_the_plain_completion(client, gated):
+    base, gate = gated
+    stream = complete(openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=60),
+                      stream=True, max_tokens=30, temperature=0)
+    first = next(iter(stream))  # arrives while generation is held after the first token
+    assert len(first.choices[0].text) == 1
+    gate.go.set()
+    rest = list(stream)
+    streamed = first.choices[0].text + "".join(c.choices[0].text for c in rest if c.choices)
     plain = complete(client, max_tokens=30, temperature=0).choices[0].text
-    assert texts == {0: plain}
-    assert finish == {0: "length"}
-    assert chunks >= 2
+    assert streamed == plain and len(plain) == 30
+    assert rest[-1].choices[0].finish_reason == "length"
 
 
 def test_stream_usage_chunk_when_asked(client):
@@ -384,12 +428,13 @@ CHROMIUM_ARGS = [
     reason="needs Debian's Chromium at /usr/bin/chromium "
     "(apt-get install chromium; .ci/run installs it)",
 )
-def test_playground_streams_a_completion_in_the_browser(url, client):
+def test_playground_streams_a_completion_in_the_browser(gated, client):
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
+            url, gate = gated
             page = browser.new_page()
             page.goto(url)
             expect(page.locator("#model")).to_contain_text("tiny")
@@ -406,6 +451,11 @@ def test_playground_streams_a_completion_in_the_browser(url, client):
             page.keyboard.press("Home")  # slider to 0: greedy, so no early end-of-text
             expect(page.locator("#temperature-value")).to_have_text("0")
             page.click("#generate")
+            # the first token is on the page while the rest is still held back: a stream
+            expect(page.locator("#output")).to_have_attribute("data-chunks", "1", timeout=30_000)
+            expect(page.locator("#completion")).to_have_text(complete(client, max_tokens=1,
+                                                                     temperature=0).choices[0].text)
+            gate.go.set()
             expect(page.locator("#status")).to_contain_text("done", timeout=30_000)
             shown = page.locator("#completion").text_content()
             chunks = int(page.locator("#output").get_attribute("data-chunks"))

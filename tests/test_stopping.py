@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minigpt.stopping import StopMatcher
+from minigpt.serve.stop_strings import StopMatcher
 
 
 def run(pieces: list[str], stops: list[str]) -> tuple[str, bool]:

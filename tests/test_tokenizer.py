@@ -3,7 +3,7 @@ import json
 import pytest
 
 from minigpt.errors import TokenizerError
-from minigpt.tokenizers import CharTokenizer, load_tokenizer, save_tokenizer
+from minigpt.tokenization import CharTokenizer, load_tokenizer, save_tokenizer
 
 
 def test_round_trip_including_non_ascii(tmp_path):

@@ -16,11 +16,11 @@ import minigpt
 from minigpt import train
 from minigpt.cli import main as cli_main
 from minigpt.config import ModelConfig
-from minigpt.data import prepare
+from minigpt.data.prepare import prepare
 from minigpt.engine import Engine
 from minigpt.errors import ConfigError
 from minigpt.model import GPT
-from minigpt.tokenizers import ByteTokenizer, train_tokenizer
+from minigpt.tokenization import ByteTokenizer, train_tokenizer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minigpt.errors import TokenizerError
-from minigpt.tokenizers import (
+from minigpt.tokenization import (
     BPETokenizer,
     ByteTokenizer,
     load_tokenizer,

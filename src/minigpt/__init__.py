@@ -3,13 +3,49 @@
     import minigpt
     summary = minigpt.train(data="names.txt", docs="lines", out="runs/names", max_iters=500)
     print(minigpt.load("runs/names").generate(temperature=0.8))
+
+The names below are imported on first use (module `__getattr__`), so `import minigpt` and commands
+such as `minigpt info` load only what they need: no torch for the NumPy reference engine, no
+training loop for sampling.
 """
 
-from .config import ModelConfig, TrainConfig
-from .engine import Engine, load
-from .errors import MiniGPTError
-from .model import GPT
-from .train import train
+from __future__ import annotations
 
-__all__ = ["GPT", "Engine", "MiniGPTError", "ModelConfig", "TrainConfig", "load", "train"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_PUBLIC = {
+    "train": "minigpt.training.run",
+    "load": "minigpt.engine",
+    "Engine": "minigpt.engine",
+    "GPT": "minigpt.model",
+    "ModelConfig": "minigpt.config",
+    "TrainConfig": "minigpt.config",
+    "SamplingParams": "minigpt.sampling",
+    "MiniGPTError": "minigpt.errors",
+}
+__all__ = ["GPT", "Engine", "MiniGPTError", "ModelConfig", "SamplingParams", "TrainConfig", "load",
+           "train"]
+
+if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ does the importing
+    from .config import ModelConfig, TrainConfig
+    from .engine import Engine, load
+    from .errors import MiniGPTError
+    from .model import GPT
+    from .sampling import SamplingParams
+    from .training.run import train
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'minigpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

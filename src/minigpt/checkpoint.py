@@ -1,34 +1,24 @@
-"""Run-directory IO: atomic file writes, checkpoints, and loading them back safely.
+"""Checkpoints: save, find, verify, prune and load them back safely.
 
-A run directory is self-contained:
-
-    RUN/config.json            model + train config (JSON; rebuilds the model with no flags)
-    RUN/tokenizer.json         the tokenizer (JSON, never pickle)
-    RUN/metrics.jsonl          one JSON object per log/eval step
-    RUN/data/                  prepared data, when `train --data` was given raw text
     RUN/checkpoints/step-0000500/{model.safetensors, trainer.pt, meta.json}
-    RUN/checkpoints/best.json  {"step": ..., "val_loss": ...}: which step is the best
+    RUN/checkpoints/best.json  {"step": ..., "val_loss": ...}: which step is the best (rundir.py)
 
 Each checkpoint is written into a temporary directory, every file fsynced, then renamed into place, so a
 crash never leaves a half-written checkpoint under a real name; meta.json holds SHA-256 checksums, so a
 truncated or corrupted file is detected at load time. Weights are safetensors; trainer state (optimizer
 moments, RNG, sampler) is loaded with `torch.load(weights_only=True)`, which cannot execute code.
 A failed save (disk full, unwritable directory) raises a one-line CheckpointError and leaves every
-earlier checkpoint as it was; a checkpoint never holds non-finite weights. A new run claims its
-directory through `new_run_dir`, which puts everything back if setting the run up fails.
+earlier checkpoint as it was; a checkpoint never holds non-finite weights.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,59 +26,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig, TrainConfig, model_config_from_dict, train_config_from_dict
-from .errors import CheckpointError, ConfigError
+from . import rundir
+from .errors import CheckpointError
+from .fsio import atomic_write_text, fsync_dir, sha256_file
+from .rundir import FORMAT_VERSION, checkpoints_dir
 
-CONFIG = "config.json"
-TOKENIZER = "tokenizer.json"
-METRICS = "metrics.jsonl"
 WEIGHTS = "model.safetensors"
 TRAINER = "trainer.pt"
 META = "meta.json"
-BEST = "best.json"
-FORMAT_VERSION = 1
-
-
-# --- atomic writes -------------------------------------------------------------------------------
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; nothing more we can do there
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, then os.replace: readers see old or new, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --- weights -------------------------------------------------------------------------------------
@@ -106,11 +51,18 @@ def weights_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
+def read_weights(path: Path, framework: str = "pt") -> dict[str, Any]:
+    """A safetensors file as torch tensors ("pt") or NumPy arrays ("numpy"); a bad file is one line."""
+    from safetensors.numpy import load_file as load_numpy
+
     try:
-        state = load_file(str(path))
+        return load_file(str(path)) if framework == "pt" else load_numpy(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read weights {path}: {e}") from None
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    state = read_weights(path)
     tied = {k for k in model.state_dict() if k not in weights_state(model)}
     missing = set(model.state_dict()) - set(state) - tied
     unexpected = set(state) - set(model.state_dict())
@@ -131,10 +83,6 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
-
-
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
 
 
 def step_dir_name(step: int) -> str:
@@ -173,7 +121,7 @@ def save_checkpoint(
     try:
         final = _write_checkpoint(root, step, weights, trainer_state, meta)
         if is_best:
-            atomic_write_text(root / BEST, json.dumps({"step": step, "val_loss": meta.get("val_loss")}) + "\n")
+            rundir.write_best(run_dir, step, meta.get("val_loss"))
     except OSError as e:
         intact = [s for s, _ in list_checkpoints(run_dir) if s != step]
         kept = f"checkpoint at step {intact[-1]} is intact" if intact else "no earlier checkpoint exists"
@@ -222,11 +170,10 @@ def _write_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor],
 
 def best_step(run_dir: Path) -> int | None:
     """The step best.json points to, if that checkpoint exists (it may have been set aside)."""
-    try:
-        step = int(json.loads((checkpoints_dir(run_dir) / BEST).read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+    best = rundir.read_best(run_dir)
+    if best is None:
         return None
-    return step if (checkpoints_dir(run_dir) / step_dir_name(step)).is_dir() else None
+    return best["step"] if (checkpoints_dir(run_dir) / step_dir_name(best["step"])).is_dir() else None
 
 
 def prune_checkpoints(run_dir: Path, keep: int, current: int | None = None) -> None:
@@ -281,6 +228,7 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is incomplete: {META} is missing") from None
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(f"checkpoint {path} has a corrupted {META}") from None
+    rundir.check_format(meta, path)
     for name, expected in sums.items():
         f = path / name
         if not f.exists():
@@ -321,6 +269,15 @@ def find_checkpoint(run_dir: Path, which: str = "last") -> tuple[Path, dict[str,
     raise CheckpointError(f"every checkpoint in {run_dir} is damaged: " + "; ".join(damaged))
 
 
+def find_for_inference(run_dir: Path, which: str = "best") -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to generate from: "best" falls back to "last" for a run stopped before its
+    first evaluation, which has no best yet."""
+    if which == "best" and best_step(run_dir) is None:
+        which = "last"
+    path, meta, _ = find_checkpoint(run_dir, which)
+    return path, meta
+
+
 def load_trainer_state(path: Path) -> dict[str, Any]:
     """Optimizer/RNG/sampler state. weights_only=True: a pickle that would run code is refused."""
     f = path / TRAINER
@@ -342,65 +299,3 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"cannot read {f}: {first}") from None
-
-
-# --- run directory -------------------------------------------------------------------------------
-
-
-def write_run_config(run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
-    from .config import to_json
-
-    atomic_write_text(Path(run_dir) / CONFIG, to_json(mcfg, tcfg))
-
-
-def read_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
-    run_dir = Path(run_dir)
-    path = run_dir / CONFIG
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory not found: {run_dir}")
-    if not path.exists():
-        raise CheckpointError(f"{run_dir} is not a minigpt run directory (no {CONFIG})")
-    try:
-        d = json.loads(path.read_text())
-        return model_config_from_dict(d["model"]), train_config_from_dict(d.get("train", {}))
-    except (ValueError, KeyError, TypeError, ConfigError) as e:
-        raise CheckpointError(f"{path} is corrupted or from another tool: {e}") from None
-
-
-@contextmanager
-def new_run_dir(run_dir: Path, overwrite: bool, mcfg: ModelConfig, tcfg: TrainConfig) -> Iterator[None]:
-    """Claim --out for a new run; if setting it up fails, --out is left exactly as it was.
-
-    Never writes over someone's files: an existing run needs --resume or --overwrite, and the run
-    being overwritten is only deleted once the new one is set up.
-    """
-    replaced = None
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not (run_dir / CONFIG).exists():
-            raise ConfigError(f"{run_dir} exists and is not a minigpt run directory; choose another --out")
-        if not overwrite:
-            raise ConfigError(
-                f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start over"
-            )
-        replaced = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
-        run_dir.replace(replaced)
-    created = run_dir  # the top-most directory this call creates
-    while not created.parent.exists():
-        created = created.parent
-    existed = run_dir.exists()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # config.json first: it marks the directory as a run, so a kill during set-up is resumable
-        write_run_config(run_dir, mcfg, tcfg)
-        yield
-    except BaseException:
-        if existed:  # it was empty: empty it again
-            for p in run_dir.iterdir():
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        else:
-            shutil.rmtree(created, ignore_errors=True)
-        if replaced is not None:
-            replaced.replace(run_dir)
-        raise
-    if replaced is not None:
-        shutil.rmtree(replaced)

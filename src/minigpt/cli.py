@@ -11,52 +11,73 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from .config import ModelConfig, TrainConfig
+from .config import BACKENDS, DOC_MODES, ModelConfig, TrainConfig, resolve
 from .errors import ConfigError, MiniGPTError
-from .tokenizers import kinds
+from .sampling import SamplingParams
+from .tokenization import kinds
 
-# Flags that exist on `train` for every config field; these are handled explicitly instead.
-_EXPLICIT = {"vocab_size", "data", "out", "tokenizer", "tokenizer_vocab_size"}
-_HELP = {
-    "docs": "documents mode: lines | blank | files (default: one continuous stream)",
-    "device": "auto | cpu | cuda | cuda:N | mps (auto: CUDA, then MPS, then CPU)",
-    "dtype": "auto | float32 | bfloat16 | float16: autocast precision (auto: bf16 on GPUs, fp32 on CPU)",
-    "compile": "torch.compile the model for training",
-    "batch_size": "sequences per micro-batch per device; effective batch = batch-size x grad-accum x "
-                  "processes",
-    "engine": "torch (default) | reference: the NumPy engine with a hand-written backward (CPU)",
-    "lr_decay_iters": "step where cosine decay reaches min-lr (default: max-iters)",
-    "grad_clip": "global gradient-norm clip (0 = off)",
-    "keep_checkpoints": "newest checkpoints to keep (the best is always kept)",
-    "max_bad_steps": "stop after this many steps in a row with a NaN/inf loss or gradient "
-                     "(each is skipped; default 5)",
-    "sample_tokens": "length of the sample printed at each evaluation (0 = none)",
-    "arch": "layout preset: gpt2 | modern (the switches below default to it)",
-    "pos_emb": "learned | rope (default: the arch's)",
-    "norm": "layernorm | rmsnorm (default: the arch's)",
-    "activation": "gelu_tanh | gelu | relu2 (default: the arch's)",
-    "optimizer": "adamw | muon (Muon on hidden matrices, AdamW on the rest)",
-    "muon_lr": "Muon's peak learning rate (optimizer muon)",
-    "threads": "CPU threads (0 = auto: the cores other processes leave idle)",
-}
+LAYOUT_SWITCHES = ("bias", "pos_emb", "norm", "activation", "qk_norm", "tie_embeddings")
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows every flag's default. Config flags write theirs into the help (the value
+    that applies when the flag is left out); switches and None defaults have nothing to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.nargs == 0 or "[default:" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
-def _add_config_flags(p: argparse.ArgumentParser, classes: tuple = (ModelConfig, TrainConfig)) -> None:
-    """One kebab-case flag per ModelConfig/TrainConfig field; default None = "not given"."""
+def _flag_help(f: dataclasses.Field, default: Any) -> str:
+    text = f.metadata.get("help", "")
+    if f.metadata.get("choices"):
+        text += f" ({' | '.join(f.metadata['choices'])})"
+    shown = "the arch's" if default is None and f.name in LAYOUT_SWITCHES else default
+    return f"{text} [default: {shown}]"
+
+
+def _add_fields(p: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
+                defaults: Any, dest_prefix: str = "") -> None:
+    """One kebab-case flag per field of a settings dataclass, help and choices from its metadata.
+
+    Flags default to None ("not given"), so that presets, TOML files and a run's own config can
+    tell a flag the user typed from one left alone; the help shows the value that applies then.
+    """
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = _flag_help(f, getattr(defaults, f.name))
+        kind = str(f.type).split("|")[0].strip()
+        if kind == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        typ = {"int": int, "float": float}.get(kind, str)
+        # choices are shown, not enforced here: validate() gives the one-line error for every
+        # entry point alike (flags, TOML files, keyword arguments)
+        p.add_argument(flag, type=typ, default=None, metavar=kind.upper(), help=help_text)
+
+
+def _add_config_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup,
+                      classes: tuple = (ModelConfig, TrainConfig)) -> None:
+    """The ModelConfig/TrainConfig flags; the help shows the default preset's values."""
+    model, train = resolve(None)
     for cls in classes:
-        for f in dataclasses.fields(cls):
-            if f.name in _EXPLICIT:
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            kind = str(f.type).split("|")[0].strip()
-            if kind == "bool":
-                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                               help=_HELP.get(f.name))
-                continue
-            typ = {"int": int, "float": float}.get(kind, str)
-            p.add_argument(flag, type=typ, default=None, metavar=kind.upper(),
-                           help=_HELP.get(f.name, f"default {f.default}"))
+        _add_fields(p, cls, model if cls is ModelConfig else train)
+    if TrainConfig in classes:  # the name before 0.2.0, kept so existing commands keep working
+        p.add_argument("--engine", dest="backend", choices=BACKENDS, default=None,
+                       help=argparse.SUPPRESS)
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    _add_fields(p, SamplingParams, SamplingParams())
+
+
+def _sampling_from(args: argparse.Namespace) -> SamplingParams:
+    names = [f.name for f in dataclasses.fields(SamplingParams)]
+    return SamplingParams().replace(**{k: getattr(args, k) for k in names if hasattr(args, k)})
 
 
 def _add_tokenizer_flags(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -68,20 +89,20 @@ def _add_tokenizer_flags(p: argparse.ArgumentParser, default: str | None) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minigpt", description="Train a small GPT on your text and sample from it.")
+    parser = argparse.ArgumentParser(prog="minigpt", formatter_class=_Help, description="Train a small GPT on your text and sample from it.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="tokenize text files into a data directory")
+    p = sub.add_parser("prepare", formatter_class=_Help, help="tokenize text files into a data directory")
     p.add_argument("inputs", nargs="+", help="text files or directories of .txt files")
     p.add_argument("--out", required=True, help="data directory to write")
-    p.add_argument("--docs", choices=["lines", "blank", "files"], default=None,
+    p.add_argument("--docs", choices=DOC_MODES, default=None,
                    help="one document per line / per blank-line block / per file (default: stream)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     _add_tokenizer_flags(p, default="char")
     p.add_argument("--seed", type=int, default=1337)
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train a model (default: small preset on Tiny Shakespeare)")
+    p = sub.add_parser("train", formatter_class=_Help, help="train a model (default: small preset on Tiny Shakespeare)")
     p.add_argument("--data", help="text file, directory of .txt, or prepared data dir (default: bundled Tiny Shakespeare)")
     p.add_argument("--out", help="run directory (default: runs/default)")
     p.add_argument("--preset", help="tiny | small | medium | large (default: small)")
@@ -93,22 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="generate text from a trained run")
+    p = sub.add_parser("sample", formatter_class=_Help, help="generate text from a trained run")
     p.add_argument("run_dir")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--num-samples", type=int, default=1)
+    _add_sampling_flags(p)
     p.add_argument("--checkpoint", default="best", help="best | last | a step number")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto",
                    help="auto | float32 | bfloat16 | float16 weights (auto: bf16 on GPUs, fp32 on CPU)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("serve", help="serve a trained run over an OpenAI-compatible HTTP API")
+    p = sub.add_parser("serve", formatter_class=_Help, help="serve a trained run over an OpenAI-compatible HTTP API")
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 = any free port")
@@ -124,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting for a slot; beyond that the server answers 429")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("bench", help="measure training or generation speed (last line: JSON)")
+    p = sub.add_parser("bench", formatter_class=_Help, help="measure training or generation speed (last line: JSON)")
     bench = p.add_subparsers(dest="bench", required=True)
-    b = bench.add_parser("train", help="ms/iteration, tokens/s, MFU and peak RSS of training steps")
+    b = bench.add_parser("train", formatter_class=_Help, help="ms/iteration, tokens/s, MFU and peak RSS of training steps")
     b.add_argument("--preset", help="tiny | small | medium | large (default: small)")
     b.add_argument("--config", help="TOML file of settings")
     b.add_argument("--data", help="text or prepared data (default: bundled Tiny Shakespeare)")
@@ -134,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     _add_config_flags(b)
     b.set_defaults(func=cmd_bench_train)
-    b = bench.add_parser("generate", help="time to first token, decode latency, tokens/s by batch")
+    b = bench.add_parser("generate", formatter_class=_Help, help="time to first token, decode latency, tokens/s by batch")
     b.add_argument("run_dir", nargs="?", help="trained run (default: a fresh model of --preset)")
     b.add_argument("--preset", help="model when no run is given (default: small)")
     b.add_argument("--checkpoint", default="best")
@@ -147,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(b.add_argument_group("model settings when no run is given"), (ModelConfig,))
     b.set_defaults(func=cmd_bench_generate)
 
-    p = sub.add_parser("info", help="show a run (config, parameters, step, best val loss) or the presets "
+    p = sub.add_parser("info", formatter_class=_Help, help="show a run (config, parameters, step, best val loss) or the presets "
                                     "with their training memory")
     p.add_argument("run_dir", nargs="?", help="run directory (omit to list presets)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -157,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (default: 67, chars)")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("plot", help="plot train/val loss curves of one or more runs")
+    p = sub.add_parser("plot", formatter_class=_Help, help="plot train/val loss curves of one or more runs")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default="loss.png")
     p.add_argument("--metric", choices=("loss", "bpb"), default="loss",
@@ -166,8 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_overrides(args: argparse.Namespace, classes: tuple = (ModelConfig, TrainConfig)) -> dict:
+    """The config flags the user gave (None = not given)."""
+    names = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .data import prepare
+    from .data.prepare import prepare
 
     meta = prepare(args.inputs, args.out, docs=args.docs, val_fraction=args.val_fraction,
                    seed=args.seed, tokenizer=args.tokenizer, vocab_size=args.tokenizer_vocab_size)
@@ -178,12 +200,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .training.run import train
 
-    fields = {f.name for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
-    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     summary = train(preset=args.preset, config_file=args.config, resume=args.resume,
-                    overwrite=args.overwrite, progress=not args.quiet, **overrides)
+                    overwrite=args.overwrite, progress=not args.quiet, **_config_overrides(args))
     if summary["rank"] != 0:  # under torchrun, rank 0 reports
         return 130 if summary["interrupted"] else 0
     best, bpb = summary["best_val_loss"], summary["best_val_bpb"]
@@ -201,31 +221,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .device import configure_cpu
-    from .engine import check_generation, load
+    from .cpu import configure_cpu
+    from .engine import load
 
     configure_cpu()  # threads for the cores that are idle now
-
-    check_generation(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
+    params = _sampling_from(args)  # bad settings: fail before loading anything
     engine = load(args.run_dir, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype)
-    engine.encode_prompt(args.prompt)  # unknown characters: fail before printing anything
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    if args.num_samples == 1:
+    if params.num_samples == 1:
+        events = engine.stream(args.prompt, params)  # unknown characters fail here, before output
         sys.stdout.write(args.prompt)
-        for event in engine.stream(args.prompt, **options):
+        for event in events:
             sys.stdout.write(event.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
-    for i, text in enumerate(engine.generate_many(args.prompt, args.num_samples, **options)):
+    for i, text in enumerate(engine.generate_many(args.prompt, params=params)):
         print(f"--- sample {i + 1} ---\n{args.prompt}{text}")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .server import serve
+        from .serve.app import serve
     except ImportError as e:
         raise ConfigError(f"serving needs the 'serve' extra ({e.name} is missing): "
                           "pip install 'minigpt[serve]'") from None
@@ -238,20 +255,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from .bench import bench_train, format_train
+    from .tools.bench import bench_train, format_train
 
     if args.iters < 1 or args.warmup < 0:
         raise ConfigError("--iters must be >= 1 and --warmup >= 0")
-    fields = {f.name for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
-    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    result = bench_train(args.preset, args.config, args.iters, args.warmup, **overrides)
+    result = bench_train(args.preset, args.config, args.iters, args.warmup, **_config_overrides(args))
     print(format_train(result))
     print(json.dumps(result))
     return 0
 
 
 def cmd_bench_generate(args: argparse.Namespace) -> int:
-    from .bench import bench_generate, format_generate
+    from .tools.bench import bench_generate, format_generate
 
     try:
         sizes = tuple(int(b) for b in args.batch_sizes.split(","))
@@ -259,8 +274,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
     if min(sizes) < 1 or args.repeats < 1 or args.prompt_tokens < 1 or args.new_tokens < 1:
         raise ConfigError("--batch-sizes, --repeats, --prompt-tokens and --new-tokens must be >= 1")
-    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in model_fields and v is not None}
+    overrides = _config_overrides(args, (ModelConfig,))
     if args.run_dir and overrides:
         raise ConfigError("model settings apply to a fresh model; a run brings its own")
     result = bench_generate(args.run_dir, args.preset, args.checkpoint, args.prompt_tokens,
@@ -272,7 +286,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .info import (
+    from .tools.info import (
         SHAKESPEARE_VOCAB,
         format_memory,
         format_presets,
@@ -295,7 +309,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .plot import plot_runs
+    from .tools.plot import plot_runs
 
     print(f"wrote {plot_runs(args.run_dirs, args.out, args.metric)}")
     return 0

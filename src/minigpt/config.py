@@ -1,7 +1,8 @@
 """Configuration: model and training dataclasses, presets, TOML files and flag overrides.
 
-Precedence, lowest to highest: dataclass defaults < preset < engine defaults < TOML file < explicit
-flags/kwargs.
+Precedence, lowest to highest: dataclass defaults < preset < backend defaults < TOML file < explicit
+flags/kwargs. Each field carries its help text and choices (`option`), from which the CLI builds
+its flags, so a new setting is added in one place.
 Every key is checked: an unknown key is an error, never silently ignored. Nothing is exec'd.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .tokenizers import bpe, kinds
+from .tokenization import bpe, kinds
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,11 +35,23 @@ ARCHS: dict[str, dict[str, Any]] = {
     "modern": dict(pos_emb="rope", norm="layernorm", activation="relu2", qk_norm=True,
                    tie_embeddings=True, bias=True),
 }
+DOC_MODES = ("lines", "blank", "files")  # one document per line / blank-line block / file
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "muon")
+BACKENDS = ("torch", "reference")
+# Keys renamed since 0.1.0, old -> new: config.json, TOML files and keyword arguments that use an
+# old name keep working.
+RENAMED_KEYS = {"engine": "backend"}
 LAYOUT_CHOICES = {
     "pos_emb": ("learned", "rope"),
     "norm": ("layernorm", "rmsnorm"),
     "activation": ("gelu_tanh", "gelu", "relu2"),
 }
+
+
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None, **extra: Any) -> Any:
+    """A config field with the metadata the CLI builds its flag from (help text, choices)."""
+    return field(default=default, metadata={"help": help, "choices": choices, **extra})
 
 
 @dataclass
@@ -50,19 +63,21 @@ class ModelConfig:
     switches existed has none of them and rebuilds the GPT-2 layout it was trained with.
     """
 
-    vocab_size: int = 67
-    block_size: int = 64
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    arch: str = "gpt2"  # gpt2 | modern: the defaults of the switches below
-    bias: bool | None = None  # biases in Linear and LayerNorm
-    pos_emb: str | None = None  # learned (wpe table) | rope (rotary, no parameters)
-    norm: str | None = None  # layernorm | rmsnorm
-    activation: str | None = None  # gelu_tanh (GPT-2) | gelu (exact) | relu2 (ReLU squared)
-    qk_norm: bool | None = None  # RMS-normalise queries and keys per head
-    tie_embeddings: bool | None = None  # the LM head reuses the token embedding matrix
+    vocab_size: int = option(67, "vocabulary size (set from the data's tokenizer)", cli=False)
+    block_size: int = option(64, "context length in tokens")
+    n_layer: int = option(4, "transformer blocks")
+    n_head: int = option(4, "attention heads per block")
+    n_embd: int = option(128, "embedding width (divisible by n-head)")
+    dropout: float = option(0.0, "dropout probability while training")
+    arch: str = option("gpt2", "layout preset: the switches below default to it", tuple(ARCHS))
+    bias: bool | None = option(None, "biases in Linear and LayerNorm layers")
+    pos_emb: str | None = option(None, "positions: learned (a wpe table) or rope (rotary, no "
+                                 "parameters)", LAYOUT_CHOICES["pos_emb"])
+    norm: str | None = option(None, "normalisation layer", LAYOUT_CHOICES["norm"])
+    activation: str | None = option(None, "MLP activation: gelu_tanh (GPT-2), gelu (exact), relu2 "
+                                    "(ReLU squared)", LAYOUT_CHOICES["activation"])
+    qk_norm: bool | None = option(None, "RMS-normalise queries and keys per head")
+    tie_embeddings: bool | None = option(None, "the LM head reuses the token embedding matrix")
 
     def __post_init__(self) -> None:
         for name, value in ARCHS.get(self.arch, {}).items():
@@ -98,40 +113,50 @@ class ModelConfig:
 class TrainConfig:
     """Everything about a training run that is not the architecture.
 
-    Defaults are nanoGPT's CPU recipe for Tiny Shakespeare (train_shakespeare_char on a laptop).
+    The dataclass defaults are nanoGPT's CPU recipe for Tiny Shakespeare; the presets (below) layer
+    the project's own recipe on top.
     """
 
-    data: str | None = None  # text file(s)/dir to prepare, or a prepared data dir; None = bundled
-    out: str = "runs/default"
-    docs: str | None = None  # None (stream) | lines | blank | files
-    val_fraction: float = 0.1
-    tokenizer: str = "char"  # char | bytes | bpe
-    tokenizer_vocab_size: int | None = None  # bpe vocabulary size (None = 1024); the CLI's --vocab-size
-    max_iters: int = 2000
-    batch_size: int = 12
-    grad_accum: int = 1
-    optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on the rest)
-    lr: float = 1e-3  # AdamW's peak learning rate
-    muon_lr: float = 0.02  # Muon's peak learning rate (optimizer muon); follows lr's schedule
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    lr_decay_iters: int | None = None  # None = max_iters
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # 0 disables clipping
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 10
-    keep_checkpoints: int = 2  # newest checkpoints kept on disk (the best one is always kept too)
-    max_bad_steps: int = 5  # stop after this many steps in a row with a non-finite loss/gradient
-    sample_tokens: int = 120  # length of the sample printed at each evaluation; 0 disables
-    seed: int = 1337
-    device: str = "auto"
-    dtype: str = "auto"  # compute precision (autocast); weights stay float32. See device.resolve_dtype
-    compile: bool = False  # torch.compile the model for training
-    threads: int = 0  # CPU threads; 0 = auto (the cores not busy with other processes)
-    engine: str = "torch"  # torch | reference (NumPy, hand-written backward: see docs/backprop.md)
+    data: str | None = option(None, "text file, directory, or prepared data dir (default: the "
+                              "bundled Tiny Shakespeare)", cli=False)
+    out: str = option("runs/default", "run directory", cli=False)
+    docs: str | None = option(None, "document mode: one document per line / blank-line block / "
+                              "file (default: one continuous stream)", DOC_MODES)
+    val_fraction: float = option(0.1, "share of the text (or of the documents) held out for "
+                                 "validation")
+    tokenizer: str = option("char", "tokenizer to build from the text", cli=False)
+    tokenizer_vocab_size: int | None = option(None, "bpe vocabulary size (default 1024)", cli=False)
+    max_iters: int = option(2000, "optimizer steps to train")
+    batch_size: int = option(12, "sequences per micro-batch per device; effective batch = "
+                             "batch-size x grad-accum x processes")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    optimizer: str = option("adamw", "adamw, or muon (Muon on hidden matrices, AdamW on the rest)",
+                            OPTIMIZERS)
+    lr: float = option(1e-3, "AdamW's peak learning rate")
+    muon_lr: float = option(0.02, "Muon's peak learning rate (optimizer muon); follows lr's schedule")
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = option(100, "steps of linear warm-up")
+    lr_decay_iters: int | None = option(None, "step where the cosine decay reaches min-lr "
+                                        "(default: max-iters)")
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.99, "AdamW beta2")
+    grad_clip: float = option(1.0, "global gradient-norm clip (0 = off)")
+    eval_interval: int = option(250, "steps between evaluations (each saves a checkpoint)")
+    eval_iters: int = option(20, "batches per split at each evaluation")
+    log_interval: int = option(10, "steps between metrics.jsonl lines")
+    keep_checkpoints: int = option(2, "newest checkpoints kept on disk (the best is always kept)")
+    max_bad_steps: int = option(5, "stop after this many steps in a row with a NaN/inf loss or "
+                                "gradient (each is skipped)")
+    sample_tokens: int = option(120, "length of the sample printed at each evaluation (0 = none)")
+    seed: int = option(1337, "seed of the weights, the batches and the samples")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N | mps (auto: CUDA, then MPS, then CPU)")
+    dtype: str = option("auto", "autocast precision; weights stay float32 (auto: bf16 on GPUs, "
+                        "fp32 on CPU)", DTYPE_CHOICES)
+    compile: bool = option(False, "torch.compile the model for training")
+    threads: int = option(0, "CPU threads (0 = auto: the cores other processes leave idle)")
+    backend: str = option("torch", "torch, or reference: the NumPy GPT with a hand-written backward "
+                          "(CPU, GPT-2 layout)", BACKENDS)
 
     def validate(self) -> None:
         positive = ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters",
@@ -147,8 +172,8 @@ class TrainConfig:
             raise ConfigError(f"lr-decay-iters must be >= 1, got {self.lr_decay_iters}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
-        if self.docs not in (None, "lines", "blank", "files"):
-            raise ConfigError(f"docs must be one of lines, blank, files; got {self.docs!r}")
+        if self.docs is not None and self.docs not in DOC_MODES:
+            raise ConfigError(f"docs must be one of {', '.join(DOC_MODES)}; got {self.docs!r}")
         if self.tokenizer not in kinds():
             raise ConfigError(f"unknown tokenizer {self.tokenizer!r}; choose from {', '.join(kinds())}")
         if self.tokenizer_vocab_size is not None:
@@ -163,16 +188,16 @@ class TrainConfig:
             raise ConfigError(f"max-bad-steps must be >= 1, got {self.max_bad_steps}")
         if self.sample_tokens < 0:
             raise ConfigError("sample-tokens must be >= 0")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16; got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}; got {self.dtype!r}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0 = auto), got {self.threads}")
-        if self.optimizer not in ("adamw", "muon"):
+        if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.muon_lr <= 0:
             raise ConfigError(f"muon-lr must be > 0, got {self.muon_lr}")
-        if self.engine not in ("torch", "reference"):
-            raise ConfigError(f"engine must be torch or reference, got {self.engine!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be torch or reference, got {self.backend!r}")
 
 
 @dataclass(frozen=True)
@@ -212,9 +237,9 @@ PRESETS: dict[str, Preset] = {
         train=dict(RECIPE_TRAIN, batch_size=64, max_iters=5000, eval_interval=500),
     ),
 }
-# An engine may bring defaults of its own, above the preset and below files and flags: the NumPy
-# reference engine implements the GPT-2 layout and AdamW only.
-ENGINE_DEFAULTS: dict[str, dict[str, Any]] = {"reference": dict(arch="gpt2", optimizer="adamw")}
+# A backend may bring defaults of its own, above the preset and below files and flags: the NumPy
+# reference backend implements the GPT-2 layout and AdamW only.
+BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {"reference": dict(arch="gpt2", optimizer="adamw")}
 DEFAULT_PRESET = "small"
 
 MODEL_KEYS = {f.name for f in fields(ModelConfig)}
@@ -230,11 +255,21 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    return {k.replace("-", "_"): v for k, v in raw.items()}
+    return renamed({k.replace("-", "_"): v for k, v in raw.items()})
+
+
+def renamed(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with keys renamed since an earlier version under their current names."""
+    out = {RENAMED_KEYS.get(k, k): v for k, v in values.items()}
+    both = [f"{old} and {new}" for old, new in RENAMED_KEYS.items() if old in values and new in values]
+    if both:
+        raise ConfigError(f"give either {both[0]}, not both (the first is the old name)")
+    return out
 
 
 def split_overrides(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split a flat mapping into (model, train) keys; unknown keys are an error."""
+    values = renamed(values)
     unknown = sorted(set(values) - MODEL_KEYS - TRAIN_KEYS - {"preset"})
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
@@ -272,16 +307,16 @@ def resolve(
 ) -> tuple[ModelConfig, TrainConfig]:
     """Build (ModelConfig, TrainConfig) from defaults < preset < engine < TOML file < overrides."""
     values: dict[str, Any] = load_toml(config_file) if config_file else {}
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values.update(renamed({k: v for k, v in (overrides or {}).items() if v is not None}))
     preset = values.pop("preset", None) or preset or DEFAULT_PRESET
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     model_over, train_over = split_overrides(values)
     p = PRESETS[preset]
-    engine = train_over.get("engine") or p.train.get("engine") or "torch"
-    engine_model, engine_train = split_overrides(ENGINE_DEFAULTS.get(engine, {}))
-    mcfg = ModelConfig(**_typed(ModelConfig, {**p.model, **engine_model, **model_over}))
-    tcfg = TrainConfig(**_typed(TrainConfig, {**p.train, **engine_train, **train_over}))
+    backend = train_over.get("backend") or p.train.get("backend") or "torch"
+    backend_model, backend_train = split_overrides(BACKEND_DEFAULTS.get(backend, {}))
+    mcfg = ModelConfig(**_typed(ModelConfig, {**p.model, **backend_model, **model_over}))
+    tcfg = TrainConfig(**_typed(TrainConfig, {**p.train, **backend_train, **train_over}))
     mcfg.validate()
     tcfg.validate()
     return mcfg, tcfg
@@ -297,6 +332,7 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
 
 
 def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    d = renamed(d)
     unknown = sorted(set(d) - TRAIN_KEYS)
     if unknown:
         raise ConfigError(f"unknown train setting(s): {', '.join(unknown)}")

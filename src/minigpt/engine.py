@@ -10,20 +10,22 @@ one re-prefill every block_size/4 tokens.
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from . import checkpoint as ckpt
+from . import rundir
 from .decode import DecodeStep
 from .device import resolve_device, resolve_dtype
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 from .kv_cache import KVCache
 from .model import GPT
-from .sampling import check_sampling, sample_next_token
-from .tokenizers import Tokenizer, load_tokenizer
+from .sampling import SamplingParams, sample_next_token
+from .tokenization import Tokenizer
 
 
 @dataclass
@@ -34,11 +36,18 @@ class StreamEvent:
     finish_reason: str | None = None  # "stop" (EOS) or "length" on the stream's last event
 
 
+Prompt = str | Sequence[int]  # text, or token ids that are used as they are
+
+
 class Engine:
-    def __init__(self, model: GPT, tokenizer: Tokenizer, docs: bool = False, step: int | None = None):
+    """A model and its tokenizer, ready to generate. Stateless between calls: each call owns its KV
+    cache and its random generator, so several threads may generate at once (the server does)."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, bos_prompts: bool = False,
+                 step: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.docs = docs  # trained on BOS ... EOS documents: prompts start a document
+        self.bos_prompts = bos_prompts  # trained on BOS ... EOS documents: prompts start a document
         self.step = step
         self.device = next(model.parameters()).device
 
@@ -46,45 +55,37 @@ class Engine:
     def block_size(self) -> int:
         return self.model.config.block_size
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """Prompt -> ids. Empty prompts start from BOS; document models always start with BOS."""
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Prompt -> ids. Text: empty prompts start from BOS; document models always start with
+        BOS. Ids are taken as given (the caller encoded them)."""
+        if not isinstance(prompt, str):
+            return [int(t) for t in prompt]
         ids = self.tokenizer.encode(prompt)
-        if not ids or self.docs:
+        if not ids or self.bos_prompts:
             ids = [self.tokenizer.bos_id, *ids]
         return ids
 
     @torch.inference_mode()
-    def generate_ids(
-        self,
-        prompt_ids: list[int],
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        num_samples: int = 1,
-    ) -> Iterator[torch.Tensor]:
+    def generate_ids(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[torch.Tensor]:
         """Yield the next token of every stream, (num_samples,) per step, max_new_tokens times."""
-        check_generation(max_new_tokens, temperature, top_k, top_p, num_samples)
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(seed) if seed is not None else gen.seed()
-        T = self.block_size
+        gen.manual_seed(params.seed) if params.seed is not None else gen.seed()
+        T, steps, rows = self.block_size, params.max_new_tokens, params.num_samples
         keep = max(1, T - T // 4)
-        prompt = torch.tensor(prompt_ids[-T:], dtype=torch.long, device=self.device)
-        tokens = torch.empty(num_samples, len(prompt) + max_new_tokens, dtype=torch.long,
-                             device=self.device)
+        prompt = torch.tensor(list(prompt_ids)[-T:], dtype=torch.long, device=self.device)
+        tokens = torch.empty(rows, len(prompt) + steps, dtype=torch.long, device=self.device)
         tokens[:, : len(prompt)] = prompt
         n = len(prompt)
-        cache = KVCache.for_model(self.model, num_samples)
+        cache = KVCache.for_model(self.model, rows)
         decode = DecodeStep(self.model)
         logits, _ = self.model(tokens[:, :n], kv_cache=cache)  # the prompt, in one forward
         last = logits[:, -1]
-        for i in range(max_new_tokens):
-            nxt = sample_next_token(last, gen, temperature, top_k, top_p)
+        for i in range(steps):
+            nxt = sample_next_token(last, gen, params.temperature, params.top_k, params.top_p)
             tokens[:, n] = nxt
             n += 1
             yield nxt
-            if i == max_new_tokens - 1:
+            if i == steps - 1:
                 return  # no forward for a token nobody will sample
             if cache.pos == T:  # window full: rebuild the cache from the most recent tokens
                 cache.reset()
@@ -93,29 +94,27 @@ class Engine:
             else:
                 last = decode(tokens[:, n - 1], cache)
 
-    def stream(
-        self,
-        prompt: str,
-        max_new_tokens: int = 200,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        num_samples: int = 1,
-        stop_at_eos: bool = True,
-    ) -> Iterator[StreamEvent]:
-        """Text as it is generated; every stream ends with an event carrying its finish_reason."""
-        prompt_ids = self.encode_prompt(prompt)
-        decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(num_samples)]
-        done = [False] * num_samples
-        steps = self.generate_ids(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed,
-                                  num_samples)
-        for step, nxt in enumerate(steps):
-            last = step == max_new_tokens - 1
+    def stream(self, prompt: Prompt = "", params: SamplingParams | None = None,
+               **settings: Any) -> Iterator[StreamEvent]:
+        """Text as it is generated; every stream ends with an event carrying its finish_reason.
+
+        `params` (default: SamplingParams()) with any field overridden by keyword, e.g.
+        `stream("ROMEO:", max_new_tokens=50, seed=1)`. Bad settings and a prompt the tokenizer
+        cannot encode raise here, before anything is generated.
+        """
+        params = (params or SamplingParams()).replace(**settings)
+        return self._events(self.encode_prompt(prompt), params)
+
+    def _events(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StreamEvent]:
+        rows, last_step = params.num_samples, params.max_new_tokens - 1
+        decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(rows)]
+        done = [False] * rows
+        for step, nxt in enumerate(self.generate_ids(prompt_ids, params)):
+            last = step == last_step
             for i, tok in enumerate(nxt.tolist()):
                 if done[i]:
                     continue
-                if stop_at_eos and tok == self.tokenizer.eos_id:
+                if params.stop_at_eos and tok == self.tokenizer.eos_id:
                     done[i] = True
                     yield StreamEvent(i, decoders[i].decode(b"", final=True), tok, "stop")
                     continue
@@ -127,24 +126,19 @@ class Engine:
             if all(done):
                 return
 
-    def generate(self, prompt: str = "", **kwargs) -> str:
+    def generate(self, prompt: Prompt = "", params: SamplingParams | None = None,
+                 **settings: Any) -> str:
         """One completion of `prompt` (the prompt itself is not included)."""
-        return self.generate_many(prompt, num_samples=1, **kwargs)[0]
+        return self.generate_many(prompt, 1, params, **settings)[0]
 
-    def generate_many(self, prompt: str = "", num_samples: int = 1, **kwargs) -> list[str]:
-        parts: list[list[str]] = [[] for _ in range(num_samples)]
-        for ev in self.stream(prompt, num_samples=num_samples, **kwargs):
+    def generate_many(self, prompt: Prompt = "", num_samples: int | None = None,
+                      params: SamplingParams | None = None, **settings: Any) -> list[str]:
+        """`num_samples` completions of `prompt` (default: params.num_samples), in one batch."""
+        params = (params or SamplingParams()).replace(num_samples=num_samples, **settings)
+        parts: list[list[str]] = [[] for _ in range(params.num_samples)]
+        for ev in self._events(self.encode_prompt(prompt), params):
             parts[ev.index].append(ev.text)
         return ["".join(p) for p in parts]
-
-
-def check_generation(max_new_tokens: int, temperature: float, top_k: int | None,
-                     top_p: float | None, num_samples: int) -> None:
-    if max_new_tokens is None or max_new_tokens < 1:
-        raise ConfigError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
-    if num_samples < 1:
-        raise ConfigError(f"num-samples must be >= 1, got {num_samples}")
-    check_sampling(temperature, top_k, top_p)
 
 
 def load(run_dir: str | Path, checkpoint: str = "best", device: str = "auto",
@@ -155,17 +149,15 @@ def load(run_dir: str | Path, checkpoint: str = "best", device: str = "auto",
     cache follows it. Sampling itself always runs in float32.
     """
     run_dir = Path(run_dir)
-    mcfg, tcfg = ckpt.read_run_config(run_dir)
-    tokenizer = load_tokenizer(run_dir / ckpt.TOKENIZER)
+    mcfg, tcfg = rundir.read_config(run_dir)
+    tokenizer = rundir.read_tokenizer(run_dir)
     if tokenizer.vocab_size != mcfg.vocab_size:
         raise CheckpointError(
             f"{run_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model expects {mcfg.vocab_size}"
         )
-    if checkpoint == "best" and ckpt.best_step(run_dir) is None:
-        checkpoint = "last"  # a run stopped before its first evaluation has only `last`
-    path, meta, _ = ckpt.find_checkpoint(run_dir, checkpoint)
+    path, meta = ckpt.find_for_inference(run_dir, checkpoint)
     model = GPT(mcfg)
     ckpt.load_weights(model, path / ckpt.WEIGHTS)
     dev = resolve_device(device)
     model.to(device=dev, dtype=resolve_dtype(dtype, dev))
-    return Engine(model, tokenizer, docs=tcfg.docs is not None, step=meta.get("step"))
+    return Engine(model, tokenizer, bos_prompts=tcfg.docs is not None, step=meta.get("step"))

@@ -1,4 +1,5 @@
-"""Reading UTF-8 corpora in bounded memory: validated chunks of a file, and the documents in them.
+"""Reading UTF-8 corpora in bounded memory: which files, validated chunks of a file, and the
+documents in them. The bundled Tiny Shakespeare is found here too.
 
 `prepare()` reads its input twice (once to learn the vocabulary and count, once to encode), and a corpus
 may be larger than RAM, so everything here is a generator that holds one chunk at a time (and, in
@@ -10,17 +11,42 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator
+from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
 
-from .errors import DataError
+from ..config import DOC_MODES
+from ..errors import DataError
 
 CHUNK_BYTES = 1 << 22  # 4 MiB read at a time
-DOC_MODES = ("lines", "blank", "files")
 _NUL_CHECK_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 _LINE_ENDS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines splits on
 _BLANK_LINE = re.compile(r"[ \t\r\f\v]*")  # a line made only of these separates documents in `blank`
+
+
+def bundled_corpus() -> Path:
+    """Tiny Shakespeare, shipped inside the package: the default when no --data is given."""
+    return Path(str(resources.files("minigpt.data") / "tinyshakespeare.txt"))
+
+
+def gather_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Files as given, directories expanded to their .txt files (sorted, recursive)."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*.txt") if q.is_file())
+            if not found:
+                raise DataError(f"directory {p} contains no .txt files")
+            files.extend(found)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise DataError(f"input not found: {p}")
+    if not files:
+        raise DataError("no input files given")
+    return files
 
 
 class Chunk(NamedTuple):

@@ -24,15 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from .config import ARCHS, ModelConfig
-from .errors import ConfigError
+from ..config import ARCHS, ModelConfig
+from ..errors import ConfigError
 
 Params = dict[str, np.ndarray]
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm's default, which model.py uses
 GELU_K = math.sqrt(2.0 / math.pi)  # tanh-GELU constant: gelu(x) = x/2 (1 + tanh(K (x + A x^3)))
 GELU_A = 0.044715
-ADAM_EPS = 1e-8  # torch.optim.AdamW's default eps, which the torch engine keeps
+ADAM_EPS = 1e-8  # torch.optim.AdamW's default eps, which the torch backend keeps
 
 
 def check_supported(cfg: ModelConfig) -> None:
@@ -40,15 +40,15 @@ def check_supported(cfg: ModelConfig) -> None:
     cfg.validate()
     if cfg.dropout != 0.0:
         raise ConfigError(
-            f"the reference engine does not implement dropout (got dropout={cfg.dropout}); "
-            "use --dropout 0 or --engine torch"
+            f"the reference backend does not implement dropout (got dropout={cfg.dropout}); "
+            "use --dropout 0 or --backend torch"
         )
     other = [f"{k.replace('_', '-')} {getattr(cfg, k)}" for k, v in ARCHS["gpt2"].items()
              if k != "bias" and getattr(cfg, k) != v]
     if other:
         raise ConfigError(
-            f"the reference engine implements the GPT-2 layout only (got {', '.join(other)}); "
-            "use --arch gpt2 or --engine torch"
+            f"the reference backend implements the GPT-2 layout only (got {', '.join(other)}); "
+            "use --arch gpt2 or --backend torch"
         )
 
 
@@ -81,7 +81,7 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def init_params(cfg: ModelConfig, seed: int = 0, dtype: np.dtype | type = np.float32) -> Params:
     """GPT-2 init, as GPT.init_weights: N(0, 0.02); residual projections (c_proj) scaled by
     1/sqrt(2 n_layer) so the residual stream's variance does not grow with depth; LayerNorm gain 1,
-    biases 0. (Same distribution as the torch engine, not the same random numbers.)"""
+    biases 0. (Same distribution as the torch backend, not the same random numbers.)"""
     check_supported(cfg)
     rng = np.random.default_rng(seed)
     params: Params = {}
@@ -98,7 +98,7 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype: np.dtype | type = np.flo
 def params_from_state_dict(
     state: Mapping[str, Any], cfg: ModelConfig, dtype: np.dtype | type | None = None
 ) -> Params:
-    """Take a torch-engine state_dict (arrays or anything np.asarray accepts) as reference params.
+    """Take a torch-backend state_dict (arrays or anything np.asarray accepts) as reference params.
 
     `lm_head.weight` is dropped when present (it is the same matrix as `wte.weight`); any other
     missing, extra or mis-shaped key is a ConfigError naming it.
@@ -120,7 +120,7 @@ def params_from_state_dict(
 
 
 def params_to_state_dict(params: Params) -> dict[str, np.ndarray]:
-    """Reference params as a torch-engine state_dict, with the tied `lm_head.weight` restored."""
+    """Reference params as a torch-backend state_dict, with the tied `lm_head.weight` restored."""
     state = {k: np.ascontiguousarray(v) for k, v in params.items()}
     state["lm_head.weight"] = state["wte.weight"]
     return state
@@ -376,7 +376,7 @@ def clip_grad_norm(grads: Params, max_norm: float) -> float:
 
 def decays(param: np.ndarray) -> bool:
     """Weight decay applies to matrices (embeddings, Linear weights), not to biases or LN gains:
-    the torch engine's decay/no-decay split is dim >= 2."""
+    the torch backend's decay/no-decay split is dim >= 2."""
     return param.ndim >= 2
 
 

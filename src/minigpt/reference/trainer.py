@@ -1,7 +1,7 @@
-"""`minigpt train --engine reference`: the training loop driven by the NumPy reference.
+"""`minigpt train --backend reference`: the training loop driven by the NumPy reference.
 
 This module owns the glue between `minigpt.reference` (forward, hand-written backward, clipping,
-AdamW, all NumPy) and the torch engine's run machinery. `ReferenceTrainer` subclasses
+AdamW, all NumPy) and the torch backend's run machinery. `ReferenceTrainer` subclasses
 `train.Trainer` and replaces only what does maths: the step, the loss estimate and the optimizer.
 Everything a user sees is inherited unchanged: the data sampler and its batches, the LR schedule,
 metrics.jsonl, the progress bar, evaluation cadence, checkpoints (safetensors + meta.json), best.json,
@@ -9,19 +9,19 @@ Ctrl-C handling and --resume. So `minigpt sample RUN` and `minigpt info RUN` wor
 
 How the two worlds meet:
 
-* Weights. The trainer keeps a torch `GPT` built exactly as the torch engine builds it (same seed,
+* Weights. The trainer keeps a torch `GPT` built exactly as the torch backend builds it (same seed,
   so the same initial weights), and the NumPy parameters are *views of its parameter storage*
   (`Parameter.detach().numpy()` shares memory). Each in-place NumPy update is therefore already in
   the module that the checkpoint writer saves and the evaluation sampler generates from; no copying
   or syncing. The torch module never runs a backward pass.
 * Optimizer state. The NumPy AdamW moments are saved and restored in `torch.optim.AdamW`'s
-  state_dict layout, so a run can be resumed by either engine (`--resume --engine torch` continues
+  state_dict layout, so a run can be resumed by either backend (`--resume --backend torch` continues
   a reference run, and the other way round).
 
 Supported: any bias setting, grad_accum, grad clipping, weight decay, the LR schedule. Refused with a
 one-line ConfigError: dropout > 0 (the reference is deterministic), any device but the CPU, any
 layout but GPT-2's (`--arch gpt2`) and any optimizer but AdamW.
-Training is float32 like the torch engine; `minigpt.reference` itself also runs float64 (the tests
+Training is float32 like the torch backend; `minigpt.reference` itself also runs float64 (the tests
 use it to check gradients).
 """
 
@@ -34,33 +34,32 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.numpy import load_file
 
-from . import checkpoint as ckpt
-from . import reference as R
-from .config import ModelConfig, TrainConfig
-from .data import BatchSampler, PreparedData
-from .errors import CheckpointError, ConfigError
-from .optim import lr_at
-from .train import Trainer
+from .. import checkpoint as ckpt
+from .. import rundir
+from ..config import ModelConfig, TrainConfig
+from ..data.dataset import BatchSampler, PreparedData
+from ..errors import CheckpointError, ConfigError
+from ..training.optim import lr_at
+from ..training.trainer import Trainer
+from . import model as R
 
 
 def check_reference_config(mcfg: ModelConfig, tcfg: TrainConfig) -> None:
-    """Refuse, before anything is written, what the reference engine cannot do."""
+    """Refuse, before anything is written, what the reference backend cannot do."""
     R.check_supported(mcfg)
     if tcfg.device.lower() not in ("auto", "cpu"):
         raise ConfigError(
-            f"the reference engine runs on the CPU only (got --device {tcfg.device}); "
-            "use --device cpu or --engine torch"
+            f"the reference backend runs on the CPU only (got --device {tcfg.device}); "
+            "use --device cpu or --backend torch"
         )
     if tcfg.dtype not in ("auto", "float32") or tcfg.compile:
-        raise ConfigError("the reference engine trains in float32 without torch.compile; "
-                          "drop --dtype/--compile or use --engine torch")
+        raise ConfigError("the reference backend trains in float32 without torch.compile; "
+                          "drop --dtype/--compile or use --backend torch")
     if tcfg.optimizer != "adamw":
         raise ConfigError(
-            f"the reference engine implements AdamW only (got --optimizer {tcfg.optimizer}); "
-            "use --optimizer adamw or --engine torch"
+            f"the reference backend implements AdamW only (got --optimizer {tcfg.optimizer}); "
+            "use --optimizer adamw or --backend torch"
         )
 
 
@@ -76,7 +75,7 @@ class ReferenceTrainer(Trainer):
         progress: bool = True,
     ):
         check_reference_config(mcfg, tcfg)
-        # The base class builds the model (seeded: same init as the torch engine), the sampler and
+        # The base class builds the model (seeded: same init as the torch backend), the sampler and
         # the bookkeeping. "auto" must not pick a GPU here: NumPy views need CPU storage.
         super().__init__(mcfg, dataclasses.replace(tcfg, device="cpu"), data, run_dir, progress)
         self.tcfg = tcfg
@@ -115,7 +114,7 @@ class ReferenceTrainer(Trainer):
 
     def estimate_loss(self) -> dict[str, float]:
         """Mean loss over eval_iters fixed batches per split, by the NumPy forward. The seeds are
-        Trainer.estimate_loss's, so both engines are evaluated on identical batches."""
+        Trainer.estimate_loss's, so both backends are evaluated on identical batches."""
         out = {}
         for i, split in enumerate(("train", "val")):
             sampler = BatchSampler(
@@ -137,7 +136,7 @@ class TorchLayoutAdamW:
 
     Trainer saves `optimizer.state_dict()` in trainer.pt and restores it on --resume; speaking the
     same layout (param groups of indices, per-index step/exp_avg/exp_avg_sq) lets the inherited code
-    save and restore the NumPy moments, and lets either engine resume the other's run.
+    save and restore the NumPy moments, and lets either backend resume the other's run.
     """
 
     def __init__(
@@ -146,7 +145,7 @@ class TorchLayoutAdamW:
         model: torch.nn.Module,
         params: R.Params,
     ):
-        # `template` is the torch engine's optimizer for this model (never stepped): its param
+        # `template` is the torch backend's optimizer for this model (never stepped): its param
         # groups fix which index means which parameter, and its hyperparameters the saved header.
         self.template = template
         names = {id(p): n for n, p in model.named_parameters()}
@@ -182,7 +181,7 @@ class TorchLayoutAdamW:
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Take moments saved by either engine. Bad or mismatched state raises KeyError/ValueError,
+        """Take moments saved by either backend. Bad or mismatched state raises KeyError/ValueError,
         which Trainer.restore turns into a one-line CheckpointError."""
         groups = sd["param_groups"]
         if [len(g["params"]) for g in groups] != [
@@ -209,18 +208,13 @@ class TorchLayoutAdamW:
 def load_params(
     run_dir: str | Path, checkpoint: str = "best", dtype: np.dtype | type = np.float32
 ) -> tuple[ModelConfig, R.Params]:
-    """Weights of a run (trained by either engine) as reference params: safetensors read with
+    """Weights of a run (trained by either backend) as reference params: safetensors read with
     NumPy, checksums verified, `best` falling back to `last` as `minigpt sample` does."""
     run_dir = Path(run_dir)
-    mcfg, _ = ckpt.read_run_config(run_dir)
+    mcfg, _ = rundir.read_config(run_dir)
     R.check_supported(mcfg)  # a layout other than GPT-2's: one clear line, not a name mismatch
-    if checkpoint == "best" and ckpt.best_step(run_dir) is None:
-        checkpoint = "last"
-    path, _, _ = ckpt.find_checkpoint(run_dir, checkpoint)
-    try:
-        state = load_file(str(path / ckpt.WEIGHTS))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read weights {path / ckpt.WEIGHTS}: {e}") from None
+    path, _ = ckpt.find_for_inference(run_dir, checkpoint)
+    state = ckpt.read_weights(path / ckpt.WEIGHTS, framework="numpy")
     try:
         return mcfg, R.params_from_state_dict(state, mcfg, dtype)
     except ConfigError as e:

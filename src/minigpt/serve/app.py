@@ -3,7 +3,7 @@
 Endpoints: `GET /` (playground page), `GET /health`, `GET /v1/models`, `GET /v1/models/{id}`,
 `POST /v1/completions` (OpenAI Completions API, SSE streaming). With an API key set, every `/v1/*`
 request needs `Authorization: Bearer KEY`. Requests are checked in `openai_api`; generation runs in
-`scheduler` worker threads, never on the event loop; stop strings are cut here (`stopping`).
+`slots` worker threads, never on the event loop; stop strings are cut here (`stop_strings`).
 Several threads call `Engine.stream` at once: the server relies on each call owning its KV cache and
 generator (tests/test_server.py::test_concurrent_streams_are_not_mixed_up checks it).
 
@@ -32,12 +32,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..engine import Engine
+from ..errors import ConfigError, TokenizerError
 from . import openai_api as oa
-from .engine import Engine
-from .errors import ConfigError, TokenizerError
 from .openai_api import APIError, CompletionRequest
-from .scheduler import Job, JobFailed, Scheduler, ServerBusy
-from .stopping import StopMatcher
+from .slots import Job, JobFailed, Scheduler, ServerBusy
+from .stop_strings import StopMatcher
 
 DEFAULT_MAX_TOKENS_LIMIT = 1024
 DEFAULT_MAX_CONCURRENCY = 4
@@ -81,7 +81,7 @@ def create_app(
     app.state.scheduler = scheduler
     _install_error_handlers(app)
 
-    page = resources.files("minigpt").joinpath("static/playground.html").read_text("utf-8")
+    page = resources.files("minigpt.serve").joinpath("static/playground.html").read_text("utf-8")
 
     @app.get("/", include_in_schema=False)
     async def playground() -> HTMLResponse:
@@ -122,9 +122,10 @@ def create_app(
         data = oa.parse_json(await _read_body(request, max_body_bytes))
         req = oa.parse_completion_request(data, model_id, max_tokens_limit)
         # Encoding is synchronous work proportional to the prompt: keep it off the event loop too.
-        prompt_tokens = await asyncio.to_thread(_count_prompt_tokens, engine, req.prompts)
+        prompt_ids = await asyncio.to_thread(_encode_prompts, engine, req.prompts)
+        prompt_tokens = sum(len(ids) for ids in prompt_ids)
         try:
-            job = scheduler.submit(partial(run_completion, engine, req))
+            job = scheduler.submit(partial(run_completion, engine, req, prompt_ids))
         except ServerBusy as e:
             raise APIError(429, str(e), code="server_busy", type="server_busy") from None
         reply = _Reply(oa.new_completion_id(), oa.now(), model_id, req, prompt_tokens)
@@ -150,22 +151,16 @@ class Delta:
     tokens: int = 0
 
 
-def run_completion(engine: Engine, req: CompletionRequest, job: Job) -> None:
+def run_completion(
+    engine: Engine, req: CompletionRequest, prompt_ids: list[list[int]], job: Job
+) -> None:
     """Generate every choice of `req` into `job`, stopping between tokens once the job is cancelled."""
-    n = req.n
-    for p, prompt in enumerate(req.prompts):
+    n, params = req.n, req.sampling()
+    for p, ids in enumerate(prompt_ids):
         stops = [StopMatcher(req.stop) for _ in range(n)]
         counts = [0] * n
         done = [False] * n
-        events = engine.stream(
-            prompt,
-            max_new_tokens=req.max_tokens,
-            temperature=req.temperature,
-            top_k=req.top_k,
-            top_p=req.top_p,
-            seed=req.seed,
-            num_samples=n,
-        )
+        events = engine.stream(ids, params)
         try:
             for ev in events:
                 if job.cancelled:
@@ -187,9 +182,9 @@ def run_completion(engine: Engine, req: CompletionRequest, job: Job) -> None:
             events.close()
 
 
-def _count_prompt_tokens(engine: Engine, prompts: list[str]) -> int:
+def _encode_prompts(engine: Engine, prompts: list[str]) -> list[list[int]]:
     try:
-        return sum(len(engine.encode_prompt(p)) for p in prompts)
+        return [engine.encode_prompt(p) for p in prompts]
     except TokenizerError as e:
         raise APIError(
             400,
@@ -431,7 +426,7 @@ def serve(
     """Load a run and serve it until Ctrl-C (or SIGTERM), which stops it cleanly."""
     import uvicorn
 
-    from .engine import load
+    from ..engine import load
 
     engine = load(run_dir, checkpoint=checkpoint, device=device, dtype=dtype)
     model_id = Path(run_dir).resolve().name

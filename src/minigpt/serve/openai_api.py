@@ -14,6 +14,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..sampling import SamplingParams
+
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_CHOICES = 32  # n x number of prompts in one request
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -54,7 +56,7 @@ def error_body(
 class CompletionRequest:
     prompts: list[str]
     max_tokens: int = DEFAULT_MAX_TOKENS
-    temperature: float = 1.0
+    temperature: float = SamplingParams.temperature  # the project's default, not OpenAI's 1.0
     top_p: float | None = None
     top_k: int | None = None
     n: int = 1
@@ -63,6 +65,12 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage counts
     echo: bool = False
+
+    def sampling(self) -> SamplingParams:
+        """The engine's settings for one prompt's `n` choices (each prompt starts afresh)."""
+        return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature,
+                              top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+                              num_samples=self.n).validate()
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
@@ -91,28 +99,26 @@ _NEUTRAL = {
 }
 
 
+COMPLETION_FIELDS = {
+    "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed",
+    "stream", "stream_options", "echo", "user", "best_of", "logit_bias", *_NEUTRAL,
+}
+
+
 def parse_completion_request(
     data: dict[str, Any], model_id: str, max_tokens_limit: int
 ) -> CompletionRequest:
     """Check every field of a /v1/completions body; raise APIError(4xx) on the first problem."""
-    known = {
-        "model",
-        "prompt",
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "n",
-        "stop",
-        "seed",
-        "stream",
-        "stream_options",
-        "echo",
-        "user",
-        "best_of",
-        "logit_bias",
-        *_NEUTRAL,
-    }
+    _check_known(data, COMPLETION_FIELDS)
+    _check_model(data.get("model"), model_id)
+    req = CompletionRequest(prompts=_prompts(data.get("prompt", "")))
+    _parse_sampling(req, data, max_tokens_limit)
+    _parse_streaming(req, data)
+    _check_unsupported(data)
+    return req
+
+
+def _check_known(data: dict[str, Any], known: set[str]) -> None:
     unknown = sorted(set(data) - known)
     if unknown:
         raise APIError(
@@ -122,7 +128,8 @@ def parse_completion_request(
             code="unknown_parameter",
         )
 
-    model = data.get("model")
+
+def _check_model(model: Any, model_id: str) -> None:
     if model is not None:
         _check_type("model", model, str)
         if model != model_id:
@@ -133,25 +140,27 @@ def parse_completion_request(
                 code="model_not_found",
             )
 
-    prompts = _prompts(data.get("prompt", ""))
-    req = CompletionRequest(prompts=prompts)
+
+def _parse_sampling(req: CompletionRequest, data: dict[str, Any], max_tokens_limit: int) -> None:
+    """max_tokens, temperature, top_p, top_k, n, best_of, stop and seed."""
     req.max_tokens = _int(
         "max_tokens", data.get("max_tokens"), DEFAULT_MAX_TOKENS, 1, max_tokens_limit
     )
-    req.temperature = _number("temperature", data.get("temperature"), 1.0, 0.0, 2.0)
+    req.temperature = _number(
+        "temperature", data.get("temperature"), SamplingParams.temperature, 0.0, 2.0
+    )
     top_p = _number("top_p", data.get("top_p"), 1.0, 0.0, 1.0)
     if top_p <= 0.0:
         raise APIError(
             400, f"top_p must be > 0 and <= 1, got {top_p}", param="top_p", code="invalid_value"
         )
     req.top_p = None if top_p == 1.0 else top_p
-    top_k = _int("top_k", data.get("top_k"), 0, 0, None)
-    req.top_k = top_k or None
+    req.top_k = _int("top_k", data.get("top_k"), 0, 0, None) or None
     req.n = _int("n", data.get("n"), 1, 1, MAX_CHOICES)
-    if req.n * len(prompts) > MAX_CHOICES:
+    if req.n * len(req.prompts) > MAX_CHOICES:
         raise APIError(
             400,
-            f"n x number of prompts must be <= {MAX_CHOICES}, got {req.n} x {len(prompts)}",
+            f"n x number of prompts must be <= {MAX_CHOICES}, got {req.n} x {len(req.prompts)}",
             param="n",
             code="invalid_value",
         )
@@ -167,29 +176,36 @@ def parse_completion_request(
     seed = data.get("seed")
     if seed is not None:
         req.seed = _int("seed", seed, 0, 0, 2**63 - 1)
+
+
+def _parse_streaming(req: CompletionRequest, data: dict[str, Any]) -> None:
+    """stream, echo and stream_options."""
     req.stream = _bool("stream", data.get("stream"), False)
     req.echo = _bool("echo", data.get("echo"), False)
     options = data.get("stream_options")
-    if options is not None:
-        _check_type("stream_options", options, dict)
-        if not req.stream:
-            raise APIError(
-                400,
-                "stream_options is only allowed when stream is true",
-                param="stream_options",
-                code="invalid_value",
-            )
-        extra = sorted(set(options) - {"include_usage"})
-        if extra:
-            raise APIError(
-                400,
-                f"unknown stream_options field(s): {', '.join(extra)}",
-                param="stream_options",
-                code="unknown_parameter",
-            )
-        req.include_usage = _bool(
-            "stream_options.include_usage", options.get("include_usage"), False
+    if options is None:
+        return
+    _check_type("stream_options", options, dict)
+    if not req.stream:
+        raise APIError(
+            400,
+            "stream_options is only allowed when stream is true",
+            param="stream_options",
+            code="invalid_value",
         )
+    extra = sorted(set(options) - {"include_usage"})
+    if extra:
+        raise APIError(
+            400,
+            f"unknown stream_options field(s): {', '.join(extra)}",
+            param="stream_options",
+            code="unknown_parameter",
+        )
+    req.include_usage = _bool("stream_options.include_usage", options.get("include_usage"), False)
+
+
+def _check_unsupported(data: dict[str, Any]) -> None:
+    """Fields accepted only at their neutral value (user is accepted and ignored)."""
     user = data.get("user")
     if user is not None:
         _check_type("user", user, str)
@@ -207,7 +223,6 @@ def parse_completion_request(
                 param=name,
                 code="unsupported_value",
             )
-    return req
 
 
 def _prompts(prompt: Any) -> list[str]:

@@ -10,6 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from ..errors import TokenizerError
+from ..fsio import atomic_write_text
 
 BOS = "<|bos|>"
 EOS = "<|eos|>"
@@ -75,8 +76,6 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
 
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
-    from ..checkpoint import atomic_write_text  # late import: checkpoint imports tokenizers
-
     atomic_write_text(Path(path), json.dumps(tok.to_dict(), ensure_ascii=False) + "\n")
 
 

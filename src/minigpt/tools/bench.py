@@ -24,12 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import resolve
-from .data import bundled_corpus, is_prepared, load_prepared, prepare
-from .device import configure_cpu, resolve_device
-from .engine import Engine, load
-from .model import GPT
-from .tokenizers import load_tokenizer
+from ..config import resolve
+from ..cpu import configure_cpu
+from ..data.corpus import bundled_corpus
+from ..data.dataset import is_prepared, load_prepared
+from ..data.prepare import prepare
+from ..device import resolve_device
+from ..engine import Engine, load
+from ..model import GPT
+from ..sampling import SamplingParams
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5, device: torch.device | None = None) -> float:
@@ -62,6 +65,23 @@ def _median_ms(seconds: list[float]) -> float:
     return statistics.median(seconds) * 1e3
 
 
+def _timed_steps(trainer: Any, warmup: int, iters: int) -> tuple[list[float], ...]:
+    """(losses, wall seconds, CPU seconds) of `iters` training steps after `warmup` untimed ones."""
+    trainer.model.train()
+    losses, times, cpu_times = [], [], []
+    for i in range(warmup + iters):
+        _sync(trainer.device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = trainer.train_step()
+        _sync(trainer.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
+        trainer.step += 1
+        losses.append(loss.item())  # outside the timed region
+    return losses, times, cpu_times
+
+
 def bench_train(
     preset: str | None = None,
     config_file: str | Path | None = None,
@@ -75,7 +95,7 @@ def bench_train(
     Reports wall and CPU time per step: with one thread, CPU time is what the step would take on an
     idle machine, so it stays comparable while other processes share the cores.
     """
-    from .train import Trainer  # train imports the engine; keep `minigpt bench generate` light
+    from ..training.trainer import Trainer  # keep `minigpt bench generate` light
 
     mcfg, tcfg = resolve(preset, config_file, overrides)
     data = tcfg.data
@@ -90,18 +110,7 @@ def bench_train(
         trainer = Trainer(mcfg, tcfg, prepared, Path(tmp), progress=False)
         device = trainer.device
         peak = peak_gflops or matmul_peak_gflops(device=device)
-        trainer.model.train()
-        losses, times, cpu_times = [], [], []
-        for i in range(warmup + iters):
-            _sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            loss = trainer.train_step()
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-                cpu_times.append(time.process_time() - c0)
-            trainer.step += 1
-            losses.append(loss.item())  # outside the timed region
+        losses, times, cpu_times = _timed_steps(trainer, warmup, iters)
     ms = _median_ms(times)
     tokens_per_sec = trainer.tokens_per_step / (ms / 1e3)
     model_gflops = trainer.model.flops_per_token() * tokens_per_sec / 1e9
@@ -151,7 +160,7 @@ def _engine(run_dir: str | Path | None, preset: str | None, checkpoint: str, dev
         return load(run_dir, checkpoint=checkpoint, device=device)
     with tempfile.TemporaryDirectory(prefix="minigpt-bench-") as tmp:
         prepare([bundled_corpus()], tmp)
-        tokenizer = load_tokenizer(Path(tmp) / "tokenizer.json")
+        tokenizer = load_prepared(tmp).tokenizer
     mcfg, _ = resolve(preset, None, {**overrides, "vocab_size": tokenizer.vocab_size})
     torch.manual_seed(0)
     model = GPT(mcfg).to(resolve_device(device))
@@ -167,8 +176,9 @@ def _timed_stream(engine: Engine, prompt: str, new_tokens: int, num_samples: int
 
     stamps = []
     t0 = now()
-    events = engine.stream(prompt, max_new_tokens=new_tokens, temperature=0.8, seed=seed,
-                           num_samples=num_samples, stop_at_eos=False)
+    params = SamplingParams(max_new_tokens=new_tokens, seed=seed, num_samples=num_samples,
+                            stop_at_eos=False)
+    events = engine.stream(prompt, params)
     for i, _ in enumerate(events):  # without EOS stops, each step yields one event per stream
         if i % num_samples == 0:
             stamps.append(now())

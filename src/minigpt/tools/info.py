@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import checkpoint as ckpt
-from .config import PRESETS, ModelConfig, resolve
+from .. import checkpoint as ckpt
+from .. import rundir
+from ..config import PRESETS, ModelConfig, resolve
+from ..model import GPT
+from ..training.optim import is_muon_param
 from .memory import format_bytes, training_memory
-from .model import GPT
-from .optim import is_muon_param
-from .plot import read_metrics
 
 # Tiny Shakespeare's 65 characters + BOS + EOS: the vocabulary preset parameter counts are quoted for
 SHAKESPEARE_VOCAB = 67
@@ -58,15 +57,10 @@ def memory_breakdown(mcfg: ModelConfig, params: int, batch_size: int,
 
 
 def run_info(run_dir: Path) -> dict[str, Any]:
-    mcfg, tcfg = ckpt.read_run_config(run_dir)
+    mcfg, tcfg = rundir.read_config(run_dir)
     ckpts = ckpt.list_checkpoints(run_dir)
     best = ckpt.best_step(run_dir)
-    best_val = None
-    if best is not None:
-        try:
-            best_val = json.loads((ckpt.checkpoints_dir(run_dir) / ckpt.BEST).read_text())["val_loss"]
-        except (OSError, ValueError, KeyError):
-            pass
+    best_val = rundir.read_best(run_dir)["val_loss"] if best is not None else None
     params = param_count(mcfg)
     return {
         "run_dir": str(run_dir),
@@ -85,9 +79,9 @@ def run_info(run_dir: Path) -> dict[str, Any]:
 
 def _logged_val_bpb(run_dir: Path, step: int | None) -> float | None:
     """The validation bits per byte metrics.jsonl logged at `step` (None if it logged none)."""
-    if step is None or not (run_dir / ckpt.METRICS).exists():
+    if step is None or not rundir.metrics_path(run_dir).exists():
         return None
-    return next((row["val_bpb"] for row in read_metrics(run_dir)
+    return next((row["val_bpb"] for row in rundir.read_metrics(run_dir)
                  if row.get("iter") == step and row.get("val_bpb") is not None), None)
 
 

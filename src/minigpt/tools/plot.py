@@ -6,25 +6,10 @@ different tokenizers can be compared on the same text.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .checkpoint import METRICS
-from .errors import CheckpointError
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / METRICS
-    if not path.exists():
-        raise CheckpointError(f"{run_dir} has no {METRICS}; is it a minigpt run directory?")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line torn by a crash
-    return rows
-
+from ..errors import CheckpointError
+from ..rundir import read_metrics
 
 METRICS_PLOTTED = {  # metric -> (training key, validation key, axis label)
     "loss": ("train_loss", "val_loss", "loss (nats/token)"),

@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .device import resolve_device
-from .errors import ConfigError
+from ..device import resolve_device
+from ..errors import ConfigError
 
 T = TypeVar("T")
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from . import checkpoint as ckpt
-from .errors import TrainingDiverged
+from .. import checkpoint as ckpt
+from ..errors import TrainingDiverged
 
 
 def bad_step(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:

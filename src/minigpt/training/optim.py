@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

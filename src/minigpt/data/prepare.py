@@ -1,0 +1,273 @@
+"""`prepare`: raw text -> token ids in memory-mapped .bin files, plus the data directory's meta.
+
+`prepare()` writes a data directory:
+
+    train.bin, val.bin   token ids, uint16 (uint32 when the vocabulary needs it), read with np.memmap
+    tokenizer.json       the tokenizer built from the corpus
+    meta.json            counts, dtype, mode, sources, format version
+
+Two modes: a continuous stream (split by position: the last `val_fraction` is validation, as nanoGPT
+does) and documents (`lines`, `blank`, `files`), each wrapped as BOS ... EOS and split by document with a
+seeded shuffle. `prepare` streams its input (bounded memory, progress bar) and appends to the .bin
+files as it encodes, so a corpus larger than RAM prepares and trains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import DataError
+from ..fsio import atomic_write_text
+from ..rundir import FORMAT_VERSION, TOKENIZER
+from ..tokenization import Tokenizer, save_tokenizer, train_tokenizer
+from .corpus import DOC_MODES, Chunk, gather_inputs, iter_documents, read_chunks
+from .dataset import META
+
+PIECE_CHARS = 1 << 16  # texts handed to encode_batch: small enough to spread over threads
+BATCH_CHARS = 1 << 20  # characters per encode_batch call (Hugging Face keeps ~100 bytes per token)
+
+
+def _dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+class _TokenFile:
+    """Token ids appended to a hidden temp file, renamed to `path` only once all are written."""
+
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.path, self.dtype = path, dtype
+        self.tmp = path.with_name(f".{path.name}.tmp")
+        self.file = open(self.tmp, "wb")  # closed by commit() or abort()
+        self.tokens = 0
+        self.bytes = 0  # UTF-8 bytes of the text these tokens cover
+
+    def write(self, ids: np.ndarray) -> None:
+        self.file.write(ids.astype(self.dtype, copy=False).tobytes())
+        self.tokens += ids.size
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.tmp.replace(self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """Cut a chunk into pieces of about `size` characters at newlines, for parallel encoding."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + size) + 1 or len(text)
+        yield text[start:end]
+        start = end
+
+
+class _Encoder:
+    """Batches pieces of text through `encode_batch` and appends the ids to their split's file.
+
+    A document is written as BOS ids EOS; a long one is encoded in pieces, so no single call (and no
+    array of ids) grows with the size of a file.
+    """
+
+    def __init__(self, tok: Tokenizer, files: dict[str, _TokenFile]):
+        self.tok, self.files = tok, files
+        self.bos = np.array([tok.bos_id], dtype=np.uint32)
+        self.eos = np.array([tok.eos_id], dtype=np.uint32)
+        self.batch: list[tuple[str, str, bool, bool]] = []  # (split, text, BOS before, EOS after)
+        self.size = 0
+
+    def add_text(self, split: str, text: str) -> None:
+        for piece in _pieces(text):
+            self._add(split, piece, False, False)
+
+    def add_document(self, split: str, doc: str) -> None:
+        pieces = list(_pieces(doc))
+        for i, piece in enumerate(pieces):
+            self._add(split, piece, i == 0, i == len(pieces) - 1)
+
+    def _add(self, split: str, text: str, bos: bool, eos: bool) -> None:
+        self.batch.append((split, text, bos, eos))
+        self.size += len(text)
+        if self.size >= BATCH_CHARS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.batch:
+            return
+        encoded = self.tok.encode_batch([text for _, text, _, _ in self.batch])
+        for split, out in self.files.items():
+            parts = []
+            for (s, _, bos, eos), ids in zip(self.batch, encoded):
+                if s == split:
+                    parts.extend([self.bos] * bos + [ids] + [self.eos] * eos)
+            if parts:
+                out.write(np.concatenate(parts))
+        self.batch, self.size = [], 0
+
+
+def prepare(
+    inputs: list[str | Path],
+    out_dir: str | Path,
+    docs: str | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 1337,
+    tokenizer: str = "char",
+    vocab_size: int | None = None,
+    progress: bool = True,
+    **tokenizer_options: Any,
+) -> dict[str, Any]:
+    """Tokenize text files into `out_dir`; return the meta.json contents.
+
+    Two passes over the input, each holding one chunk (or one document) in memory: the first learns
+    the tokenizer and counts characters or documents, the second encodes and appends to the .bin files.
+    `vocab_size` is the tokenizer's (bpe only), not the model's.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val-fraction must be in (0, 1), got {val_fraction}")
+    if docs is not None and docs not in DOC_MODES:
+        raise DataError(f"unknown document mode {docs!r}; choose from {', '.join(DOC_MODES)}")
+    files = gather_inputs(inputs)
+    if vocab_size is not None:
+        tokenizer_options["vocab_size"] = vocab_size
+    total = sum(f.stat().st_size for f in files)
+    with _progress_bar(total, f"{tokenizer} tokenizer: reading", progress) as bar:
+        tok, units = _learn_tokenizer(files, docs, tokenizer, tokenizer_options, bar.update)
+    plan = _SplitPlan.make(units, docs, val_fraction, seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = _dtype_for(tok.vocab_size)
+    bins = {s: _TokenFile(out / f"{s}.bin", dtype) for s in ("train", "val")}
+    try:
+        with _progress_bar(total, f"{tokenizer} tokenizer: encoding", progress) as bar:
+            _encode_splits(files, docs, tok, plan, bins, bar.update)
+        for b in bins.values():
+            b.commit()
+    except BaseException:
+        for b in bins.values():
+            b.abort()
+        raise
+    save_tokenizer(tok, out / TOKENIZER)
+    meta = _meta(tok, dtype, docs, val_fraction, seed, bins, plan, files, tokenizer_options)
+    atomic_write_text(out / META, json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _meta(tok: Tokenizer, dtype: np.dtype, docs: str | None, val_fraction: float, seed: int,
+          bins: dict[str, _TokenFile], plan: _SplitPlan, files: list[Path],
+          tokenizer_options: dict[str, Any]) -> dict[str, Any]:
+    """The data directory's meta.json."""
+    return {
+        "format": FORMAT_VERSION,
+        "tokenizer": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "tokenizer_vocab_size": tokenizer_options.get("vocab_size"),  # asked for; None = default
+        "dtype": dtype.name,
+        "docs": docs,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "train_tokens": bins["train"].tokens,
+        "val_tokens": bins["val"].tokens,
+        # UTF-8 bytes of the text each split covers: the denominator of bits per byte
+        "train_bytes": bins["train"].bytes,
+        "val_bytes": bins["val"].bytes,
+        "num_docs": plan.num_docs(),
+        "sources": [str(f) for f in files],
+    }
+
+
+def _learn_tokenizer(files: list[Path], docs: str | None, kind: str, options: dict[str, Any],
+                     on_read: Callable[[int], None]) -> tuple[Tokenizer, int]:
+    """Pass 1: the tokenizer learnt from the corpus, and how many characters (stream) or
+    documents it holds: what the split needs."""
+    units = 0
+
+    def texts() -> Iterator[str]:
+        # In pieces: the BPE trainer reads a few hundred texts ahead, and pieces keep that small.
+        nonlocal units
+        if docs is None:
+            source: Iterator[str] = (c.text for c in _chunks(files, on_read))
+        else:
+            source = iter_documents(files, docs, on_read)
+        for text in source:
+            units += len(text) if docs is None else 1
+            yield from _pieces(text)
+
+    tok = train_tokenizer(kind, texts(), **options)
+    return tok, units
+
+
+@dataclass
+class _SplitPlan:
+    """Where validation is: the characters from `cut` on (stream), or the documents `is_val` marks."""
+
+    units: int
+    cut: int | None = None
+    is_val: np.ndarray | None = None
+
+    @classmethod
+    def make(cls, units: int, docs: str | None, val_fraction: float, seed: int) -> _SplitPlan:
+        if docs is None:
+            cut = int(units * (1.0 - val_fraction))  # the last val_fraction of the text, by position
+            if cut == 0 or cut == units:
+                raise DataError(f"corpus of {units} characters is too short to split")
+            return cls(units, cut=cut)
+        if units < 2:
+            raise DataError(f"found {units} document(s) with --docs {docs}; need at least 2")
+        n_val = min(units - 1, max(1, round(units * val_fraction)))
+        is_val = np.zeros(units, dtype=bool)
+        is_val[np.random.default_rng(seed).permutation(units)[:n_val]] = True
+        return cls(units, is_val=is_val)
+
+    def num_docs(self) -> dict[str, int] | None:
+        if self.is_val is None:
+            return None
+        val = int(self.is_val.sum())
+        return {"train": self.units - val, "val": val}
+
+
+def _encode_splits(files: list[Path], docs: str | None, tok: Tokenizer, plan: _SplitPlan,
+                   bins: dict[str, _TokenFile], on_read: Callable[[int], None]) -> None:
+    """Pass 2: encode in batches and append to train.bin / val.bin."""
+    encoder = _Encoder(tok, bins)
+    seen = 0
+    if docs is None:
+        for chunk in _chunks(files, on_read):
+            head = chunk.text[: max(0, plan.cut - seen)]
+            head_bytes = chunk.nbytes if len(head) == len(chunk.text) else len(head.encode())
+            for split, text, nbytes in (("train", head, head_bytes),
+                                        ("val", chunk.text[len(head):], chunk.nbytes - head_bytes)):
+                bins[split].bytes += nbytes
+                encoder.add_text(split, text)
+            seen += len(chunk.text)
+    else:
+        for doc in iter_documents(files, docs, on_read):
+            split = "val" if seen < plan.units and plan.is_val[seen] else "train"
+            bins[split].bytes += len(doc.encode("utf-8"))
+            encoder.add_document(split, doc)
+            seen += 1
+    encoder.flush()
+    if seen != plan.units:
+        raise DataError("the input files changed while they were being prepared; run prepare again")
+
+
+def _chunks(files: list[Path], on_read: Callable[[int], None]) -> Iterator[Chunk]:
+    for f in files:
+        yield from read_chunks(f, on_read=on_read)
+
+
+def _progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
+    # disable=None: shown only when stderr is a terminal, so logs and tests stay clean
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                disable=None if enabled else True, file=sys.stderr, dynamic_ncols=True, leave=False)

@@ -1,0 +1,1 @@
+"""Tools behind the CLI's inspection commands: bench, info, memory (training-memory estimate), plot."""

@@ -1,0 +1,52 @@
+"""`train(...)` -> summary: the one entry point of training (`minigpt.train`, the CLI, the tests).
+
+It resolves the config (or the run's own, on resume), picks the backend (torch, or the NumPy
+reference), claims and sets up the run directory (setup.py) on rank 0 first, then runs the loop
+(trainer.py) in this process or in each torchrun rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .. import checkpoint as ckpt
+from ..config import resolve
+from ..data.dataset import load_prepared
+from ..errors import ConfigError
+from ..reference.trainer import ReferenceTrainer, check_reference_config
+from . import distributed
+from .setup import resume_config, set_up_run
+from .trainer import Trainer
+
+
+def train(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train a GPT. Keyword overrides use the config names: `train(data="x.txt", max_iters=500)`."""
+    if resume:
+        mcfg, tcfg = resume_config(preset, config_file, overrides)
+    else:
+        mcfg, tcfg = resolve(preset, config_file, overrides)
+    reference = tcfg.backend == "reference"
+    if reference:  # NumPy backend: refuse what it cannot do before touching --out
+        check_reference_config(mcfg, tcfg)
+    run_dir = Path(tcfg.out)
+    # a run killed before its first checkpoint starts again from step 0: there is nothing to lose
+    from_checkpoint = resume and bool(ckpt.list_checkpoints(run_dir))
+    with distributed.session(tcfg.device) as dist:  # one process, or one rank under torchrun
+        if dist.distributed and reference:
+            raise ConfigError("the reference backend trains in one process; start it without torchrun")
+        data_dir = dist.main_first(
+            lambda: set_up_run(mcfg, tcfg, run_dir, resume, from_checkpoint, overwrite, progress))
+        data = load_prepared(data_dir)
+        mcfg = dataclasses.replace(mcfg, vocab_size=data.tokenizer.vocab_size)
+        if reference:
+            return ReferenceTrainer(mcfg, tcfg, data, run_dir, progress).run(from_checkpoint)
+        return Trainer(mcfg, tcfg, data, run_dir, progress, dist).run(from_checkpoint)

@@ -1,0 +1,141 @@
+"""Setting a run up: claim the run directory, prepare or reuse the data, write config and
+tokenizer; and the resume policy: the run's own config plus explicit training overrides, refusing a
+different model, tokenizer or data.
+
+A new run that fails while setting up leaves `--out` as it was; a run killed before its first
+checkpoint restarts from step 0 on `--resume`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from .. import rundir
+from ..config import (
+    PRESETS,
+    ModelConfig,
+    TrainConfig,
+    load_toml,
+    model_config_from_dict,
+    renamed,
+    split_overrides,
+)
+from ..data.corpus import bundled_corpus
+from ..data.dataset import PreparedData, check_split_length, is_prepared, load_prepared
+from ..data.prepare import prepare
+from ..errors import CheckpointError, ConfigError
+
+# Settings that shape the prepared data; changing them on resume would change what is being learnt.
+DATA_SHAPING = ("data", "docs", "val_fraction", "tokenizer", "tokenizer_vocab_size")
+
+
+def set_up_run(mcfg: ModelConfig, tcfg: TrainConfig, run_dir: Path, resume: bool,
+                from_checkpoint: bool, overwrite: bool, progress: bool = True) -> Path:
+    """Claim the run directory, prepare the data, write config and tokenizer; -> the data dir.
+
+    A new run that fails here leaves --out as it was (rundir.new_run_dir); a resumed run
+    rewrites its config only once its checkpoint has loaded (Trainer.run).
+    """
+    if resume and not from_checkpoint:
+        print(f"warning: {run_dir} has no checkpoint yet; starting it from step 0", file=sys.stderr)
+    with nullcontext() if resume else rundir.new_run_dir(run_dir, overwrite, mcfg, tcfg):
+        data = _data_for_run(tcfg, run_dir, from_checkpoint, progress)
+        tcfg = _record_data_tokenizer(tcfg, data)
+        mcfg = dataclasses.replace(mcfg, vocab_size=data.tokenizer.vocab_size)
+        for split in ("train", "val"):
+            check_split_length(split, len(getattr(data, split)), mcfg.block_size)
+        if not from_checkpoint:
+            rundir.write_config(run_dir, mcfg, tcfg)
+            rundir.write_tokenizer(run_dir, data.tokenizer)
+    return data.path
+
+
+def resume_config(preset, config_file, overrides) -> tuple[ModelConfig, TrainConfig]:
+    """The run's own config, plus explicit train overrides; model changes are refused."""
+    out = overrides.get("out") or (load_toml(config_file).get("out") if config_file else None)
+    if not out:
+        raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+    mcfg, tcfg = rundir.read_config(Path(out))
+    given = load_toml(config_file) if config_file else {}
+    given.update(renamed({k: v for k, v in overrides.items() if v is not None}))
+    model_over, train_over = split_overrides(given)
+    if preset or given.get("preset"):
+        name = preset or given["preset"]
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        model_over = {**PRESETS[name].model, **model_over}
+    stored = dataclasses.asdict(mcfg)
+    wanted = model_config_from_dict({**stored, **model_over})
+    diffs = [f"{k} {stored[k]} -> {v}" for k, v in dataclasses.asdict(wanted).items() if stored[k] != v]
+    if diffs:
+        raise ConfigError(f"cannot resume {out} with a different model: {', '.join(diffs)}")
+    for k in DATA_SHAPING:
+        if k in train_over and not _same_setting(k, getattr(tcfg, k), train_over[k]):
+            what = "different data" if k == "data" else f"a different {k.replace('_', '-')}"
+            old, new = (_shown(k, v) for v in (getattr(tcfg, k), train_over[k]))
+            raise ConfigError(f"cannot resume {out} with {what}: {old} -> {new}")
+    tcfg = dataclasses.replace(tcfg, **train_over)
+    tcfg.validate()
+    return mcfg, tcfg
+
+
+def _shown(key: str, value: Any) -> Any:
+    return {"data": "the bundled corpus", "docs": "stream"}.get(key, value) if value is None else value
+
+
+def _same_setting(key: str, stored: Any, given: Any) -> bool:
+    if key == "data" and stored is not None and given is not None:
+        return Path(stored).resolve() == Path(given).resolve()  # ./a.txt and /abs/a.txt are the same
+    return stored == given
+
+
+def _data_for_run(tcfg: TrainConfig, run_dir: Path, resume: bool, progress: bool = True) -> PreparedData:
+    """Use prepared data as is; prepare raw text (or the bundled corpus) into RUN/data."""
+    if tcfg.data and is_prepared(tcfg.data):
+        data = load_prepared(tcfg.data)
+    else:
+        target = run_dir / "data"
+        if not (resume and is_prepared(target) and _same_sources(target, tcfg.data)):
+            staging = run_dir / "data.new"
+            shutil.rmtree(staging, ignore_errors=True)
+            prepare([tcfg.data or bundled_corpus()], staging, docs=tcfg.docs,
+                    val_fraction=tcfg.val_fraction, seed=tcfg.seed, tokenizer=tcfg.tokenizer,
+                    vocab_size=tcfg.tokenizer_vocab_size, progress=progress)
+            shutil.rmtree(target, ignore_errors=True)
+            staging.replace(target)
+        data = load_prepared(target)
+    if resume:
+        ours, theirs = data.tokenizer, rundir.read_tokenizer(run_dir)
+        if ours.to_dict() != theirs.to_dict():
+            raise CheckpointError(
+                f"cannot resume {run_dir}: the data's vocabulary ({ours.kind}, {ours.vocab_size} tokens) "
+                f"differs from the run's ({theirs.kind}, {theirs.vocab_size} tokens); "
+                "train a new run for this data"
+            )
+    return data
+
+
+def _record_data_tokenizer(tcfg: TrainConfig, data: PreparedData) -> TrainConfig:
+    """Prepared data brings its own tokenizer: the run's config.json records that one.
+
+    An explicit --tokenizer / --vocab-size that contradicts the data is an error, not silently ignored
+    ("char" is the default, so it cannot be told apart from not asking and yields to the data).
+    """
+    kind, asked = data.meta.get("tokenizer", data.tokenizer.kind), data.meta.get("tokenizer_vocab_size")
+    if tcfg.tokenizer not in ("char", kind) or tcfg.tokenizer_vocab_size not in (None, asked):
+        size = f" --vocab-size {asked}" if asked else ""
+        raise ConfigError(f"{data.path} was prepared with --tokenizer {kind}{size}; drop --tokenizer/"
+                          "--vocab-size or prepare the data again")
+    return dataclasses.replace(tcfg, tokenizer=kind, tokenizer_vocab_size=asked)
+
+
+def _same_sources(data_dir: Path, data: str | None) -> bool:
+    meta = json.loads((data_dir / "meta.json").read_text())
+    wanted = [str(data)] if data else [str(bundled_corpus())]
+    return meta.get("sources") == wanted or (data is not None and Path(data).is_dir())
