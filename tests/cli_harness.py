@@ -62,12 +62,12 @@ class ForkServer:
             raise RuntimeError("the CLI fork server died")
         return json.loads(line)
 
-    def spawn(self, argv: list[str], cwd: str | Path) -> int:
+    def spawn(self, argv: list[str], cwd: str | Path, pause: dict | None = None) -> int:
         argv = [str(a) for a in argv]
         self.count += 1
         out, err = self.outdir / f"{self.count}.out", self.outdir / f"{self.count}.err"
         pid = self._ask({"op": "spawn", "argv": argv, "cwd": str(cwd), "stdout": str(out),
-                         "stderr": str(err)})["pid"]
+                         "stderr": str(err), "pause": pause})["pid"]
         self.live[pid] = (argv, out, err)
         return pid
 
@@ -98,9 +98,15 @@ def server() -> ForkServer:
     return _server
 
 
-def spawn(argv: list[str], cwd: str | Path) -> int:
-    """Start `minigpt ARGV...` in `cwd`; returns its pid (kill it with os.kill, then `wait`)."""
-    return server().spawn(argv, cwd)
+def spawn(argv: list[str], cwd: str | Path, pause: dict | None = None) -> int:
+    """Start `minigpt ARGV...` in `cwd`; returns its pid (kill it with os.kill, then `wait`).
+
+    `pause={"where": "step"|"save", "at": k, "marker": PATH}` makes the child stop for good at a
+    chosen point — before its k-th training step, or inside its k-th checkpoint save (the weights
+    written into the temp directory, the trainer state not yet) — after creating PATH. A test that
+    waits for PATH and then kills the child has killed it exactly there, however fast the machine.
+    """
+    return server().spawn(argv, cwd, pause)
 
 
 def wait(pid: int) -> Result:
@@ -129,6 +135,8 @@ def _child(request: dict) -> None:
             os.dup2(f, fd)
             os.close(f)
         os.chdir(request["cwd"])
+        if request.get("pause"):
+            _install_pause(**request["pause"])
         sys.argv = ["minigpt", *request["argv"]]
         try:
             runpy.run_module("minigpt", run_name="__main__", alter_sys=True)
@@ -148,6 +156,44 @@ def _child(request: dict) -> None:
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _install_pause(where: str, at: int, marker: str) -> None:
+    """Stop this child for good at the k-th training step or checkpoint save (see `spawn`)."""
+    from minigpt import checkpoint
+    from minigpt.training.trainer import Trainer
+
+    calls = 0
+
+    def stop_here() -> None:
+        Path(marker).write_text(str(os.getpid()))
+        while True:
+            signal.pause()  # until the test's SIGKILL
+
+    if where == "step":
+        real_step = Trainer.train_step
+
+        def train_step(self):
+            nonlocal calls
+            calls += 1
+            if calls == at:
+                stop_here()
+            return real_step(self)
+
+        Trainer.train_step = train_step
+    elif where == "save":
+        real_save = checkpoint.save_file
+
+        def save_file(tensors, path, *args, **kwargs):
+            nonlocal calls
+            real_save(tensors, path, *args, **kwargs)
+            calls += 1
+            if calls == at:
+                stop_here()
+
+        checkpoint.save_file = save_file
+    else:
+        raise ValueError(f"unknown pause point {where!r}")
 
 
 def _serve() -> None:

@@ -55,46 +55,50 @@ def _alive(pid: int):
     return alive
 
 
+def _kill_at(argv: list[str], ws: Path, where: str, at: int) -> int:
+    """Run the CLI until it stops at the chosen point (cli_harness pause), SIGKILL it; -> its pid."""
+    marker = ws / f"paused-{where}-{at}-{os.urandom(4).hex()}"
+    pid = cli_harness.spawn(argv, ws, pause={"where": where, "at": at, "marker": str(marker)})
+    reached = kill_loop.wait_for(marker.exists, _alive(pid), poll=0.01)
+    if not reached:
+        raise AssertionError(f"the run ended before its pause point: {cli_harness.wait(pid)}")
+    os.kill(pid, signal.SIGKILL)
+    assert cli_harness.wait(pid).rc == -signal.SIGKILL
+    return pid
+
+
 def test_kill_9_at_random_moments_and_mid_save_then_resume_equals_the_uninterrupted_run(corpus):
+    """Kills land at seeded random steps and inside checkpoint saves. Where each kill lands is
+    chosen, not raced: the child stops at its pause point and is killed there, on any machine."""
     ws = corpus.parent
-    # Long enough that no kill finds the run finished: a "random" kill may come 0.2 s after a save,
-    # ~20 steps of this model, and up to 8 kills are planned.
+    max_iters = 60
     flags = ("--n-layer 2 --n-head 2 --n-embd 32 --block-size 16 --batch-size 4 --eval-interval 3 "
-             "--eval-iters 1 --log-interval 3 --sample-tokens 0 --max-iters 150 --quiet")
+             f"--eval-iters 1 --log-interval 3 --sample-tokens 0 --max-iters {max_iters} --quiet")
     fresh = lambda out: ["train", "--data", "corpus.txt", "--out", out, *shlex.split(flags)]  # noqa: E731
     assert cli_harness.run(fresh("ref"), ws).rc == 0
 
     run = ws / "killed"
     seed = random.SystemRandom().randrange(1 << 30)
     rng = random.Random(seed)
-    plan = ["save", "random", "save", "random"]
-    kills = mid_save = 0
-    while plan:
-        mode = plan.pop(0)
-        start = kill_loop.newest_step(run)
+    for kills, where in enumerate(["save", "step", "save", "step", "step"]):
         argv = ["train", "--out", "killed", "--resume"] if kills else fresh("killed")
-        pid = cli_harness.spawn(argv, ws)
-        alive = kill_loop.wait_for_kill_moment(mode, run, pid, _alive(pid), start, rng, max_delay=0.2)
-        assert alive, f"run ended before kill {kills + 1}: {cli_harness.wait(pid)} (seed {seed})"
-        os.kill(pid, signal.SIGKILL)
-        assert cli_harness.wait(pid).rc == -signal.SIGKILL
-        kills += 1
-        hit = bool(kill_loop.temp_dirs(run, pid))
-        mid_save += hit
-        if mode == "save" and not hit and mid_save == 0 and kills < 8:
-            plan.append("save")  # it finished renaming just before the kill: try again
-        assert kill_loop.corrupted_checkpoints(run) == [], f"after kill {kills} (seed {seed})"
+        done = kill_loop.newest_step(run) if kills else 0
+        # a step of this process's remaining ones, or one of its next saves (every 3 steps)
+        at = rng.randint(1, (max_iters - done) // 2) if where == "step" else rng.randint(1, 3)
+        pid = _kill_at(argv, ws, where, at)
+        if where == "save":  # killed with half a checkpoint in its temp directory
+            assert kill_loop.temp_dirs(run, pid), f"kill {kills + 1} missed the save (seed {seed})"
+        assert kill_loop.corrupted_checkpoints(run) == [], f"after kill {kills + 1} (seed {seed})"
 
     final = cli_harness.run(["train", "--out", "killed", "--resume"], ws)
     assert final.rc == 0, final
-    assert mid_save >= 1, f"no kill landed inside a save (seed {seed})"
     assert not list(ckpt.checkpoints_dir(run).glob(".tmp-*")), "temp dirs of killed saves were not cleared"
     w_ref, t_ref, losses_ref = kill_loop.final_state(ws / "ref")
     w_run, t_run, losses_run = kill_loop.final_state(run)
     # CPU, same thread count, exact resume: bit-for-bit equal, not merely close
-    assert kill_loop.same_tensors(w_ref, w_run)
-    assert kill_loop.same_tensors(t_ref, t_run)
-    assert losses_ref == losses_run
+    assert kill_loop.same_tensors(w_ref, w_run), f"seed {seed}"
+    assert kill_loop.same_tensors(t_ref, t_run), f"seed {seed}"
+    assert losses_ref == losses_run, f"seed {seed}"
 
 
 # --- a failing disk --------------------------------------------------------------------------------

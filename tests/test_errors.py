@@ -133,6 +133,10 @@ CASES = [
          "train --out evil --resume",
          "minigpt: error: refusing to load evil/checkpoints/step-0000010/trainer.pt: it is not plain "
          "tensor data and loading it could run code (…); use checkpoints only from sources you trust"),
+    Case("newer-format", "a checkpoint written by a newer minigpt (format 2 in its meta.json)",
+         "sample newer",
+         "minigpt: error: newer/checkpoints/step-0000010 was written in format 2, newer than this "
+         "minigpt reads (1); upgrade minigpt to use it"),
     Case("other-vocabulary", "a checkpoint from a model with a different vocabulary",
          "sample other-vocab",
          "minigpt: error: weights in other-vocab/checkpoints/step-0000010/model.safetensors do not "
@@ -188,13 +192,16 @@ def workspace(tmp_path_factory) -> Path:
 
     _cli(f"train --data corpus.txt --out run --max-iters 10 --eval-interval 10 {TINY}", ws)
     step = Path("checkpoints") / "step-0000010"
-    for name in ("no-weights", "no-trainer", "bad-weights", "bad-trainer", "evil", "other-vocab"):
+    for name in ("no-weights", "no-trainer", "bad-weights", "bad-trainer", "evil", "other-vocab",
+                 "newer"):
         shutil.copytree(ws / "run", ws / name)
     (ws / "no-weights" / step / ckpt.WEIGHTS).unlink()
     (ws / "no-trainer" / step / ckpt.TRAINER).unlink()
     _flip_byte(ws / "bad-weights" / step / ckpt.WEIGHTS)
     _flip_byte(ws / "bad-trainer" / step / ckpt.TRAINER)
     write_malicious_trainer_state(ws / "evil" / step, ws / "pwned")
+    meta = json.loads((ws / "newer" / step / ckpt.META).read_text())
+    (ws / "newer" / step / ckpt.META).write_text(json.dumps({**meta, "format": 2}))
     mcfg = dataclasses.replace(rundir.read_config(ws / "run")[0], vocab_size=70)  # only the vocabulary differs
     shutil.rmtree(ws / "other-vocab" / "checkpoints")
     ckpt.save_checkpoint(ws / "other-vocab", 10, GPT(mcfg), None, {})
