@@ -137,6 +137,14 @@ def test_import_minigpt_is_lazy():
     assert "minigpt.engine" in loaded and "minigpt.training.trainer" not in loaded
 
 
+def test_cli_help_loads_no_torch():
+    """Building the CLI (every flag's help and default) needs only the config: `--help` is quick."""
+    loaded = _imported_after("import sys, runpy\nsys.argv = ['minigpt', 'train', '--help']\n"
+                             "try:\n    runpy.run_module('minigpt', run_name='__main__')\n"
+                             "except SystemExit:\n    pass")
+    assert "minigpt.cli" in loaded and "torch" not in loaded
+
+
 def test_minigpt_train_stays_the_function_after_the_training_package_is_imported():
     code = ("import minigpt, minigpt.training.trainer, minigpt.training.run\n"
             "assert callable(minigpt.train), minigpt.train\n"

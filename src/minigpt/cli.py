@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import BACKENDS, DOC_MODES, ModelConfig, TrainConfig, resolve
+from .config import BACKENDS, DOC_MODES, ModelConfig, SamplingParams, TrainConfig, resolve
 from .errors import ConfigError, MiniGPTError
-from .sampling import SamplingParams
 from .tokenization import kinds
 
 LAYOUT_SWITCHES = ("bias", "pos_emb", "norm", "activation", "qk_norm", "tie_embeddings")

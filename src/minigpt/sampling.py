@@ -1,56 +1,15 @@
-"""Choosing the next token: the sampling settings (`SamplingParams`) and the pure functions that
-apply them to logits (temperature, top-k, top-p) with an explicit RNG.
-
-`SamplingParams` is the one place sampling defaults live: `minigpt sample`, `Engine.generate/stream`,
-the sample printed during training, `minigpt bench generate` and the server all build one, so they
-sample alike out of the box. The default temperature is 0.8 everywhere (the server included, where
-OpenAI's API says 1.0): small char-level models ramble at 1.0, and 0.8 is what nanoGPT samples at.
+"""Choosing the next token: pure functions that apply the sampling settings to logits
+(temperature, top-k, top-p) with an explicit RNG. The settings themselves are
+`config.SamplingParams` (re-exported here), the one place sampling defaults live.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 
-from .errors import ConfigError
+from .config import SamplingParams
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to sample a completion. Built once per request; `validate()` is the only check."""
-
-    max_new_tokens: int = field(default=200, metadata={"help": "tokens to generate per sample"})
-    temperature: float = field(default=0.8, metadata={"help": "0 = greedy (argmax)"})
-    top_k: int | None = field(default=None, metadata={"help": "keep the k most likely tokens (0 = off)"})
-    top_p: float | None = field(default=None, metadata={
-        "help": "nucleus sampling: keep the most likely tokens up to this probability mass"})
-    seed: int | None = field(default=None, metadata={"help": "the same seed gives the same text"})
-    num_samples: int = field(default=1, metadata={"help": "independent samples, decoded in one batch"})
-    stop_at_eos: bool = field(default=True, metadata={"help": "end a sample at the end-of-text token"})
-
-    def validate(self) -> SamplingParams:
-        if self.max_new_tokens is None or self.max_new_tokens < 1:
-            raise ConfigError(f"max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.num_samples is None or self.num_samples < 1:
-            raise ConfigError(f"num-samples must be >= 1, got {self.num_samples}")
-        if self.temperature is None or self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 0:
-            raise ConfigError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top-p must be in (0, 1], got {self.top_p}")
-        return self
-
-    def replace(self, **changes: Any) -> SamplingParams:
-        """A copy with `changes` (None values mean "keep"), validated."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ConfigError(f"unknown sampling setting(s): {', '.join(unknown)}")
-        given = {k: v for k, v in changes.items() if v is not None}
-        return dataclasses.replace(self, **given).validate()
+__all__ = ["SamplingParams", "filter_logits", "sample_next_token"]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None,
