@@ -61,8 +61,11 @@ class Inspection:
         """Bits per scored token; times ln 2 it is the cross-entropy loss on this text."""
         return float(self.surprise[self.scored].mean())
 
-    def to_dict(self, digits: int = 5) -> dict[str, Any]:
-        """JSON-ready form (NaN -> None, floats rounded): what the HTML page and the API use."""
+    def to_dict(self, digits: int = 5, attention_digits: int | None = None) -> dict[str, Any]:
+        """JSON-ready form (NaN -> None, floats rounded): what the HTML page and the API use.
+
+        The attention maps are most of the size (n_layer x n_head x T x T numbers); a page that
+        only draws them can round them harder with `attention_digits`."""
 
         def num(x: float) -> float | None:
             return None if math.isnan(x) else round(float(x), digits)
@@ -72,7 +75,9 @@ class Inspection:
             "prob": [num(p) for p in self.prob], "surprise": [num(s) for s in self.surprise],
             "top_ids": self.top_ids.tolist(), "top_pieces": self.top_pieces,
             "top_probs": [[num(p) for p in row] for row in self.top_probs],
-            "attention": np.round(self.attention, digits).tolist(),
+            # float64 before rounding: a rounded float32 prints as 0.12300000339746475
+            "attention": np.round(self.attention.astype(np.float64),
+                                  attention_digits or digits).tolist(),
             "segments": [{"text": s.text, "first": s.first, "last": s.last,
                           "surprise": num(s.surprise)} for s in self.segments],
             "mean_surprise": num(self.mean_surprise),

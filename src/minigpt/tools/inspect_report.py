@@ -27,7 +27,8 @@ def page_template() -> str:
 
 def render_html(result: Inspection, layer: int = 0, head: int = 0) -> str:
     """The page with `result` embedded, opening on `layer`/`head`."""
-    data = {**result.to_dict(), "layer": layer, "head": head}
+    # 3 digits of attention is finer than any shade on screen, and halves the page
+    data = {**result.to_dict(attention_digits=3), "layer": layer, "head": head}
     # "</" inside a <script> would end it early; JSON allows "<\/" for the same characters
     payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
     template = page_template()
