@@ -187,11 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (default: 67, chars)")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("plot", formatter_class=_Help, help="plot train/val loss curves of one or more runs")
+    p = sub.add_parser("plot", formatter_class=_Help,
+                       help="plot loss, learning rate and tokens/s of one or more runs")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default="loss.png")
     p.add_argument("--metric", choices=("loss", "bpb"), default="loss",
                    help="loss per token, or bits per byte (compares runs with different tokenizers)")
+    p.add_argument("--html", default=None, metavar="FILE",
+                   help="also write an HTML report: the curves and the sample at each evaluation")
+    p.add_argument("--watch", action="store_true",
+                   help="redraw whenever the runs log, until Ctrl-C")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between checks with --watch")
     p.set_defaults(func=cmd_plot)
     return parser
 
@@ -342,9 +348,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .tools.plot import plot_runs
+    from .tools.plot import Watch, watch
 
-    print(f"wrote {plot_runs(args.run_dirs, args.out, args.metric)}")
+    if args.interval <= 0:
+        raise ConfigError(f"--interval must be > 0 seconds, got {args.interval}")
+    w = Watch(args.run_dirs, args.out, args.metric, args.html)
+    if args.watch:
+        watch(w, args.interval)
+        return 0
+    w.refresh()  # errors (no run, nothing logged) are one line, before any file is written
+    print(f"wrote {args.out}" + (f" and {args.html}" if args.html else ""))
     return 0
 
 
