@@ -123,6 +123,9 @@ CASES = [
          "minigpt: error: --head must be between 0 and 1 (the model has 2 heads), got -1"),
     Case("inspect-top-k-zero", "inspect: --top-k 0", "inspect run --text First --top-k 0",
          "minigpt: error: top-k must be >= 1, got 0"),
+    Case("plot-watch-interval-zero", "plot --watch with a poll interval of 0",
+         "plot run --watch --interval 0",
+         "minigpt: error: --interval must be > 0 seconds, got 0.0"),
     # --- run directories and checkpoints ------------------------------------------------------------
     Case("missing-run", "a nonexistent run directory", "sample nowhere",
          "minigpt: error: run directory not found: nowhere"),
