@@ -111,6 +111,17 @@ def test_bpe_tokens_are_shown_as_the_text_they_cover():
     assert joined == text.encode()
 
 
+def test_markup_in_the_text_cannot_break_out_of_the_pages_data_block():
+    from minigpt.tools.inspect_report import DATA_BLOCK, render_html
+
+    tok = ByteTokenizer()
+    text = "a</script><!--<b>x"
+    page = render_html(Engine(random_model("gpt2", tok.vocab_size), tok).inspect(text))
+    start = DATA_BLOCK.split("null")[0]
+    payload = page.split(start)[1].split("</script>")[0]
+    assert "<" not in payload and json.loads(payload)["text"] == text
+
+
 @pytest.mark.parametrize("text, error, message", [
     ("", DataError, "the text is empty"),
     ("A", DataError, "one token"),

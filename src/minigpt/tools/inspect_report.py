@@ -29,8 +29,9 @@ def render_html(result: Inspection, layer: int = 0, head: int = 0) -> str:
     """The page with `result` embedded, opening on `layer`/`head`."""
     # 3 digits of attention is finer than any shade on screen, and halves the page
     data = {**result.to_dict(attention_digits=3), "layer": layer, "head": head}
-    # "</" inside a <script> would end it early; JSON allows "<\/" for the same characters
-    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
+    # "</script>" or "<!--" in the text would end or upset the <script> block: JSON spells every
+    # "<" as \u003c, which parses back to the same string
+    payload = json.dumps(data, ensure_ascii=False).replace("<", "\\u003c")
     template = page_template()
     assert DATA_BLOCK in template, "inspect.html lost its data block"
     return template.replace(DATA_BLOCK, DATA_BLOCK.replace("null", payload))
