@@ -106,6 +106,26 @@ CASES = [
          "minigpt: error: top-p must be in (0, 1], got 1.5"),
     Case("negative-top-k", "top-k < 0", "sample run --top-k -1",
          "minigpt: error: top-k must be >= 0 (0 = off), got -1"),
+    # --- inspect ------------------------------------------------------------------------------------
+    Case("inspect-empty-text", "inspect: an empty --text", "inspect run --text ''",
+         "minigpt: error: nothing to inspect: the text is empty"),
+    Case("inspect-unknown-chars", "inspect: text with characters outside the vocabulary",
+         "inspect run --text 'Ünïcode €'",
+         "minigpt: error: text contains 3 character(s) the tokenizer has never seen: 'Ü', 'ï', '€'"),
+    Case("inspect-longer-than-context", "inspect: a text longer than the context (200 characters, "
+         "context 16)", "inspect run --text LONG_PROMPT",
+         "minigpt: error: the text is 200 tokens; this model reads at most 16 (its block size): "
+         "inspect a shorter text"),
+    Case("inspect-bad-layer", "inspect: a --layer the model does not have",
+         "inspect run --text First --layer 2",
+         "minigpt: error: --layer must be between 0 and 1 (the model has 2 layers), got 2"),
+    Case("inspect-bad-head", "inspect: a negative --head", "inspect run --text First --head -1",
+         "minigpt: error: --head must be between 0 and 1 (the model has 2 heads), got -1"),
+    Case("inspect-top-k-zero", "inspect: --top-k 0", "inspect run --text First --top-k 0",
+         "minigpt: error: top-k must be >= 1, got 0"),
+    Case("plot-watch-interval-zero", "plot --watch with a poll interval of 0",
+         "plot run --watch --interval 0",
+         "minigpt: error: --interval must be > 0 seconds, got 0.0"),
     # --- run directories and checkpoints ------------------------------------------------------------
     Case("missing-run", "a nonexistent run directory", "sample nowhere",
          "minigpt: error: run directory not found: nowhere"),

@@ -123,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto | float32 | bfloat16 | float16 weights (auto: bf16 on GPUs, fp32 on CPU)")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("inspect", formatter_class=_Help,
+                       help="show a run's surprise at each token of a text and its attention maps")
+    p.add_argument("run_dir")
+    p.add_argument("--text", required=True, help="the text to read (at most block-size tokens)")
+    p.add_argument("--out", default="inspect",
+                   help="directory for inspect.html, inspect.json and attention-layer<L>.png")
+    p.add_argument("--top-k", type=int, default=5, help="alternatives shown per token")
+    p.add_argument("--layer", type=int, default=None,
+                   help="heatmap of this layer only, and the page opens on it (default: all)")
+    p.add_argument("--head", type=int, default=None, help="head the page opens on (default: 0)")
+    p.add_argument("--checkpoint", default="best", help="best | last | a step number")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.set_defaults(func=cmd_inspect)
+
     p = sub.add_parser("serve", formatter_class=_Help, help="serve a trained run over an OpenAI-compatible HTTP API")
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -172,11 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (default: 67, chars)")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("plot", formatter_class=_Help, help="plot train/val loss curves of one or more runs")
+    p = sub.add_parser("plot", formatter_class=_Help,
+                       help="plot loss, learning rate and tokens/s of one or more runs")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default="loss.png")
     p.add_argument("--metric", choices=("loss", "bpb"), default="loss",
                    help="loss per token, or bits per byte (compares runs with different tokenizers)")
+    p.add_argument("--html", default=None, metavar="FILE",
+                   help="also write an HTML report: the curves and the sample at each evaluation")
+    p.add_argument("--watch", action="store_true",
+                   help="redraw whenever the runs log, until Ctrl-C")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between checks with --watch")
     p.set_defaults(func=cmd_plot)
     return parser
 
@@ -236,6 +256,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return 0
     for i, text in enumerate(engine.generate_many(args.prompt, params=params)):
         print(f"--- sample {i + 1} ---\n{args.prompt}{text}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .cpu import configure_cpu
+    from .engine import load
+    from .tools.inspect_report import check_choice, write_report
+
+    configure_cpu()
+    engine = load(args.run_dir, checkpoint=args.checkpoint, device=args.device, dtype="float32")
+    result = engine.inspect(args.text, top_k=args.top_k)  # bad text: one line, nothing written
+    check_choice(result, args.layer, args.head)
+    paths = write_report(result, args.out, args.layer, args.head)
+    worst = sorted(((s.surprise, s.text) for s in result.segments if s.surprise == s.surprise),
+                   reverse=True)[:5]
+    print(f"{len(result.tokens)} tokens, mean surprise {result.mean_surprise:.2f} bits/token "
+          f"({result.mean_surprise * 0.6931471805599453:.4f} nats, the loss on this text)")
+    print("most surprising: " + ", ".join(f"{t!r} {b:.1f} bits" for b, t in worst))
+    print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
 
 
@@ -308,9 +347,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .tools.plot import plot_runs
+    from .tools.plot import Watch, watch
 
-    print(f"wrote {plot_runs(args.run_dirs, args.out, args.metric)}")
+    if args.interval <= 0:
+        raise ConfigError(f"--interval must be > 0 seconds, got {args.interval}")
+    w = Watch(args.run_dirs, args.out, args.metric, args.html)
+    if args.watch:
+        watch(w, args.interval)
+        return 0
+    w.refresh()  # errors (no run, nothing logged) are one line, before any file is written
+    print(f"wrote {args.out}" + (f" and {args.html}" if args.html else ""))
     return 0
 
 

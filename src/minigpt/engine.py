@@ -13,7 +13,7 @@ import codecs
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from .kv_cache import KVCache
 from .model import GPT
 from .sampling import SamplingParams, sample_next_token
 from .tokenization import Tokenizer
+
+if TYPE_CHECKING:
+    from .inspection import Inspection
 
 
 @dataclass
@@ -139,6 +142,13 @@ class Engine:
         for ev in self._events(self.encode_prompt(prompt), params):
             parts[ev.index].append(ev.text)
         return ["".join(p) for p in parts]
+
+    def inspect(self, text: str, top_k: int = 5) -> Inspection:
+        """What the model sees in `text`: per-token probability, surprise (bits) and top-k
+        alternatives, and every head's attention weights, as NumPy arrays (see inspection.py)."""
+        from .inspection import inspect
+
+        return inspect(self, text, top_k)
 
 
 def load(run_dir: str | Path, checkpoint: str = "best", device: str = "auto",

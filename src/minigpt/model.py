@@ -5,8 +5,10 @@ ModelConfig's switches pick the layout. `arch="gpt2"` is GPT-2's: learned positi
 embeddings, RMSNorm, ReLU^2 MLP, QK-norm (queries and keys normalised with the model's norm),
 no biases, untied head. Parameter names follow GPT-2 in every
 layout (wte, wpe, h, ln_f, lm_head; c_attn, c_proj, c_fc) so checkpoints read like the papers and
-other tools; a layout only adds or drops tensors, it never renames one. `forward` always returns
-(logits, loss); loss is None without targets.
+other tools; a layout only adds or drops tensors, it never renames one. `forward` returns
+(logits, loss); loss is None without targets. `forward(..., return_attention=True)` also returns
+every head's attention weights, computed as an explicit softmax(QK^T / sqrt(d) + causal mask) that
+only this option pays for: training and generation keep the fused scaled_dot_product_attention.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = make_dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                layer: int = 0, kv_cache: KVCache | None = None) -> torch.Tensor:
+                layer: int = 0, kv_cache: KVCache | None = None,
+                attention: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Self-attention of x (B, T, C); given a list, appends its weights (B, n_head, T, T)."""
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         # split, not indexing: its backward is one concatenation instead of zero-filled copies
@@ -86,12 +90,27 @@ class CausalSelfAttention(nn.Module):
                 causal = False
                 if T > 1:  # new query i may see cached keys and new keys up to itself
                     mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        if attention is not None:  # same q, k, v (rotary, QK-norm) as below, weights kept
+            y = self._explicit_attention(q, k, v, attention)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal,
+                dropout_p=self.dropout if self.training else 0.0,
+            )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads
         return self.resid_drop(self.c_proj(y))
+
+
+    def _explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            attention: list[torch.Tensor]) -> torch.Tensor:
+        """softmax(q k^T / sqrt(head_dim), future masked) @ v, written out so the weights can be
+        kept; what scaled_dot_product_attention computes with is_causal=True."""
+        T = q.size(-2)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, n_head, T, T)
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        weights = scores.float().masked_fill(future, float("-inf")).softmax(dim=-1)
+        attention.append(weights)
+        return F.dropout(weights, self.dropout, self.training).to(v.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -121,8 +140,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None, layer: int = 0, kv_cache: KVCache | None = None):
-        x = x + self.attn(self.ln_1(x), rope, layer, kv_cache)
+    def forward(self, x, rope=None, layer: int = 0, kv_cache: KVCache | None = None,
+                attention: list[torch.Tensor] | None = None):
+        x = x + self.attn(self.ln_1(x), rope, layer, kv_cache, attention)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -167,9 +187,17 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, vocab); loss is mean cross-entropy vs targets."""
+        return_attention: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        """idx (B, T) token ids -> logits (B, T, vocab); loss is mean cross-entropy vs targets.
+
+        With return_attention, -> (logits, loss, attention (n_layer, B, n_head, T, T)): row i of a
+        head's map is how token i weighs tokens 0..i (each row sums to 1). Not with a KV cache.
+        """
         B, T = idx.shape
+        if return_attention and kv_cache is not None:
+            raise ValueError("return_attention reads a whole sequence; it takes no kv_cache")
+        attention: list[torch.Tensor] | None = [] if return_attention else None
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} exceeds block_size {self.config.block_size}")
@@ -182,13 +210,15 @@ class GPT(nn.Module):
                     self.rope_sin[start : start + T, None, None])
         x = self.drop(x)
         for i, block in enumerate(self.h):
-            x = block(x, rope, i, kv_cache)
+            x = block(x, rope, i, kv_cache, attention)
         if kv_cache is not None:
             kv_cache.advance(T)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        if attention is not None:
+            return logits, loss, torch.stack(attention)
         return logits, loss
 
     def num_params(self, non_embedding: bool = False) -> int:

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine import Engine
 from ..errors import ConfigError, TokenizerError
 from . import openai_api as oa
+from .inspect_api import register_inspect
 from .openai_api import APIError, CompletionRequest
 from .slots import Job, JobFailed, Scheduler, ServerBusy
 from .stop_strings import StopMatcher
@@ -135,6 +136,7 @@ def create_app(
         return JSONResponse(body) if body is not None else Response(status_code=499)
 
     app.include_router(v1)
+    register_inspect(app, engine, _bearer_auth(api_key), partial(_read_body, limit=max_body_bytes))
     return app
 
 

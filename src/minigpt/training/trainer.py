@@ -243,6 +243,9 @@ class Trainer:
                       "val_loss": round(losses["val"], 5), "val_ppl": round(math.exp(losses["val"]), 3),
                       "eval_train_loss": round(losses["train"], 5),
                       "val_bpb": _round(bpb["val"]), "train_bpb": _round(bpb["train"])}
+            sample = self.sample_text() if self.tcfg.sample_tokens else None
+            if sample is not None:  # kept in the log: `minigpt plot --html` shows it per step
+                record["sample"] = sample
             # log before saving: a kill in between must not leave a checkpoint without its line
             self._write_metrics(record)
             self.save(losses["val"], losses["train"])
@@ -250,8 +253,8 @@ class Trainer:
             bpb_text = f", val bpb {bpb['val']:.4f}" if bpb["val"] is not None else ""
             self.bar.write(f"step {self.step}: train loss {losses['train']:.4f}, "
                            f"val loss {losses['val']:.4f} (ppl {math.exp(losses['val']):.2f}){bpb_text}")
-            if self.tcfg.sample_tokens:
-                self.bar.write("---\n" + self.sample_text() + "\n---")
+            if sample is not None:
+                self.bar.write("---\n" + sample + "\n---")
         self.dist.barrier()
         self._last_log_time = time.perf_counter()  # evaluation is not training time
 
