@@ -173,6 +173,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (default: 67, chars)")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("eval", formatter_class=_Help,
+                       help="loss, perplexity and bits per byte of a run on a text, every token once")
+    p.add_argument("run_dir")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--data", help="a text file, tokenized with the run's tokenizer "
+                                     "(default: the run's own --split)")
+    what.add_argument("--split", choices=("val", "train"), default="val",
+                      help="a split of the run's prepared data")
+    p.add_argument("--checkpoint", default="best", help="best | last | a step number")
+    p.add_argument("--stride", type=int, default=None,
+                   help="tokens the window moves: each token is scored with at least context - "
+                        "stride + 1 tokens before it; context = non-overlapping windows, 1 = the "
+                        "longest context everywhere [default: half the context]")
+    p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
+    p.add_argument("--compare", nargs="+", metavar="RUN", default=[],
+                   help="more runs scored on the same text, shown as a table")
+    p.add_argument("--json", action="store_true", help="one JSON object (a list with --compare)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 weights")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("plot", formatter_class=_Help, help="plot train/val loss curves of one or more runs")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default="loss.png")
@@ -305,6 +326,22 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     info = run_info(Path(args.run_dir))
     print(json.dumps(info, indent=2) if args.json else format_run_info(info))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .cpu import configure_cpu
+    from .tools.evaluate import evaluate, format_result, format_table
+
+    configure_cpu()
+    results = evaluate([args.run_dir, *args.compare], data=args.data, split=args.split,
+                       checkpoint=args.checkpoint, stride=args.stride, batch_size=args.batch_size,
+                       device=args.device, dtype=args.dtype)
+    if args.json:
+        rows = [r.to_dict() for r in results]
+        print(json.dumps(rows if args.compare else rows[0]))
+    else:
+        print(format_table(results) if args.compare else format_result(results[0]))
     return 0
 
 
