@@ -35,6 +35,8 @@ def _flag_help(f: dataclasses.Field, default: Any) -> str:
     if f.metadata.get("choices"):
         text += f" ({' | '.join(f.metadata['choices'])})"
     shown = "the arch's" if default is None and f.name in LAYOUT_SWITCHES else default
+    if isinstance(shown, tuple):
+        shown = ",".join(shown)
     return f"{text} [default: {shown}]"
 
 
@@ -53,6 +55,10 @@ def _add_fields(p: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
         kind = str(f.type).split("|")[0].strip()
         if kind == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        if f.metadata.get("multiple"):  # repeatable; each value may list several, comma-separated
+            p.add_argument(flag, action="append", default=None, metavar="NAME[,NAME]",
+                           help=help_text)
             continue
         typ = {"int": int, "float": float}.get(kind, str)
         # choices are shown, not enforced here: validate() gives the one-line error for every
