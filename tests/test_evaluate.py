@@ -147,3 +147,24 @@ def test_the_table_names_the_checkpoint_step_and_the_plain_output_reads(runs):
     first, second = result.stdout.splitlines()
     assert first.startswith("char (step 12, checkpoint last) on val split of ")
     assert second.startswith("loss ") and "perplexity" in second and "bits per byte" in second
+
+
+def test_a_document_run_scores_a_file_as_its_documents(runs):
+    """A run trained with --docs reads a file as that mode's documents, each BOS ... EOS, as
+    prepare does: its own validation documents, written out as a file, score as the val split."""
+    train(data=str(runs / "corpus.txt"), out=str(runs / "docs"), docs="blank", max_iters=12,
+          eval_interval=12, progress=False, device="cpu", **TINY)
+    data = load_prepared(runs / "docs" / "data")
+    tok, ids = data.tokenizer, np.asarray(data.val).tolist()
+    docs, current = [], []
+    for i in ids:  # the val split is BOS doc EOS BOS doc EOS ...
+        if i == tok.eos_id:
+            docs.append(tok.decode(current))
+        current = [] if i in (tok.bos_id, tok.eos_id) else [*current, i]
+    assert len(docs) > 1
+    (runs / "val-docs.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    from_file = eval_json(runs, "docs", "--data", "val-docs.txt")
+    from_split = eval_json(runs, "docs", "--split", "val")
+    assert from_file["tokens"] == len(ids) == sum(len(d) + 2 for d in docs)
+    for key in ("loss", "bits_per_byte", "bytes"):
+        assert from_file[key] == from_split[key], key

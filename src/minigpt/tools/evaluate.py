@@ -112,12 +112,21 @@ class Text:
     label: str
 
 
+def _pieces(text: str) -> Iterator[str]:
+    """Pieces of about PIECE_CHARS, cut after a newline where `prepare` cuts: the same ids."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + PIECE_CHARS) + 1 or len(text)
+        yield text[start:end]
+        start = end
+
+
 def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
-    """The texts cut into pieces of PIECE_CHARS, BATCH_PIECES to a list (one encode_batch call)."""
+    """The texts' pieces, BATCH_PIECES to a list: one encode_batch call each."""
     batch: list[str] = []
     for text in texts:
-        for i in range(0, len(text), PIECE_CHARS):
-            batch.append(text[i : i + PIECE_CHARS])
+        for piece in _pieces(text):
+            batch.append(piece)
             if len(batch) == BATCH_PIECES:
                 yield batch
                 batch = []
@@ -158,14 +167,22 @@ def file_text(path: str | Path, tokenizer: Tokenizer, docs: str | None, run: str
         nbytes = sum(c.nbytes for c in read_chunks(path))
         parts = _encode(_batches(chunks()), tokenizer, str(path), run, chunks())
     else:
-        nbytes, parts = 0, []
-        bos = np.array([tokenizer.bos_id], dtype=np.uint32)
-        eos = np.array([tokenizer.eos_id], dtype=np.uint32)
-        for doc in iter_documents([path], docs):
-            nbytes += len(doc.encode("utf-8"))
-            parts += [bos, *_encode(_batches([doc]), tokenizer, str(path), run, chunks()), eos]
+        documents = list(iter_documents([path], docs))
+        nbytes = sum(len(doc.encode("utf-8")) for doc in documents)
+        parts = _document_parts(documents, tokenizer, str(path), run, chunks())
     tokens = np.concatenate(parts) if parts else np.zeros(0, np.uint32)
     return Text(tokens, nbytes, str(path))
+
+
+def _document_parts(documents: list[str], tokenizer: Tokenizer, where: str, run: str,
+                    every_char: Iterable[str]) -> list[np.ndarray]:
+    """BOS ids EOS for each document, as prepare writes them; all pieces in few encode_batch calls."""
+    bos = np.array([tokenizer.bos_id], dtype=np.uint32)
+    eos = np.array([tokenizer.eos_id], dtype=np.uint32)
+    pieces = [list(_pieces(doc)) for doc in documents]
+    ids = iter(_encode(_batches(p for doc in pieces for p in doc), tokenizer, where, run,
+                       every_char))
+    return [part for doc in pieces for part in (bos, *(next(ids) for _ in doc), eos)]
 
 
 def run_data_dir(run_dir: Path) -> Path:
@@ -262,7 +279,8 @@ def _score(run: Path, engine: Any, text: Text, checkpoint: str, stride: int | No
     return EvalResult(
         run=str(run), step=engine.step, checkpoint=checkpoint, text=text.label,
         tokenizer=f"{tok.kind} {tok.vocab_size}", tokens=len(text.tokens), bytes=text.nbytes,
-        context=context, stride=stride, loss=round(loss, 6), perplexity=round(math.exp(loss), 4),
+        context=context, stride=stride, loss=round(loss, 6),
+        perplexity=round(math.exp(loss), 4) if loss < 700 else math.inf,  # a diverged model
         bits_per_byte=(round(bits_per_byte(loss, len(text.tokens), text.nbytes), 6)
                        if text.nbytes else None),
         seconds=round(seconds, 3))
