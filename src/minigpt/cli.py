@@ -181,19 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", formatter_class=_Help,
                        help="loss, perplexity and bits per byte of a run on a text, every token once")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the trained run to score")
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--data", help="a text file, tokenized with the run's tokenizer "
+    what.add_argument("--data", metavar="FILE", help="a text file, tokenized with the run's tokenizer "
                                      "(default: the run's own --split)")
     what.add_argument("--split", choices=("val", "train"), default="val",
                       help="a split of the run's prepared data")
     p.add_argument("--checkpoint", default="best", help="best | last | a step number")
-    p.add_argument("--stride", type=int, default=None,
+    p.add_argument("--stride", type=int, default=None, metavar="N",
                    help="tokens the window moves: each token is scored with at least context - "
                         "stride + 1 tokens before it; context = non-overlapping windows, 1 = the "
                         "longest context everywhere [default: half the context]")
-    p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
-    p.add_argument("--compare", nargs="+", metavar="RUN", default=[],
+    p.add_argument("--batch-size", type=int, default=64, metavar="N",
+                   help="windows per forward pass")
+    p.add_argument("--compare", nargs="+", metavar="RUN", default=None,
                    help="more runs scored on the same text, shown as a table")
     p.add_argument("--json", action="store_true", help="one JSON object (a list with --compare)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
@@ -340,7 +341,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .tools.evaluate import evaluate, format_result, format_table
 
     configure_cpu()
-    results = evaluate([args.run_dir, *args.compare], data=args.data, split=args.split,
+    results = evaluate([args.run_dir, *(args.compare or [])], data=args.data, split=args.split,
                        checkpoint=args.checkpoint, stride=args.stride, batch_size=args.batch_size,
                        device=args.device, dtype=args.dtype)
     if args.json:
