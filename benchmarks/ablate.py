@@ -30,7 +30,8 @@ from minigpt.config import PRESETS, RECIPE_MODEL, RECIPE_TRAIN
 from minigpt.data.corpus import bundled_corpus
 from minigpt.data.dataset import is_prepared, load_prepared
 from minigpt.data.prepare import prepare
-from minigpt.tools.bench import bench_train, split_loss
+from minigpt.tools.bench import bench_train
+from minigpt.tools.evaluate import split_loss
 
 # nanoGPT's Tiny Shakespeare CPU recipe, in minigpt's GPT-2 layout: the reference every variant
 # is compared with.

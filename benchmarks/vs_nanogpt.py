@@ -43,7 +43,7 @@ from minigpt.config import ModelConfig
 from minigpt.data.corpus import bundled_corpus
 from minigpt.data.dataset import load_prepared
 from minigpt.model import GPT
-from minigpt.tools.bench import split_loss
+from minigpt.tools.evaluate import split_loss
 
 CONFIG = dict(n_layer=4, n_head=4, n_embd=128, block_size=64)
 NANO_FLAGS = ["--device=cpu", "--compile=False", "--block_size=64", "--batch_size=12", "--n_layer=4",

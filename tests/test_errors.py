@@ -170,6 +170,29 @@ CASES = [
          "minigpt: error: cannot resume run with different data: corpus.txt -> short.txt"),
     Case("resume-other-model", "--resume with a different model size", "train --out run --resume --n-embd 64",
          "minigpt: error: cannot resume run with a different model: n_embd 32 -> 64"),
+    # --- eval and tracking --------------------------------------------------------------------------
+    Case("eval-missing-data", "eval: a nonexistent --data file", "eval run --data missing.txt",
+         "minigpt: error: input not found: missing.txt"),
+    Case("eval-data-directory", "eval: --data is a directory", "eval run --data notes",
+         "minigpt: error: --data must be a text file, got a directory: notes"),
+    Case("eval-unknown-chars", "eval: a text with characters the run's tokenizer has never seen",
+         "eval run --data greek.txt",
+         "minigpt: error: greek.txt contains 3 character(s) the tokenizer of run has never seen: "
+         "'α', 'β', 'γ'"),
+    Case("eval-binary-data", "eval: a binary --data file", "eval run --data image.png",
+         "minigpt: error: image.png looks like a binary file (it contains NUL bytes), not text"),
+    Case("eval-stride-zero", "eval: --stride 0", "eval run --stride 0",
+         "minigpt: error: --stride must be between 1 and the context of run (16), got 0"),
+    Case("eval-stride-too-long", "eval: a stride longer than the context", "eval run --stride 17",
+         "minigpt: error: --stride must be between 1 and the context of run (16), got 17"),
+    Case("eval-compare-missing", "eval: a --compare run that does not exist",
+         "eval run --compare nowhere", "minigpt: error: run directory not found: nowhere"),
+    Case("eval-compare-not-a-run", "eval: a --compare directory that is not a run",
+         "eval run --compare notes",
+         "minigpt: error: notes is not a minigpt run directory (no config.json)"),
+    Case("log-unknown-backend", "an unknown --log backend", "train --data corpus.txt --out new-run "
+         "--log csv,tensorbored", "minigpt: error: unknown --log backend 'tensorbored'; choose from "
+         "jsonl, tensorboard, wandb, csv"),
 ]
 
 
@@ -205,6 +228,7 @@ def workspace(tmp_path_factory) -> Path:
     (ws / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
     (ws / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
     (ws / "one.txt").write_text("a")
+    (ws / "greek.txt").write_text("abc αβγ\n", encoding="utf-8")  # 'a', 'b', 'c' are in the run's vocabulary
     (ws / "short.txt").write_text(corpus[:40], encoding="utf-8")
     (ws / "long-line.txt").write_bytes(b"all work and no play " * 2_500_000)  # 52.5 MB, no newline
     (ws / "notes").mkdir()

@@ -34,6 +34,8 @@ def _flag_help(f: dataclasses.Field, default: Any) -> str:
     if f.metadata.get("choices"):
         text += f" ({' | '.join(f.metadata['choices'])})"
     shown = "the arch's" if default is None and f.name in LAYOUT_SWITCHES else default
+    if isinstance(shown, tuple):
+        shown = ",".join(shown)
     return f"{text} [default: {shown}]"
 
 
@@ -52,6 +54,10 @@ def _add_fields(p: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
         kind = str(f.type).split("|")[0].strip()
         if kind == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        if f.metadata.get("multiple"):  # repeatable; each value may list several, comma-separated
+            p.add_argument(flag, action="append", default=None, metavar="NAME[,NAME]",
+                           help=help_text)
             continue
         typ = {"int": int, "float": float}.get(kind, str)
         # choices are shown, not enforced here: validate() gives the one-line error for every
@@ -185,6 +191,28 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(default: each preset's)")
     p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (default: 67, chars)")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("eval", formatter_class=_Help,
+                       help="loss, perplexity and bits per byte of a run on a text, every token once")
+    p.add_argument("run_dir", help="the trained run to score")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--data", metavar="FILE", help="a text file, tokenized with the run's tokenizer "
+                                     "(default: the run's own --split)")
+    what.add_argument("--split", choices=("val", "train"), default="val",
+                      help="a split of the run's prepared data")
+    p.add_argument("--checkpoint", default="best", help="best | last | a step number")
+    p.add_argument("--stride", type=int, default=None, metavar="N",
+                   help="tokens the window moves: each token is scored with at least context - "
+                        "stride + 1 tokens before it; context = non-overlapping windows, 1 = the "
+                        "longest context everywhere [default: half the context]")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N",
+                   help="windows per forward pass")
+    p.add_argument("--compare", nargs="+", metavar="RUN", default=None,
+                   help="more runs scored on the same text, shown as a table")
+    p.add_argument("--json", action="store_true", help="one JSON object (a list with --compare)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 weights")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plot", formatter_class=_Help,
                        help="plot loss, learning rate and tokens/s of one or more runs")
@@ -343,6 +371,22 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     info = run_info(Path(args.run_dir))
     print(json.dumps(info, indent=2) if args.json else format_run_info(info))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .cpu import configure_cpu
+    from .tools.evaluate import evaluate, format_result, format_table
+
+    configure_cpu()
+    results = evaluate([args.run_dir, *(args.compare or [])], data=args.data, split=args.split,
+                       checkpoint=args.checkpoint, stride=args.stride, batch_size=args.batch_size,
+                       device=args.device, dtype=args.dtype)
+    if args.json:
+        rows = [r.to_dict() for r in results]
+        print(json.dumps(rows if args.compare else rows[0]))
+    else:
+        print(format_table(results) if args.compare else format_result(results[0]))
     return 0
 
 

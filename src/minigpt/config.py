@@ -39,6 +39,7 @@ DOC_MODES = ("lines", "blank", "files")  # one document per line / blank-line bl
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
 BACKENDS = ("torch", "reference")
+LOG_BACKENDS = ("jsonl", "tensorboard", "wandb", "csv")  # jsonl (metrics.jsonl) is always on
 # Keys renamed since 0.1.0, old -> new: config.json, TOML files and keyword arguments that use an
 # old name keep working.
 RENAMED_KEYS = {"engine": "backend"}
@@ -145,6 +146,8 @@ class TrainConfig:
     eval_interval: int = option(250, "steps between evaluations (each saves a checkpoint)")
     eval_iters: int = option(20, "batches per split at each evaluation")
     log_interval: int = option(10, "steps between metrics.jsonl lines")
+    log: tuple[str, ...] = option(("jsonl",), "trackers to log to besides metrics.jsonl, "
+                                  "comma-separated or repeated", LOG_BACKENDS, multiple=True)
     keep_checkpoints: int = option(2, "newest checkpoints kept on disk (the best is always kept)")
     max_bad_steps: int = option(5, "stop after this many steps in a row with a NaN/inf loss or "
                                 "gradient (each is skipped)")
@@ -158,7 +161,14 @@ class TrainConfig:
     backend: str = option("torch", "torch, or reference: the NumPy GPT with a hand-written backward "
                           "(CPU, GPT-2 layout)", BACKENDS)
 
+    def __post_init__(self) -> None:
+        self.log = log_backends(self.log)
+
     def validate(self) -> None:
+        unknown = [name for name in self.log if name not in LOG_BACKENDS]
+        if unknown:
+            raise ConfigError(f"unknown --log backend {unknown[0]!r}; choose from "
+                              f"{', '.join(LOG_BACKENDS)}")
         positive = ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters",
                     "log_interval")
         for name in positive:
@@ -198,6 +208,14 @@ class TrainConfig:
             raise ConfigError(f"muon-lr must be > 0, got {self.muon_lr}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be torch or reference, got {self.backend!r}")
+
+
+def log_backends(value: Any) -> tuple[str, ...]:
+    """--log as given (a string, or a list from repeated flags, TOML or config.json, each item
+    possibly comma-separated) -> distinct names in order, jsonl first: it is always on."""
+    items = [value] if isinstance(value, str) else list(value or ())
+    names = [n.strip().lower() for item in items for n in str(item).split(",") if n.strip()]
+    return tuple(dict.fromkeys(["jsonl", *names]))
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from ..device import resolve_device
 from ..engine import Engine, load
 from ..model import GPT
 from ..sampling import SamplingParams
+from .evaluate import split_loss  # noqa: F401  (the benchmarks import it from here too)
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5, device: torch.device | None = None) -> float:
@@ -135,22 +136,6 @@ def bench_train(
         "loss_last": round(losses[-1], 4),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
-
-
-@torch.no_grad()
-def split_loss(model: GPT, tokens, batch_size: int = 64) -> float:
-    """Mean next-token loss over a whole split, in consecutive block_size windows (no sampling noise)."""
-    model.eval()
-    T = model.config.block_size
-    device = next(model.parameters()).device
-    n = (len(tokens) - 1) // T
-    ids = torch.from_numpy(tokens[: n * T + 1].astype("int64")).to(device)
-    x, y = ids[:-1].view(n, T), ids[1:].view(n, T)
-    total = 0.0
-    for i in range(0, n, batch_size):
-        _, loss = model(x[i : i + batch_size], y[i : i + batch_size])
-        total += loss.item() * len(x[i : i + batch_size])
-    return total / n
 
 
 def _engine(run_dir: str | Path | None, preset: str | None, checkpoint: str, device: str,

@@ -17,6 +17,7 @@ from ..data.dataset import load_prepared
 from ..errors import ConfigError
 from ..reference.trainer import ReferenceTrainer, check_reference_config
 from . import distributed
+from .logging import check_backends
 from .setup import resume_config, set_up_run
 from .trainer import Trainer
 
@@ -34,6 +35,7 @@ def train(
         mcfg, tcfg = resume_config(preset, config_file, overrides)
     else:
         mcfg, tcfg = resolve(preset, config_file, overrides)
+    check_backends(tcfg.log)  # a missing tracker package: one line, before --out is touched
     reference = tcfg.backend == "reference"
     if reference:  # NumPy backend: refuse what it cannot do before touching --out
         check_reference_config(mcfg, tcfg)

@@ -18,7 +18,7 @@ counted; `max_bad_steps` of them in a row stop the run, keeping the last good ch
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import sys
 import time
@@ -41,6 +41,7 @@ from ..errors import CheckpointError
 from ..model import GPT
 from ..sampling import SamplingParams
 from .distributed import DistContext, dropout_seed
+from .logging import MetricsLog
 from .nonfinite import NonFiniteGuard, bad_step, grad_norm, step_unless_bad
 from .optim import lr_at, make_optimizer, set_lr
 from .signals import stop_on_signal
@@ -72,6 +73,7 @@ class Trainer:
         self.elapsed = 0.0  # training seconds across resumes
         self.stop_requested = False
         self.guard = NonFiniteGuard(tcfg.max_bad_steps)
+        self.last_grad_norm: torch.Tensor | None = None  # of the latest step; read at log steps
         self.tokens_per_step = (tcfg.batch_size * mcfg.block_size * tcfg.grad_accum
                                 * self.dist.world_size)
 
@@ -183,8 +185,10 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=self.device)
         self.summary: dict[str, Any] = {"val_loss": None, "train_loss": None, "val_bpb": None}
         last_saved = -1
-        metrics_file = open(rundir.metrics_path(self.run_dir), "a") if self.dist.is_main else nullcontext()
-        with metrics_file as self.metrics, stop_on_signal(self._request_stop, self.dist.is_main):
+        config = {"model": dataclasses.asdict(self.mcfg), "train": dataclasses.asdict(tcfg)}
+        metrics = (MetricsLog(self.run_dir, tcfg.log, self.step, config) if self.dist.is_main
+                   else nullcontext())  # metrics.jsonl and the --log trackers, rank 0 only
+        with metrics as self.metrics, stop_on_signal(self._request_stop, self.dist.is_main):
             while self.step < tcfg.max_iters and not self._stop_agreed():
                 self._loss_sum += self.train_step()
                 self.step += 1
@@ -228,10 +232,12 @@ class Trainer:
         self.bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
         self.summary.update(train_loss=train_loss, tokens_per_sec=tok_s)
         self._last_log_time, self._last_log_step = now, self.step
+        norm = self.last_grad_norm.item() if self.last_grad_norm is not None else math.nan
         return {"iter": self.step, "train_loss": round(train_loss, 5) if steps else None,
                 "val_loss": None, "lr": lr_at(self.step - 1, self.tcfg),
                 "tokens_per_sec": round(tok_s, 1), "elapsed": round(self.elapsed, 3),
-                "skipped_steps": self.guard.skipped}
+                "skipped_steps": self.guard.skipped,
+                "grad_norm": round(norm, 5) if math.isfinite(norm) else None}
 
     def _evaluate_and_save(self, record: dict[str, Any]) -> None:
         """Rank 0 evaluates, logs (with this step's log record), saves and samples; the others wait."""
@@ -255,13 +261,13 @@ class Trainer:
                            f"val loss {losses['val']:.4f} (ppl {math.exp(losses['val']):.2f}){bpb_text}")
             if sample is not None:
                 self.bar.write("---\n" + sample + "\n---")
+                self.metrics.text(self.step, "sample", sample)  # TensorBoard and W&B show it
         self.dist.barrier()
         self._last_log_time = time.perf_counter()  # evaluation is not training time
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if self.metrics:  # rank 0 only
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
+            self.metrics.write(record)
 
     def _final_summary(self) -> dict[str, Any]:
         return {
@@ -317,8 +323,10 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            bad = bad_step(loss, grad_norm(self.model.parameters()) if norm is None else norm)
+            norm = grad_norm(self.model.parameters()) if norm is None else norm
+            bad = bad_step(loss, norm)
             step_unless_bad(self.optimizer, bad)
+        self.last_grad_norm = norm  # before clipping; a tensor: no host sync here
         self.optimizer.zero_grad(set_to_none=True)
         self.guard.update(bad)
         return loss.masked_fill(bad, 0.0)
