@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -214,7 +215,7 @@ def test_a_run_killed_before_step_0_resumes_from_the_same_source_weights(source_
                   **EVAL)
     first = metrics(run)[0]
     for p in (run / "checkpoints", run / "metrics.jsonl"):  # as if killed before its first save
-        ckpt.shutil.rmtree(p) if p.is_dir() else p.unlink()
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
     minigpt.train(out=str(run), resume=True, progress=False)
     assert metrics(run)[0] == first
 
@@ -222,11 +223,11 @@ def test_a_run_killed_before_step_0_resumes_from_the_same_source_weights(source_
 def test_resume_refuses_a_source_whose_weights_changed(source_run, tmp_path):
     src, text = source_run
     copy = tmp_path / "src"
-    ckpt.shutil.copytree(src, copy)
+    shutil.copytree(src, copy)
     run = tmp_path / "ft"
     minigpt.train(data=str(text), out=str(run), init_from=str(copy), max_iters=5, eval_interval=5,
                   **EVAL)
-    ckpt.shutil.rmtree(run / "checkpoints")  # killed before its first save...
+    shutil.rmtree(run / "checkpoints")  # killed before its first save...
     step = copy / "checkpoints" / "step-0000150"  # ...and the source re-trained in place since
     w = load_file(str(step / ckpt.WEIGHTS))
     save_file({k: v + 1 for k, v in w.items()}, str(step / ckpt.WEIGHTS))
