@@ -35,6 +35,7 @@ def _flag_help(f: dataclasses.Field, default: Any) -> str:
     if f.metadata.get("choices"):
         text += f" ({' | '.join(f.metadata['choices'])})"
     shown = "the arch's" if default is None and f.name in LAYOUT_SWITCHES else default
+    shown = f.metadata.get("shown", shown)  # what a None default means, where it means a value
     return f"{text} [default: {shown}]"
 
 

@@ -161,7 +161,7 @@ class TrainConfig:
                                    "Hugging Face GPT-2 directory, or a Hub name such as gpt2; the "
                                    "model and tokenizer come from it (docs/finetune.md)")
     init_checkpoint: str | None = option(None, "which checkpoint of an --init-from run: best | last "
-                                         "| a step number [default: best]")
+                                         "| a step number", shown="best")
     # what --init-from resolved to, recorded so a run says which weights it started from
     init_step: int | None = option(None, "step of the --init-from checkpoint", cli=False)
     init_sha256: str | None = option(None, "SHA-256 of the --init-from weights file", cli=False)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoint as ckpt
+from .. import rundir
 from ..config import load_toml, resolve
 from ..data.dataset import load_prepared
 from ..errors import ConfigError
@@ -51,6 +52,8 @@ def train(
         source = source_again(tcfg)
         model_for_run(source, {"block_size": mcfg.block_size, "dropout": mcfg.dropout})
     tokenizer = source.tokenizer if source else None
+    if resume and tcfg.init_from and tokenizer is None:  # its data, if re-made, speaks SRC's vocabulary
+        tokenizer = rundir.read_tokenizer(run_dir)
     with distributed.session(tcfg.device) as dist:  # one process, or one rank under torchrun
         if dist.distributed and reference:
             raise ConfigError("the reference backend trains in one process; start it without torchrun")
