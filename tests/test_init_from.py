@@ -276,3 +276,16 @@ def test_a_hub_name_offline_is_one_line_and_writes_nothing(tmp_path, monkeypatch
     assert len(result.stderr.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "hf-home"] or \
         sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_bos_and_eos_follow_config_json_when_it_names_them(tmp_path):
+    """A minigpt bpe run exported in GPT-2 format has <|bos|> and <|eos|>: config.json names them."""
+    from minigpt.interop.hf_import import read_tokenizer
+    from minigpt.tokenization import BPETokenizer
+
+    tok = BPETokenizer.train([CORPUS], vocab_size=300)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tok.hf_dict), encoding="utf-8")
+    ours = read_tokenizer(tmp_path, (tok.bos_id, tok.eos_id))
+    assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (tok.bos_id, tok.eos_id, tok.vocab_size)
+    assert [ours.encode(t) for t in TEXTS] == [tok.encode(t) for t in TEXTS]
+    assert ours.encode("<|bos|>") == tok.encode("<|bos|>")  # typed in a text, it stays text

@@ -260,6 +260,9 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
     if args.iters < 1 or args.warmup < 0:
         raise ConfigError("--iters must be >= 1 and --warmup >= 0")
+    if args.init_from or args.init_checkpoint:  # the flags come with TrainConfig's; bench ignores weights
+        raise ConfigError("bench train times a freshly initialised model; --init-from is for "
+                          "minigpt train")
     result = bench_train(args.preset, args.config, args.iters, args.warmup, **_config_overrides(args))
     print(format_train(result))
     print(json.dumps(result))

@@ -127,9 +127,10 @@ def read_state(path: Path, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], s
     return state, digest
 
 
-def read_tokenizer(path: Path) -> BPETokenizer:
+def read_tokenizer(path: Path, special_ids: tuple[int | None, int | None] = (None, None)) -> BPETokenizer:
     """GPT-2's byte-level BPE from tokenizer.json, or from vocab.json + merges.txt (built the way
-    transformers' GPT2TokenizerFast builds it), with <|endoftext|> as BOS and EOS."""
+    transformers' GPT2TokenizerFast builds it). BOS and EOS are the tokens config.json's
+    bos/eos_token_id name (`special_ids`; a minigpt bpe export has two), else <|endoftext|>."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 
@@ -148,23 +149,23 @@ def read_tokenizer(path: Path) -> BPETokenizer:
         raise
     except Exception as e:  # the Rust side raises a bare Exception for malformed files
         raise TokenizerError(f"cannot read the tokenizer in {path}: {str(e)[:200]}") from None
-    if hf.token_to_id(ENDOFTEXT) is None:
-        raise TokenizerError(f"the tokenizer in {path} has no {ENDOFTEXT} token")
-    hf.add_special_tokens([ENDOFTEXT])  # already in GPT-2's vocabulary: marks it special, same id
-    return BPETokenizer(hf, json.loads(hf.to_str()), bos=ENDOFTEXT, eos=ENDOFTEXT)
+    bos, eos = (hf.id_to_token(i) if isinstance(i, int) else None for i in special_ids)
+    bos, eos = bos or ENDOFTEXT, eos or ENDOFTEXT
+    for token in {bos, eos}:
+        if hf.token_to_id(token) is None:
+            raise TokenizerError(f"the tokenizer in {path} has no {token} token")
+    hf.add_special_tokens(sorted({bos, eos}))  # already in the vocabulary: marks them special, same ids
+    return BPETokenizer(hf, json.loads(hf.to_str()), bos=bos, eos=eos)
 
 
 def load_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], BPETokenizer, str]:
     """(model config, minigpt weights, tokenizer, weights SHA-256) of a GPT-2 directory."""
     hf = read_config_json(path) or {}
     cfg = model_config(path, hf)
-    tok = read_tokenizer(path)  # before the weights: a cheap refusal should not wait for a big read
+    # the tokenizer before the weights: a cheap refusal should not wait for a big read
+    tok = read_tokenizer(path, (hf.get("bos_token_id"), hf.get("eos_token_id")))
     if tok.vocab_size != cfg.vocab_size:
         raise TokenizerError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model's "
                              f"vocabulary is {cfg.vocab_size}; they must be the same")
-    eos = hf.get("eos_token_id")
-    if isinstance(eos, int) and eos != tok.eos_id:
-        raise TokenizerError(f"{path}: config.json's eos_token_id {eos} is not the tokenizer's "
-                             f"{ENDOFTEXT} ({tok.eos_id})")
     state, digest = read_state(path, cfg)
     return cfg, state, tok, digest
