@@ -201,6 +201,7 @@ def test_resume_of_a_fine_tuning_run_is_exact(source_run, tmp_path):
     minigpt.train(out=str(tmp_path / "straight"), max_iters=30, **common)
     minigpt.train(out=str(tmp_path / "split"), max_iters=10, **common)
     minigpt.train(out=str(tmp_path / "split"), max_iters=30, resume=True, progress=False)
+    assert rundir.read_config(tmp_path / "split")[0].dropout == 0.1  # a fine-tune's own setting
     a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "split")
     assert [(r["iter"], r.get("train_loss"), r["val_loss"]) for r in a] == \
         [(r["iter"], r.get("train_loss"), r["val_loss"]) for r in b]

@@ -4,7 +4,7 @@ SRC is a minigpt run directory (its best checkpoint, or `--init-checkpoint last|
 Hugging Face GPT-2 directory (hf_import.py), or a Hub name such as `gpt2`, downloaded with
 `huggingface_hub.snapshot_download` (safetensors, config and tokenizer files only). The model
 config and the tokenizer come from SRC; a model flag that contradicts SRC is refused, except
-`--dropout` (a training setting) and a smaller `--block-size` (the learned position table is cut,
+`--dropout` (a training setting; 0 unless given) and a smaller `--block-size` (the learned position table is cut,
 which computes exactly what the source does on contexts up to that length). The run records the
 source, its step and the SHA-256 of its weights file in config.json (TrainConfig.init_*).
 
@@ -126,7 +126,9 @@ def model_for_run(source: InitSource, given: dict[str, Any]) -> ModelConfig:
                           f"{cfg.block_size}, which has no positions beyond that")
     if "wpe.weight" in source.state and block < cfg.block_size:
         source.state["wpe.weight"] = source.state["wpe.weight"][:block].clone()
-    out = dataclasses.replace(cfg, **own)
+    # dropout is a training setting, not part of what the source learnt: 0 unless asked for, as in
+    # nanoGPT's fine-tuning config
+    out = dataclasses.replace(cfg, block_size=block, dropout=own.get("dropout", 0.0))
     out.validate()
     return out
 
