@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import cli_harness
 from minigpt import checkpoint as ckpt
@@ -193,6 +194,45 @@ CASES = [
     Case("log-unknown-backend", "an unknown --log backend", "train --data corpus.txt --out new-run "
          "--log csv,tensorbored", "minigpt: error: unknown --log backend 'tensorbored'; choose from "
          "jsonl, tensorboard, wandb, csv"),
+    # --- train --init-from (docs/finetune.md) -------------------------------------------------------
+    Case("init-from-missing", "--init-from: a path that does not exist",
+         "train --data corpus.txt --out new-run --init-from ./nowhere",
+         "minigpt: error: --init-from ./nowhere: no such directory"),
+    Case("init-from-other-architecture", "--init-from: a Hugging Face directory of another architecture",
+         "train --data corpus.txt --out new-run --init-from llama-model",
+         "minigpt: error: llama-model holds a 'llama' model; --init-from reads GPT-2 format "
+         "(config.json model_type gpt2) or minigpt runs"),
+    Case("init-from-untied", "--init-from: a GPT-2 with an untied LM head",
+         "train --data corpus.txt --out new-run --init-from gpt2-untied",
+         "minigpt: error: gpt2-untied: GPT-2 with tie_word_embeddings=False is not supported "
+         "(minigpt computes tie_word_embeddings=True only)"),
+    Case("init-from-pickle", "--init-from: a GPT-2 directory with only a pickled pytorch_model.bin "
+         "(one that would run a command)",
+         "train --data corpus.txt --out new-run --init-from gpt2-pickle",
+         "minigpt: error: gpt2-pickle has only a pickled pytorch_model.bin, which minigpt never loads "
+         "(unpickling can run code); convert it to safetensors where you trust it: python -c \"from "
+         "transformers import AutoModelForCausalLM as M; M.from_pretrained('gpt2-pickle')"
+         ".save_pretrained('gpt2-pickle', safe_serialization=True)\""),
+    Case("init-from-no-tokenizer", "--init-from: a GPT-2 directory without tokenizer files",
+         "train --data corpus.txt --out new-run --init-from gpt2-no-tokenizer",
+         "minigpt: error: gpt2-no-tokenizer has no tokenizer: need tokenizer.json, or vocab.json and "
+         "merges.txt"),
+    Case("init-from-unencodable", "--init-from a char-level run, --data with characters it never saw",
+         "train --data unicode.txt --out new-run --init-from run --quiet",
+         "minigpt: error: the text contains 3 character(s) the source model's char tokenizer cannot "
+         "encode: 'Ü', 'ï', '€'"),
+    Case("init-from-other-vocabulary", "--init-from a run, --data prepared with another vocabulary",
+         "train --data prepared --out new-run --init-from run --quiet",
+         "minigpt: error: prepared was prepared with another vocabulary (char, 30 tokens) than the "
+         "--init-from model's (char, 54 tokens); give the raw text as --data"),
+    Case("init-from-other-model", "--init-from a run, with a model flag that contradicts it",
+         "train --data corpus.txt --out new-run --init-from run --n-embd 64",
+         "minigpt: error: --n-embd 64 contradicts the --init-from model (n_embd 32); the model comes "
+         "from its source: drop --n-embd"),
+    Case("init-from-preset", "--init-from with --preset",
+         "train --data corpus.txt --out new-run --init-from run --preset tiny",
+         "minigpt: error: --init-from takes the model from its source; a preset picks a model size: "
+         "drop --preset"),
 ]
 
 
@@ -255,7 +295,32 @@ def workspace(tmp_path_factory) -> Path:
     _cli("prepare corpus.txt --out prepared", ws)
     _cli(f"train --data prepared --out prep-run --max-iters 10 --eval-interval 10 {TINY}", ws)
     _cli("prepare abc.txt --out prepared", ws)
+    make_foreign_models(ws, corpus)
     return ws
+
+
+def make_foreign_models(ws: Path, corpus: str) -> None:
+    """Hugging Face-style directories --init-from must refuse, written without transformers: only
+    what each refusal needs (a config.json, a GPT-2 tokenizer, a weights file or a pickle)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([corpus], trainer=trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    gpt2 = {"model_type": "gpt2", "vocab_size": tok.get_vocab_size(), "n_positions": 16,
+            "n_embd": 32, "n_layer": 2, "n_head": 2}
+    dirs = {"llama-model": {"model_type": "llama"}, "gpt2-pickle": gpt2,
+            "gpt2-untied": {**gpt2, "tie_word_embeddings": False}, "gpt2-no-tokenizer": gpt2}
+    for name, config in dirs.items():
+        (ws / name).mkdir()
+        (ws / name / "config.json").write_text(json.dumps(config))
+    tok.save(str(ws / "gpt2-pickle" / "tokenizer.json"))
+    # a pickle that would run `touch pwned` if anything unpickled it
+    torch.save({"transformer.wte.weight": Payload(ws / "pwned")}, ws / "gpt2-pickle" / "pytorch_model.bin")
+    save_file({"wte.weight": torch.zeros(2, 2)}, str(ws / "gpt2-no-tokenizer" / ckpt.WEIGHTS))
+    (ws / "unicode.txt").write_text(corpus + "Ünïcode €\n", encoding="utf-8")
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -62,7 +62,12 @@ def read_weights(path: Path, framework: str = "pt") -> dict[str, Any]:
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    state = read_weights(path)
+    load_state(model, read_weights(path), path)
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path | str) -> None:
+    """Copy `state` (minigpt names, tied tensors once) into `model`, refusing any name or shape
+    that does not match; `path` names where the weights came from in the error."""
     tied = {k for k in model.state_dict() if k not in weights_state(model)}
     missing = set(model.state_dict()) - set(state) - tied
     unexpected = set(state) - set(model.state_dict())

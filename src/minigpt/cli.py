@@ -34,6 +34,7 @@ def _flag_help(f: dataclasses.Field, default: Any) -> str:
     if f.metadata.get("choices"):
         text += f" ({' | '.join(f.metadata['choices'])})"
     shown = "the arch's" if default is None and f.name in LAYOUT_SWITCHES else default
+    shown = f.metadata.get("shown", shown)  # what a None default means, where it means a value
     if isinstance(shown, tuple):
         shown = ",".join(shown)
     return f"{text} [default: {shown}]"
@@ -325,6 +326,9 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
     if args.iters < 1 or args.warmup < 0:
         raise ConfigError("--iters must be >= 1 and --warmup >= 0")
+    if args.init_from or args.init_checkpoint:  # the flags come with TrainConfig's; bench ignores weights
+        raise ConfigError("bench train times a freshly initialised model; --init-from is for "
+                          "minigpt train")
     result = bench_train(args.preset, args.config, args.iters, args.warmup, **_config_overrides(args))
     print(format_train(result))
     print(json.dumps(result))

@@ -160,6 +160,14 @@ class TrainConfig:
     threads: int = option(0, "CPU threads (0 = auto: the cores other processes leave idle)")
     backend: str = option("torch", "torch, or reference: the NumPy GPT with a hand-written backward "
                           "(CPU, GPT-2 layout)", BACKENDS)
+    init_from: str | None = option(None, "start from existing weights: a minigpt run directory, a "
+                                   "Hugging Face GPT-2 directory, or a Hub name such as gpt2; the "
+                                   "model and tokenizer come from it (docs/finetune.md)")
+    init_checkpoint: str | None = option(None, "which checkpoint of an --init-from run: best | last "
+                                         "| a step number", shown="best")
+    # what --init-from resolved to, recorded so a run says which weights it started from
+    init_step: int | None = option(None, "step of the --init-from checkpoint", cli=False)
+    init_sha256: str | None = option(None, "SHA-256 of the --init-from weights file", cli=False)
 
     def __post_init__(self) -> None:
         self.log = log_backends(self.log)
@@ -208,6 +216,8 @@ class TrainConfig:
             raise ConfigError(f"muon-lr must be > 0, got {self.muon_lr}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be torch or reference, got {self.backend!r}")
+        if self.init_checkpoint is not None and self.init_from is None:
+            raise ConfigError("--init-checkpoint picks a checkpoint of --init-from RUN; give --init-from")
 
 
 def log_backends(value: Any) -> tuple[str, ...]:
@@ -259,6 +269,14 @@ PRESETS: dict[str, Preset] = {
 # reference backend implements the GPT-2 layout and AdamW only.
 BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {"reference": dict(arch="gpt2", optimizer="adamw")}
 DEFAULT_PRESET = "small"
+# With --init-from, in the spirit of nanoGPT's config/finetune_shakespeare.py: the weights already
+# know a lot, so a learning rate well below pre-training's (a tenth of the presets' 3e-3 peak at
+# minigpt sizes; GPT-2 itself was pre-trained at 6e-4), a short warmup, a few hundred steps with
+# frequent evaluations (the best checkpoint is kept: fine-tuning overfits a small text quickly),
+# AdamW throughout and no dropout. Any flag or TOML key still overrides them. The model settings
+# come from the source, never from a preset.
+FINETUNE_DEFAULTS: dict[str, Any] = dict(optimizer="adamw", lr=3e-4, min_lr=3e-5, warmup_iters=10,
+                                         max_iters=200, eval_interval=50, weight_decay=0.1)
 
 MODEL_KEYS = {f.name for f in fields(ModelConfig)}
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
@@ -338,6 +356,24 @@ def resolve(
     mcfg.validate()
     tcfg.validate()
     return mcfg, tcfg
+
+
+def resolve_finetune(config_file: str | Path | None = None,
+                     overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], TrainConfig]:
+    """(the model settings given explicitly, TrainConfig) for a run with --init-from: dataclass
+    defaults < FINETUNE_DEFAULTS < TOML file < flags. The model itself comes from the source, so
+    the model settings are returned for the caller to check against it, and a preset is refused."""
+    values: dict[str, Any] = load_toml(config_file) if config_file else {}
+    values.update(renamed({k: v for k, v in (overrides or {}).items() if v is not None}))
+    if values.pop("preset", None):
+        raise ConfigError("--init-from takes the model from its source; a preset picks a model "
+                          "size: drop --preset")
+    model_over, train_over = split_overrides(values)
+    if "tokenizer" in train_over or "tokenizer_vocab_size" in train_over:
+        raise ConfigError("--init-from brings its model's tokenizer; drop --tokenizer/--vocab-size")
+    tcfg = TrainConfig(**_typed(TrainConfig, {**FINETUNE_DEFAULTS, **train_over}))
+    tcfg.validate()
+    return _typed(ModelConfig, model_over), tcfg
 
 
 def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:

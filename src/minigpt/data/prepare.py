@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import DataError
+from ..errors import DataError, TokenizerError
 from ..fsio import atomic_write_text
 from ..rundir import FORMAT_VERSION, TOKENIZER
 from ..tokenization import Tokenizer, save_tokenizer, train_tokenizer
@@ -123,7 +123,7 @@ def prepare(
     docs: str | None = None,
     val_fraction: float = 0.1,
     seed: int = 1337,
-    tokenizer: str = "char",
+    tokenizer: str | Tokenizer = "char",
     vocab_size: int | None = None,
     progress: bool = True,
     **tokenizer_options: Any,
@@ -132,7 +132,8 @@ def prepare(
 
     Two passes over the input, each holding one chunk (or one document) in memory: the first learns
     the tokenizer and counts characters or documents, the second encodes and appends to the .bin files.
-    `vocab_size` is the tokenizer's (bpe only), not the model's.
+    `vocab_size` is the tokenizer's (bpe only), not the model's. `tokenizer` is a kind to learn, or a
+    Tokenizer to use as it is (fine-tuning: the data must speak the source model's vocabulary).
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val-fraction must be in (0, 1), got {val_fraction}")
@@ -142,7 +143,8 @@ def prepare(
     if vocab_size is not None:
         tokenizer_options["vocab_size"] = vocab_size
     total = sum(f.stat().st_size for f in files)
-    with _progress_bar(total, f"{tokenizer} tokenizer: reading", progress) as bar:
+    kind = tokenizer if isinstance(tokenizer, str) else tokenizer.kind
+    with _progress_bar(total, f"{kind} tokenizer: reading", progress) as bar:
         tok, units = _learn_tokenizer(files, docs, tokenizer, tokenizer_options, bar.update)
     plan = _SplitPlan.make(units, docs, val_fraction, seed)
     out = Path(out_dir)
@@ -150,7 +152,7 @@ def prepare(
     dtype = _dtype_for(tok.vocab_size)
     bins = {s: _TokenFile(out / f"{s}.bin", dtype) for s in ("train", "val")}
     try:
-        with _progress_bar(total, f"{tokenizer} tokenizer: encoding", progress) as bar:
+        with _progress_bar(total, f"{kind} tokenizer: encoding", progress) as bar:
             _encode_splits(files, docs, tok, plan, bins, bar.update)
         for b in bins.values():
             b.commit()
@@ -187,10 +189,12 @@ def _meta(tok: Tokenizer, dtype: np.dtype, docs: str | None, val_fraction: float
     }
 
 
-def _learn_tokenizer(files: list[Path], docs: str | None, kind: str, options: dict[str, Any],
+def _learn_tokenizer(files: list[Path], docs: str | None, kind: str | Tokenizer,
+                     options: dict[str, Any],
                      on_read: Callable[[int], None]) -> tuple[Tokenizer, int]:
-    """Pass 1: the tokenizer learnt from the corpus, and how many characters (stream) or
-    documents it holds: what the split needs."""
+    """Pass 1: the tokenizer learnt from the corpus (or the one given, which then checks that it
+    can encode every text), and how many characters (stream) or documents the corpus holds: what
+    the split needs."""
     units = 0
 
     def texts() -> Iterator[str]:
@@ -204,8 +208,30 @@ def _learn_tokenizer(files: list[Path], docs: str | None, kind: str, options: di
             units += len(text) if docs is None else 1
             yield from _pieces(text)
 
-    tok = train_tokenizer(kind, texts(), **options)
-    return tok, units
+    if isinstance(kind, str):
+        return train_tokenizer(kind, texts(), **options), units
+    if options:
+        raise DataError(f"a given {kind.kind} tokenizer takes no options ({', '.join(options)})")
+    _check_encodable(kind, texts())
+    return kind, units
+
+
+def _check_encodable(tok: Tokenizer, texts: Iterator[str]) -> None:
+    """A given tokenizer must encode the whole corpus: name every character it cannot, up front,
+    rather than failing at the first one halfway through writing the .bin files."""
+    stoi = getattr(tok, "stoi", None)
+    if stoi is None:  # bytes and bpe encode any valid Unicode; pass 2 reports a lone surrogate
+        for _ in texts:
+            pass
+        return
+    unknown: set[str] = set()
+    for text in texts:
+        unknown.update(set(text) - stoi.keys())
+    if unknown:
+        shown = ", ".join(repr(c) for c in sorted(unknown)[:10])
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        raise TokenizerError(f"the text contains {len(unknown)} character(s) the source model's "
+                             f"{tok.kind} tokenizer cannot encode: {shown}{more}")
 
 
 @dataclass

@@ -4,6 +4,8 @@ Like GPT-2's tokenizer: text is split into words by a regex, each word's UTF-8 b
 symbols, and the most frequent adjacent pairs are merged until the vocabulary is full. Every byte is
 in the base alphabet, so any Unicode text encodes and nothing is ever "unknown". BOS and EOS are
 special tokens (ids 0 and 1); text that happens to contain "<|bos|>" is encoded as plain text.
+A tokenizer imported from GPT-2 (interop/hf_import.py) keeps its own vocabulary and uses
+`<|endoftext|>` as both BOS and EOS; tokenizer.json records which tokens those are.
 
 tokenizer.json stores the Hugging Face tokenizer's own JSON under "hf" (never a pickle), so the file
 also loads in `tokenizers.Tokenizer.from_str(json.dumps(d["hf"]))`.
@@ -47,7 +49,7 @@ _BYTE_OF = _byte_decoder()
 class BPETokenizer:
     kind = "bpe"
 
-    def __init__(self, hf: HFTokenizer, hf_dict: dict[str, Any]):
+    def __init__(self, hf: HFTokenizer, hf_dict: dict[str, Any], bos: str = BOS, eos: str = EOS):
         self.hf = hf
         self.hf_dict = hf_dict  # kept as loaded, so a run's tokenizer.json compares equal to its data's
         self.hf.encode_special_tokens = True  # "<|bos|>" typed in the text is text, not BOS
@@ -55,10 +57,11 @@ class BPETokenizer:
         n = len(vocab)
         if sorted(vocab.values()) != list(range(n)):
             raise TokenizerError("bpe tokenizer ids are not contiguous")
-        if vocab.get(BOS) is None or vocab.get(EOS) is None:
-            raise TokenizerError(f"bpe tokenizer lacks the {BOS} / {EOS} special tokens")
-        self._bos, self._eos = vocab[BOS], vocab[EOS]
         specials = {t.content for t in hf.get_added_tokens_decoder().values()}
+        if bos not in specials or eos not in specials:
+            raise TokenizerError(f"bpe tokenizer lacks the {bos} / {eos} special tokens")
+        self.bos_token, self.eos_token = bos, eos
+        self._bos, self._eos = vocab[bos], vocab[eos]
         self._bytes = [b""] * n
         for token, i in vocab.items():
             if token not in specials:
@@ -120,7 +123,7 @@ class BPETokenizer:
         return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.kind, "bos": BOS, "eos": EOS, "hf": self.hf_dict}
+        return {"type": self.kind, "bos": self.bos_token, "eos": self.eos_token, "hf": self.hf_dict}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BPETokenizer:
@@ -128,7 +131,7 @@ class BPETokenizer:
             hf = HFTokenizer.from_str(json.dumps(d["hf"]))
         except Exception as e:  # the Rust side raises a bare Exception for malformed JSON
             raise TokenizerError(f"bpe tokenizer data is malformed: {str(e)[:200]}") from None
-        return cls(hf, d["hf"])
+        return cls(hf, d["hf"], d.get("bos", BOS), d.get("eos", EOS))
 
 
 register("bpe", BPETokenizer.from_dict, BPETokenizer.train)

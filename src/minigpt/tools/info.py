@@ -72,6 +72,8 @@ def run_info(run_dir: Path) -> dict[str, Any]:
         "best_val_loss": best_val,
         "best_val_bpb": _logged_val_bpb(run_dir, best),
         "checkpoints": [s for s, _ in ckpts],
+        "init_from": ({"source": tcfg.init_from, "step": tcfg.init_step, "sha256": tcfg.init_sha256}
+                      if tcfg.init_from else None),
         "model": dataclasses.asdict(mcfg),
         "train": dataclasses.asdict(tcfg),
     }
@@ -96,6 +98,7 @@ def format_run_info(info: dict[str, Any]) -> str:
         f"step:           {info['step']} / {info['max_iters']}",
         f"best val loss:  {best}",
         f"checkpoints:    {', '.join(map(str, info['checkpoints'])) or 'none'}",
+        *([_init_line(info["init_from"])] if info.get("init_from") else []),
         f"train memory:   {format_bytes(info['memory']['float32']['total'])} float32, "
         f"{format_bytes(info['memory']['bfloat16']['total'])} bf16 per device "
         f"(estimate at batch-size {info['train']['batch_size']}; see docs/gpu.md)",
@@ -103,6 +106,12 @@ def format_run_info(info: dict[str, Any]) -> str:
         "train:          " + ", ".join(f"{k}={v}" for k, v in info["train"].items()),
     ]
     return "\n".join(lines)
+
+
+def _init_line(init: dict[str, Any]) -> str:
+    """Where a run started from (train --init-from): the source, its step, its weights' checksum."""
+    step = f"step {init['step']}, " if init["step"] is not None else ""
+    return f"initialised from: {init['source']} ({step}sha256 {init['sha256']})"
 
 
 def format_presets(rows: list[dict[str, Any]], vocab_size: int = SHAKESPEARE_VOCAB) -> str:

@@ -29,23 +29,27 @@ from ..config import (
 from ..data.corpus import bundled_corpus
 from ..data.dataset import PreparedData, check_split_length, is_prepared, load_prepared
 from ..data.prepare import prepare
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, TokenizerError
+from ..tokenization import Tokenizer
 
 # Settings that shape the prepared data; changing them on resume would change what is being learnt.
-DATA_SHAPING = ("data", "docs", "val_fraction", "tokenizer", "tokenizer_vocab_size")
+DATA_SHAPING = ("data", "docs", "val_fraction", "tokenizer", "tokenizer_vocab_size", "init_from",
+                "init_checkpoint")
 
 
 def set_up_run(mcfg: ModelConfig, tcfg: TrainConfig, run_dir: Path, resume: bool,
-                from_checkpoint: bool, overwrite: bool, progress: bool = True) -> Path:
+                from_checkpoint: bool, overwrite: bool, progress: bool = True,
+                tokenizer: Tokenizer | None = None) -> Path:
     """Claim the run directory, prepare the data, write config and tokenizer; -> the data dir.
 
-    A new run that fails here leaves --out as it was (rundir.new_run_dir); a resumed run
-    rewrites its config only once its checkpoint has loaded (Trainer.run).
+    `tokenizer`: the one the data must be encoded with (an --init-from model's) instead of one
+    learnt from the text. A new run that fails here leaves --out as it was (rundir.new_run_dir); a
+    resumed run rewrites its config only once its checkpoint has loaded (Trainer.run).
     """
     if resume and not from_checkpoint:
         print(f"warning: {run_dir} has no checkpoint yet; starting it from step 0", file=sys.stderr)
     with nullcontext() if resume else rundir.new_run_dir(run_dir, overwrite, mcfg, tcfg):
-        data = _data_for_run(tcfg, run_dir, from_checkpoint, progress)
+        data = _data_for_run(tcfg, run_dir, from_checkpoint, progress, tokenizer)
         tcfg = _record_data_tokenizer(tcfg, data)
         mcfg = dataclasses.replace(mcfg, vocab_size=data.tokenizer.vocab_size)
         for split in ("train", "val"):
@@ -90,23 +94,31 @@ def _shown(key: str, value: Any) -> Any:
 
 
 def _same_setting(key: str, stored: Any, given: Any) -> bool:
-    if key == "data" and stored is not None and given is not None:
+    if key in ("data", "init_from") and stored is not None and given is not None:
         return Path(stored).resolve() == Path(given).resolve()  # ./a.txt and /abs/a.txt are the same
     return stored == given
 
 
-def _data_for_run(tcfg: TrainConfig, run_dir: Path, resume: bool, progress: bool = True) -> PreparedData:
-    """Use prepared data as is; prepare raw text (or the bundled corpus) into RUN/data."""
+def _data_for_run(tcfg: TrainConfig, run_dir: Path, resume: bool, progress: bool = True,
+                  tokenizer: Tokenizer | None = None) -> PreparedData:
+    """Use prepared data as is; prepare raw text (or the bundled corpus) into RUN/data, with
+    `tokenizer` when one is given."""
     if tcfg.data and is_prepared(tcfg.data):
         data = load_prepared(tcfg.data)
+        if tokenizer is not None and data.tokenizer.to_dict() != tokenizer.to_dict():
+            raise TokenizerError(
+                f"{tcfg.data} was prepared with another vocabulary ({data.tokenizer.kind}, "
+                f"{data.tokenizer.vocab_size} tokens) than the --init-from model's "
+                f"({tokenizer.kind}, {tokenizer.vocab_size} tokens); give the raw text as --data")
     else:
         target = run_dir / "data"
         if not (resume and is_prepared(target) and _same_sources(target, tcfg.data)):
             staging = run_dir / "data.new"
             shutil.rmtree(staging, ignore_errors=True)
             prepare([tcfg.data or bundled_corpus()], staging, docs=tcfg.docs,
-                    val_fraction=tcfg.val_fraction, seed=tcfg.seed, tokenizer=tcfg.tokenizer,
-                    vocab_size=tcfg.tokenizer_vocab_size, progress=progress)
+                    val_fraction=tcfg.val_fraction, seed=tcfg.seed,
+                    tokenizer=tokenizer or tcfg.tokenizer,
+                    vocab_size=None if tokenizer else tcfg.tokenizer_vocab_size, progress=progress)
             shutil.rmtree(target, ignore_errors=True)
             staging.replace(target)
         data = load_prepared(target)

@@ -7,6 +7,9 @@ batches, print a short sample, write a checkpoint (and mark it best when val imp
 Exact resume restores weights, optimizer moments, step, best val loss and the sampler; dropout's RNG
 is seeded per step from (seed, step, rank), so it needs no saved state.
 Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and returns (signals.py).
+A run started from existing weights (`initial_state`, train --init-from) loads them, evaluates and
+saves them as step 0 before its first step: the log starts at the source's validation loss, and the
+run never needs its source again to resume.
 
 The forward pass runs under autocast in the run's dtype (float32 master weights; a GradScaler for
 float16), see device.py. Under torchrun every rank runs this same loop on its slice of each batch and
@@ -52,8 +55,10 @@ EVAL_SAMPLE = SamplingParams()
 
 class Trainer:
     def __init__(self, mcfg: ModelConfig, tcfg: TrainConfig, data: PreparedData, run_dir: Path,
-                 progress: bool = True, dist: DistContext | None = None):
+                 progress: bool = True, dist: DistContext | None = None,
+                 initial_state: dict[str, torch.Tensor] | None = None):
         self.mcfg, self.tcfg, self.data, self.run_dir = mcfg, tcfg, data, run_dir
+        self.initial_state = initial_state  # weights to start from instead of a random init
         self.dist = dist or DistContext(resolve_device(tcfg.device))
         self.progress = progress and self.dist.is_main
         self.device = self.dist.device
@@ -189,6 +194,11 @@ class Trainer:
         metrics = (MetricsLog(self.run_dir, tcfg.log, self.step, config) if self.dist.is_main
                    else nullcontext())  # metrics.jsonl and the --log trackers, rank 0 only
         with metrics as self.metrics, stop_on_signal(self._request_stop, self.dist.is_main):
+            if self.initial_state is not None and not from_checkpoint:
+                ckpt.load_state(self.model, self.initial_state, self.tcfg.init_from or "")
+                self.initial_state = None  # the model holds them now; free the copy
+                self._evaluate_and_save({})
+                last_saved = 0
             while self.step < tcfg.max_iters and not self._stop_agreed():
                 self._loss_sum += self.train_step()
                 self.step += 1
