@@ -250,7 +250,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.run_dir, host=args.host, port=args.port, api_key=api_key,
           checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
           max_tokens_limit=args.max_tokens_limit,
-          max_concurrency=args.max_concurrency, max_queue=args.max_queue)
+          max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+          chat_template=args.chat_template, utf8_mask=args.utf8_mask)
     return 0
 
 

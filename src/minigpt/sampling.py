@@ -30,6 +30,12 @@ class SamplingParams:
     seed: int | None = field(default=None, metadata={"help": "the same seed gives the same text"})
     num_samples: int = field(default=1, metadata={"help": "independent samples, decoded in one batch"})
     stop_at_eos: bool = field(default=True, metadata={"help": "end a sample at the end-of-text token"})
+    utf8_mask: bool | None = field(default=None, metadata={
+        "help": "never sample a token that would make the output invalid UTF-8 "
+                "(None: on for bytes/bpe tokenizers, off for char)"})
+    # not a CLI flag: the server asks for it (OpenAI's `logprobs`); None = not computed
+    logprobs: int | None = field(default=None, metadata={
+        "help": "log-probability of each sampled token and of the k most likely", "cli": False})
 
     def validate(self) -> SamplingParams:
         if self.max_new_tokens is None or self.max_new_tokens < 1:
@@ -42,6 +48,8 @@ class SamplingParams:
             raise ConfigError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ConfigError(f"logprobs must be >= 0, got {self.logprobs}")
         return self
 
     def replace(self, **changes: Any) -> SamplingParams:
@@ -85,3 +93,36 @@ def sample_next_token(
     cdf = logits.softmax(dim=-1).cumsum_(dim=-1)
     u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
     return (cdf < u * cdf[:, -1:]).sum(dim=-1)
+
+
+@dataclass
+class TokenLogprobs:
+    """What `token_logprobs` returns for one step of B streams."""
+
+    logprob: torch.Tensor  # (B,) log-probability of the token each stream sampled
+    top_logprobs: torch.Tensor  # (B, k) the k largest log-probabilities, descending
+    top_ids: torch.Tensor  # (B, k) their token ids
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float = SamplingParams.temperature,
+                      top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """logits (B, V) -> log-probabilities (B, V) of the distribution `sample_next_token` draws from:
+    log_softmax(filter(logits / temperature)), -inf for filtered tokens. Greedy (temperature 0)
+    draws from no distribution; it reports the model's own, log_softmax(logits) at temperature 1
+    with no top-k/top-p filter (its argmax is the greedy token)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.log_softmax(dim=-1)
+    return filter_logits(logits / temperature, top_k, top_p).log_softmax(dim=-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int,
+                   temperature: float = SamplingParams.temperature, top_k: int | None = None,
+                   top_p: float | None = None) -> TokenLogprobs:
+    """The sampled `tokens` (B,)' log-probabilities and the top `k` of each row, from the same
+    logits (B, V) and settings the tokens were sampled with. The engine calls this, and so must any
+    other decoding loop, so that every path reports the same numbers."""
+    logp = sampling_logprobs(logits, temperature, top_k, top_p)
+    chosen = logp.gather(-1, tokens.view(-1, 1).to(logp.device)).squeeze(-1)
+    top = torch.topk(logp, min(k, logp.size(-1)), dim=-1)
+    return TokenLogprobs(chosen, top.values, top.indices)
