@@ -4,9 +4,9 @@ A `bytes` or `bpe` model samples bytes, and nothing stops it from sampling a con
 no lead byte before it, or a new character while one is half-written; the decoder then prints
 U+FFFD. `Utf8Mask` is a strict UTF-8 decoder run ahead of sampling: for each stream it knows what
 the next byte may be (any character start, or a continuation in a given range), and it masks every
-token whose bytes would break that, end-of-text included while a character is unfinished. The
-ranges are those of RFC 3629 (no overlong forms, no surrogates, nothing above U+10FFFF), so the
-output always decodes with `bytes.decode("utf-8")` in strict mode.
+token whose bytes would break that, and the special tokens (end-of-text) while a character is
+unfinished. The ranges are those of RFC 3629 (no overlong forms, no surrogates, nothing above
+U+10FFFF), so the output always decodes with `bytes.decode("utf-8")` in strict mode.
 
 A state is (continuation bytes still needed, lowest and highest allowed next byte); there are
 eight, so the mask of every token in every state is computed once per tokenizer.
@@ -59,9 +59,11 @@ class Utf8Mask:
         allowed = torch.zeros(len(STATES), len(token_bytes), dtype=torch.bool)
         for s, state in enumerate(STATES):
             for t, data in enumerate(token_bytes):
-                allowed[s, t] = step(state, data) is not None
+                # a special token (no bytes) mid-character: EOS would leave half a character, BOS
+                # would start a document inside one
+                allowed[s, t] = step(state, data) is not None and (bool(data) or state == START)
             if eos_id is not None and state != START:
-                allowed[s, eos_id] = False  # ending here would leave half a character
+                allowed[s, eos_id] = False
         self._allowed = allowed.to(device)
         self._index = {state: i for i, state in enumerate(STATES)}
 
