@@ -288,10 +288,20 @@ FIELD_VALUES = {"messages": st.lists(MESSAGE | JSON, max_size=3) | JSON,
                 "prompt": st.text(alphabet="the cat", max_size=10) | JSON}
 
 
-def bodies(keys):
-    values = st.sampled_from(keys).flatmap(lambda k: st.tuples(st.just(k),
-                                                               FIELD_VALUES.get(k, JSON)))
-    return st.lists(values | st.tuples(st.text(max_size=5), JSON), max_size=6).map(dict) | JSON
+VALID_MESSAGES = st.lists(st.fixed_dictionaries({
+    "role": st.sampled_from(["user", "system", "assistant"]),
+    "content": st.text(alphabet="abc the", max_size=10)}), min_size=1, max_size=3)
+
+
+def bodies(keys, required):
+    """Mostly a valid request with a few fields of random type and value; sometimes any JSON."""
+    anything = FIELD_VALUES.get(required, JSON)
+    near_valid = st.fixed_dictionaries(
+        {required: VALID_MESSAGES if required == "messages" else st.text(alphabet="the ")},
+        optional={k: FIELD_VALUES.get(k, JSON) for k in keys if k != required})
+    random_fields = st.lists(st.tuples(st.sampled_from(keys) | st.text(max_size=5), anything),
+                             max_size=5).map(dict)
+    return near_valid | random_fields | JSON
 
 
 @pytest.fixture(scope="module")
@@ -312,14 +322,14 @@ def check_answer(r: httpx.Response) -> None:
         assert {"type", "param", "code"} <= set(error)
 
 
-@pytest.mark.parametrize("path,keys", [("completions", COMPLETION_KEYS),
-                                       ("chat/completions", CHAT_KEYS)])
-def test_random_json_never_gets_a_5xx(fuzz_url, path, keys):
+@pytest.mark.parametrize("path,keys,required", [("completions", COMPLETION_KEYS, "prompt"),
+                                                ("chat/completions", CHAT_KEYS, "messages")])
+def test_random_json_never_gets_a_5xx(fuzz_url, path, keys, required):
     statuses = []
     with httpx.Client(base_url=f"{fuzz_url}/v1", timeout=60) as http:
 
         @FUZZ
-        @given(body=bodies(keys))
+        @given(body=bodies(keys, required))
         def run(body):
             r = http.post(f"/{path}", content=json.dumps(body))
             check_answer(r)
