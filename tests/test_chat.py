@@ -20,7 +20,7 @@ from minigpt.cli import main
 from minigpt.serve.app import create_app
 from minigpt.serve.chat import DEFAULT, ChatTemplate, load_template
 from minigpt.tokenization.base import BOS
-from test_server import serving
+from test_server import CHROMIUM, CHROMIUM_ARGS, serving
 
 KEY = "sk-chat"
 CORPUS = "".join(
@@ -340,3 +340,59 @@ def test_random_json_never_gets_a_5xx(fuzz_url, path, keys, required):
         assert 200 in statuses and len(set(statuses) - {200}) >= 1, statuses
         alive = http.post("/completions", json={"prompt": "the ", "max_tokens": 2})
         assert alive.status_code == 200
+
+
+# ---- the playground: coloured tokens, their alternatives, the chat tab ------------------------------
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium")
+def test_playground_colours_tokens_shows_alternatives_and_chats(url, client, engine):
+    from playwright.sync_api import expect, sync_playwright
+
+    greedy = client.completions.create(model="chat", prompt="User: hello", max_tokens=20,
+                                       temperature=0, logprobs=5).choices[0]
+    reply = client.chat.completions.create(model="chat", temperature=0, max_tokens=20, messages=[
+        {"role": "user", "content": "hello 3"}]).choices[0].message.content
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            expect(page.locator("#model")).to_contain_text("chat")
+            page.fill("#api-key", KEY)
+            page.fill("#prompt", "User: hello")
+            page.fill("#max-tokens", "20")
+            page.focus("#temperature")
+            page.keyboard.press("Home")  # greedy: the same text as `greedy`
+            page.click("#generate")
+            expect(page.locator("#status")).to_contain_text("done", timeout=30_000)
+            expect(page.locator("#completion")).to_have_text(greedy.text)
+            tokens = page.locator("#completion .tok")
+            names = [n for n in greedy.logprobs.tokens if n != BOS]
+            expect(tokens).to_have_count(len(names))
+            shown_p = [float(x) for x in tokens.evaluate_all("s => s.map(t => t.dataset.p)")]
+            colours = tokens.evaluate_all("s => s.map(t => getComputedStyle(t).backgroundColor)")
+            lps = [v for n, v in zip(greedy.logprobs.tokens, greedy.logprobs.token_logprobs)
+                   if n != BOS]
+            assert shown_p == pytest.approx([math.exp(v) for v in lps], abs=1e-4)
+            assert all(c.startswith("rgb") and c != "rgba(0, 0, 0, 0)" for c in colours)
+            assert len(set(colours)) > 1  # different probabilities, different colours
+
+            tokens.nth(2).hover()
+            tip = page.locator("#tooltip")
+            expect(tip).to_be_visible()
+            expect(tip.locator(".alt")).to_have_count(5)
+            expect(tip.locator(".alt.chosen")).to_have_count(1)  # greedy: the top alternative
+            expect(tip.locator(".head")).to_contain_text("%")
+
+            page.click("#tab-chat")
+            expect(page.locator("#prompt")).to_be_hidden()
+            page.fill("#chat-input", "hello 3")
+            page.press("#chat-input", "Enter")
+            answer = page.locator(".msg.assistant[data-done=true] .content")
+            expect(answer).to_have_text(reply, timeout=30_000)
+            expect(page.locator(".msg.user .content")).to_have_text("hello 3")
+            if reply:
+                assert page.locator(".msg.assistant .tok").count() > 0
+        finally:
+            browser.close()
