@@ -10,6 +10,7 @@ one re-prefill every block_size/4 tokens.
 from __future__ import annotations
 
 import codecs
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from .kv_cache import KVCache
 from .model import GPT
 from .sampling import SamplingParams, TokenLogprobs, sample_next_token, token_logprobs
 from .tokenization import Tokenizer
-from .utf8 import Utf8Mask
+from .utf8 import Utf8Mask, Utf8Table
 
 BYTE_LEVEL = ("bytes", "bpe")  # tokenizers whose tokens can split a character: masked by default
 
@@ -72,6 +73,11 @@ class Engine:
             ids = [self.tokenizer.bos_id, *ids]
         return ids
 
+    @functools.cached_property
+    def utf8_table(self) -> Utf8Table:
+        """The tokenizer's UTF-8 mask table, built on first use (a loop over the vocabulary)."""
+        return Utf8Table.for_tokenizer(self.tokenizer)
+
     def utf8_masking(self, params: SamplingParams) -> bool:
         """Whether `params` mask invalid UTF-8: as asked, else on for byte-level tokenizers."""
         if params.utf8_mask is not None:
@@ -97,8 +103,7 @@ class Engine:
         n = len(prompt)
         cache = KVCache.for_model(self.model, rows)
         decode = DecodeStep(self.model)
-        mask = Utf8Mask.for_tokenizer(self.tokenizer, rows, self.device) \
-            if self.utf8_masking(params) else None
+        mask = Utf8Mask(self.utf8_table, rows, self.device) if self.utf8_masking(params) else None
         logits, _ = self.model(tokens[:, :n], kv_cache=cache)  # the prompt, in one forward
         last = logits[:, -1]
         for i in range(steps):

@@ -48,14 +48,11 @@ def step(state: State, data: bytes) -> State | None:
     return (need, lo, hi) if need else START
 
 
-class Utf8Mask:
-    """Per-stream UTF-8 states for a batch, and the (B, V) mask of tokens each stream may take."""
+class Utf8Table:
+    """Which tokens each state allows, for one tokenizer: built once (the engine keeps it)."""
 
-    def __init__(self, token_bytes: list[bytes], eos_id: int | None, rows: int,
-                 device: torch.device | str = "cpu"):
+    def __init__(self, token_bytes: list[bytes], eos_id: int | None):
         self.token_bytes = token_bytes
-        self.eos_id = eos_id
-        self.states: list[State] = [START] * rows
         allowed = torch.zeros(len(STATES), len(token_bytes), dtype=torch.bool)
         for s, state in enumerate(STATES):
             for t, data in enumerate(token_bytes):
@@ -64,22 +61,37 @@ class Utf8Mask:
                 allowed[s, t] = step(state, data) is not None and (bool(data) or state == START)
             if eos_id is not None and state != START:
                 allowed[s, eos_id] = False
-        self._allowed = allowed.to(device)
-        self._index = {state: i for i, state in enumerate(STATES)}
+        self.allowed = allowed
+        self.index = {state: i for i, state in enumerate(STATES)}
+        self.start_allows_all = bool(allowed[0].all())
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> Utf8Table:
+        return cls([tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)],
+                   tokenizer.eos_id)
+
+
+class Utf8Mask:
+    """Per-stream UTF-8 states for a batch, and the (B, V) mask of tokens each stream may take."""
+
+    def __init__(self, table: Utf8Table, rows: int, device: torch.device | str = "cpu"):
+        self.table = table
+        self.states: list[State] = [START] * rows
+        self._allowed = table.allowed.to(device)
 
     @classmethod
     def for_tokenizer(cls, tokenizer, rows: int, device: torch.device | str = "cpu") -> Utf8Mask:
-        return cls([tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)],
-                   tokenizer.eos_id, rows, device)
+        return cls(Utf8Table.for_tokenizer(tokenizer), rows, device)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B, V) with every token that would break UTF-8 set to -inf."""
-        if all(s == START for s in self.states) and bool(self._allowed[0].all()):
-            return logits  # e.g. a char tokenizer: nothing to mask
-        rows = torch.tensor([self._index[s] for s in self.states], device=self._allowed.device)
+        if self.table.start_allows_all and all(s == START for s in self.states):
+            return logits  # e.g. a char tokenizer between characters: nothing to mask
+        rows = torch.tensor([self.table.index[s] for s in self.states],
+                            device=self._allowed.device)
         return logits.masked_fill(~self._allowed[rows], float("-inf"))
 
     def advance(self, tokens: list[int]) -> None:
         """Record the token each stream took (a masked one cannot come, so it always steps)."""
         for i, tok in enumerate(tokens):
-            self.states[i] = step(self.states[i], self.token_bytes[tok]) or START
+            self.states[i] = step(self.states[i], self.table.token_bytes[tok]) or START
