@@ -158,7 +158,10 @@ class Engine:
         rows, last_step = params.num_samples, params.max_new_tokens - 1
         decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(rows)]
         done = [False] * rows
-        for step, (nxt, scores) in enumerate(self.generate_steps(prompt_ids, params)):
+        # without logprobs through generate_ids, the seam tests and other decoding loops replace
+        steps = self.generate_steps(prompt_ids, params) if params.logprobs is not None else (
+            (nxt, None) for nxt in self.generate_ids(prompt_ids, params))
+        for step, (nxt, scores) in enumerate(steps):
             last = step == last_step
             for i, tok in enumerate(nxt.tolist()):
                 if done[i]:
