@@ -128,3 +128,22 @@ def test_the_mask_leaves_a_char_model_alone_and_the_cli_flag_turns_it_off():
     assert _sampling_from(args).utf8_mask is False
     assert build_parser().parse_args(["serve", "r", "--no-utf8-mask"]).utf8_mask is False
     assert build_parser().parse_args(["serve", "r"]).utf8_mask is None
+
+
+def test_the_server_masks_by_default_and_not_with_no_utf8_mask():
+    import httpx
+
+    from minigpt.serve.app import create_app
+    from minigpt.serve.logprobs import name
+    from test_server import serving
+
+    engine = Engine(forced_model({0x80: 10.0, ord("a"): 5.0}), ByteTokenizer())
+    body = {"prompt": "", "max_tokens": 4, "temperature": 0, "logprobs": 1}
+    for utf8_mask, text in ((None, "aaaa"), (False, "\ufffd" * 4)):
+        with serving(create_app(engine, utf8_mask=utf8_mask)) as url:
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=30).json()
+        choice = r["choices"][0]
+        assert choice["text"] == text
+        # the orphan byte is named the way OpenAI names a token that is not whole characters
+        assert choice["logprobs"]["tokens"][0] == ("a" if utf8_mask is None else "bytes:\\x80")
+    assert name(ByteTokenizer(), 0xC3) == ("bytes:\\xc3", b"\xc3")

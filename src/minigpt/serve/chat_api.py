@@ -62,13 +62,16 @@ def parse_chat_request(data: dict[str, Any], model_id: str, max_tokens_limit: in
 
 
 def _max_tokens(data: dict[str, Any], limit: int) -> int:
-    """max_completion_tokens (OpenAI's current name) or max_tokens (the older one); not both."""
-    new, old = data.get("max_completion_tokens"), data.get("max_tokens")
-    if new is not None and old is not None and new != old:
+    """max_completion_tokens (OpenAI's current name) or max_tokens (the older one); both only if
+    they agree."""
+    default = min(DEFAULT_CHAT_MAX_TOKENS, limit)
+    new = oa._int("max_completion_tokens", data.get("max_completion_tokens"), default, 1, limit)
+    old = oa._int("max_tokens", data.get("max_tokens"), default, 1, limit)
+    both = data.get("max_completion_tokens") is not None and data.get("max_tokens") is not None
+    if both and new != old:
         raise APIError(400, "max_tokens and max_completion_tokens differ; send one of them",
                        param="max_completion_tokens", code="invalid_value")
-    name, value = ("max_completion_tokens", new) if new is not None else ("max_tokens", old)
-    return oa._int(name, value, min(DEFAULT_CHAT_MAX_TOKENS, limit), 1, limit)
+    return new if data.get("max_completion_tokens") is not None else old
 
 
 def new_chat_id() -> str:
