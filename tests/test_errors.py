@@ -127,6 +127,24 @@ CASES = [
     Case("plot-watch-interval-zero", "plot --watch with a poll interval of 0",
          "plot run --watch --interval 0",
          "minigpt: error: --interval must be > 0 seconds, got 0.0"),
+    # --- serving ------------------------------------------------------------------------------------
+    Case("chat-template-missing", "serve --chat-template: a file that does not exist",
+         "serve run --chat-template missing.json",
+         "minigpt: error: cannot read chat template missing.json: No such file or directory"),
+    Case("chat-template-not-json", "serve --chat-template: a file that is not JSON",
+         "serve run --chat-template notes/todo.txt",
+         "minigpt: error: chat template notes/todo.txt is not valid JSON: Expecting value: line 1 "
+         "column 1 (char 0)"),
+    Case("chat-template-no-content", "serve --chat-template: a role line without {content}",
+         "serve run --chat-template bad-template.json",
+         "minigpt: error: bad-template.json: chat template 'user' must contain {content}"),
+    Case("chat-template-unknown-key", "serve --chat-template: a key templates do not have",
+         "serve run --chat-template typo-template.json",
+         "minigpt: error: typo-template.json: unknown chat template key(s): usr"),
+    Case("run-chat-template-broken", "a run whose chat_template.json is not valid JSON",
+         "serve bad-chat",
+         "minigpt: error: bad-chat/chat_template.json is not valid JSON: Expecting property name "
+         "enclosed in double quotes: line 1 column 2 (char 1)"),
     # --- run directories and checkpoints ------------------------------------------------------------
     Case("missing-run", "a nonexistent run directory", "sample nowhere",
          "minigpt: error: run directory not found: nowhere"),
@@ -273,12 +291,15 @@ def workspace(tmp_path_factory) -> Path:
     (ws / "long-line.txt").write_bytes(b"all work and no play " * 2_500_000)  # 52.5 MB, no newline
     (ws / "notes").mkdir()
     (ws / "notes" / "todo.txt").write_text("my own notes; minigpt must not touch them\n")
+    (ws / "bad-template.json").write_text('{"user": "User: no placeholder\\n"}')
+    (ws / "typo-template.json").write_text('{"usr": "User: {content}\\n"}')
 
     _cli(f"train --data corpus.txt --out run --max-iters 10 --eval-interval 10 {TINY}", ws)
     step = Path("checkpoints") / "step-0000010"
     for name in ("no-weights", "no-trainer", "bad-weights", "bad-trainer", "evil", "other-vocab",
-                 "newer"):
+                 "newer", "bad-chat"):
         shutil.copytree(ws / "run", ws / name)
+    (ws / "bad-chat" / rundir.CHAT_TEMPLATE).write_text("{oops")
     (ws / "no-weights" / step / ckpt.WEIGHTS).unlink()
     (ws / "no-trainer" / step / ckpt.TRAINER).unlink()
     _flip_byte(ws / "bad-weights" / step / ckpt.WEIGHTS)

@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, default=4, help="requests generating at once")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot; beyond that the server answers 429")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="JSON chat template for /v1/chat/completions (default: the run's "
+                        "chat_template.json, else 'System:/User:/Assistant:' lines; docs/server.md)")
+    p.add_argument("--no-utf8-mask", dest="utf8_mask", action="store_false", default=None,
+                   help="let byte-level models sample tokens that make invalid UTF-8 "
+                        "(masked by default for bytes/bpe tokenizers)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", formatter_class=_Help, help="measure training or generation speed (last line: JSON)")
@@ -317,7 +323,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.run_dir, host=args.host, port=args.port, api_key=api_key,
           checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
           max_tokens_limit=args.max_tokens_limit,
-          max_concurrency=args.max_concurrency, max_queue=args.max_queue)
+          max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+          chat_template=args.chat_template, utf8_mask=args.utf8_mask)
     return 0
 
 

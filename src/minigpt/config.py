@@ -420,6 +420,12 @@ class SamplingParams:
     seed: int | None = field(default=None, metadata={"help": "the same seed gives the same text"})
     num_samples: int = field(default=1, metadata={"help": "independent samples, decoded in one batch"})
     stop_at_eos: bool = field(default=True, metadata={"help": "end a sample at the end-of-text token"})
+    utf8_mask: bool | None = field(default=None, metadata={
+        "help": "never sample a token that would make the output invalid UTF-8 "
+                "(None: on for bytes/bpe tokenizers, off for char)"})
+    # not a CLI flag: the server asks for it (OpenAI's `logprobs`); None = not computed
+    logprobs: int | None = field(default=None, metadata={
+        "help": "log-probability of each sampled token and of the k most likely", "cli": False})
 
     def validate(self) -> SamplingParams:
         if self.max_new_tokens is None or self.max_new_tokens < 1:
@@ -432,6 +438,8 @@ class SamplingParams:
             raise ConfigError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ConfigError(f"logprobs must be >= 0, got {self.logprobs}")
         return self
 
     def replace(self, **changes: Any) -> SamplingParams:

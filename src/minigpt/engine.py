@@ -10,6 +10,7 @@ one re-prefill every block_size/4 tokens.
 from __future__ import annotations
 
 import codecs
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,11 @@ from .device import resolve_device, resolve_dtype
 from .errors import CheckpointError
 from .kv_cache import KVCache
 from .model import GPT
-from .sampling import SamplingParams, sample_next_token
+from .sampling import SamplingParams, TokenLogprobs, sample_next_token, token_logprobs
 from .tokenization import Tokenizer
+from .utf8 import Utf8Mask, Utf8Table
+
+BYTE_LEVEL = ("bytes", "bpe")  # tokenizers whose tokens can split a character: masked by default
 
 if TYPE_CHECKING:
     from .inspection import Inspection
@@ -37,6 +41,10 @@ class StreamEvent:
     text: str  # newly decodable text ("" while a multi-byte character is incomplete)
     token: int | None
     finish_reason: str | None = None  # "stop" (EOS) or "length" on the stream's last event
+    # with SamplingParams.logprobs: the token's log-probability in the distribution it was sampled
+    # from (sampling.sampling_logprobs), and the most likely tokens as (id, logprob), descending
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 Prompt = str | Sequence[int]  # text, or token ids that are used as they are
@@ -68,9 +76,26 @@ class Engine:
             ids = [self.tokenizer.bos_id, *ids]
         return ids
 
-    @torch.inference_mode()
+    @functools.cached_property
+    def utf8_table(self) -> Utf8Table:
+        """The tokenizer's UTF-8 mask table, built on first use (a loop over the vocabulary)."""
+        return Utf8Table.for_tokenizer(self.tokenizer)
+
+    def utf8_masking(self, params: SamplingParams) -> bool:
+        """Whether `params` mask invalid UTF-8: as asked, else on for byte-level tokenizers."""
+        if params.utf8_mask is not None:
+            return params.utf8_mask
+        return self.tokenizer.kind in BYTE_LEVEL
+
     def generate_ids(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[torch.Tensor]:
         """Yield the next token of every stream, (num_samples,) per step, max_new_tokens times."""
+        for tokens, _ in self.generate_steps(prompt_ids, params):
+            yield tokens
+
+    @torch.inference_mode()
+    def generate_steps(self, prompt_ids: Sequence[int], params: SamplingParams
+                       ) -> Iterator[tuple[torch.Tensor, TokenLogprobs | None]]:
+        """Like generate_ids, with each step's log-probabilities when `params.logprobs` is set."""
         gen = torch.Generator(device=self.device)
         gen.manual_seed(params.seed) if params.seed is not None else gen.seed()
         T, steps, rows = self.block_size, params.max_new_tokens, params.num_samples
@@ -81,13 +106,20 @@ class Engine:
         n = len(prompt)
         cache = KVCache.for_model(self.model, rows)
         decode = DecodeStep(self.model)
+        mask = Utf8Mask(self.utf8_table, rows, self.device) if self.utf8_masking(params) else None
         logits, _ = self.model(tokens[:, :n], kv_cache=cache)  # the prompt, in one forward
         last = logits[:, -1]
         for i in range(steps):
+            if mask is not None:
+                last = mask.apply(last)
             nxt = sample_next_token(last, gen, params.temperature, params.top_k, params.top_p)
+            if mask is not None:
+                mask.advance(nxt.tolist())
+            scores = None if params.logprobs is None else token_logprobs(
+                last, nxt, params.logprobs, params.temperature, params.top_k, params.top_p)
             tokens[:, n] = nxt
             n += 1
-            yield nxt
+            yield nxt, scores
             if i == steps - 1:
                 return  # no forward for a token nobody will sample
             if cache.pos == T:  # window full: rebuild the cache from the most recent tokens
@@ -96,6 +128,23 @@ class Engine:
                 last = logits[:, -1]
             else:
                 last = decode(tokens[:, n - 1], cache)
+
+    @torch.inference_mode()
+    def score(self, prompt_ids: Sequence[int], k: int) -> list[tuple[float | None, list]]:
+        """(logprob, top k [(id, logprob)]) of each prompt token under the model's own distribution
+        (temperature 1, unfiltered), given the tokens before it: what `echo` + `logprobs` report.
+        The first token, and any before the last block_size, have no context here: (None, [])."""
+        ids = list(prompt_ids)
+        window = ids[-self.block_size:]
+        out: list[tuple[float | None, list]] = [(None, [])] * (len(ids) - len(window) + 1)
+        if len(window) < 2:
+            return out[: len(ids)]
+        x = torch.tensor([window], dtype=torch.long, device=self.device)
+        logits, _ = self.model(x[:, :-1])
+        s = token_logprobs(logits[0], x[0, 1:], k, temperature=0)  # temperature 0: the raw softmax
+        for lp, vals, top in zip(s.logprob.tolist(), s.top_logprobs.tolist(), s.top_ids.tolist()):
+            out.append((lp, list(zip(top, vals))))
+        return out
 
     def stream(self, prompt: Prompt = "", params: SamplingParams | None = None,
                **settings: Any) -> Iterator[StreamEvent]:
@@ -112,20 +161,24 @@ class Engine:
         rows, last_step = params.num_samples, params.max_new_tokens - 1
         decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(rows)]
         done = [False] * rows
-        for step, nxt in enumerate(self.generate_ids(prompt_ids, params)):
+        # without logprobs through generate_ids, the seam tests and other decoding loops replace
+        steps = self.generate_steps(prompt_ids, params) if params.logprobs is not None else (
+            (nxt, None) for nxt in self.generate_ids(prompt_ids, params))
+        for step, (nxt, scores) in enumerate(steps):
             last = step == last_step
             for i, tok in enumerate(nxt.tolist()):
                 if done[i]:
                     continue
+                lp, top = _row_logprobs(scores, i)
                 if params.stop_at_eos and tok == self.tokenizer.eos_id:
                     done[i] = True
-                    yield StreamEvent(i, decoders[i].decode(b"", final=True), tok, "stop")
+                    yield StreamEvent(i, decoders[i].decode(b"", final=True), tok, "stop", lp, top)
                     continue
                 # Not final even on the last step: a character cut off by max_new_tokens is dropped,
                 # never printed as a replacement character.
                 text = decoders[i].decode(self.tokenizer.token_bytes(tok))
                 done[i] = last
-                yield StreamEvent(i, text, tok, "length" if last else None)
+                yield StreamEvent(i, text, tok, "length" if last else None, lp, top)
             if all(done):
                 return
 
@@ -149,6 +202,15 @@ class Engine:
         from .inspection import inspect
 
         return inspect(self, text, top_k)
+
+
+def _row_logprobs(scores: TokenLogprobs | None, row: int
+                  ) -> tuple[float | None, list[tuple[int, float]] | None]:
+    if scores is None:
+        return None, None
+    top = zip(scores.top_ids[row].tolist(), scores.top_logprobs[row].tolist())
+    # a token top-k/top-p filtered out has probability 0 (-inf): not an alternative, and not JSON
+    return float(scores.logprob[row]), [(t, v) for t, v in top if v != float("-inf")]
 
 
 def load(run_dir: str | Path, checkpoint: str = "best", device: str = "auto",

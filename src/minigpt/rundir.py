@@ -5,6 +5,7 @@
     RUN/metrics.jsonl          one JSON object per log/eval step
     RUN/data/                  prepared data, when `train --data` was given raw text
     RUN/checkpoints/           one directory per saved step (checkpoint.py) and best.json
+    RUN/chat_template.json     optional, written by the user: how `serve` renders chat messages
 
 A new run claims its directory through `new_run_dir`, which puts everything back if setting the run
 up fails. Files written by an earlier minigpt keep loading: renamed config keys are read under their
@@ -37,6 +38,7 @@ TOKENIZER = "tokenizer.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 BEST = "best.json"
+CHAT_TEMPLATE = "chat_template.json"
 
 # Written into every checkpoint's and data directory's meta.json. Bump it when a change means an
 # older minigpt would misread the files; this code reads every version up to it.
@@ -85,6 +87,20 @@ def write_tokenizer(run_dir: Path, tokenizer: Tokenizer) -> None:
 
 def read_tokenizer(run_dir: Path) -> Tokenizer:
     return load_tokenizer(Path(run_dir) / TOKENIZER)
+
+
+# --- chat_template.json -------------------------------------------------------------------------
+
+
+def read_chat_template(run_dir: Path) -> Any | None:
+    """The run's chat template as parsed JSON (serve/chat.py checks it), or None when it has none."""
+    path = Path(run_dir) / CHAT_TEMPLATE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
 
 
 # --- metrics.jsonl -------------------------------------------------------------------------------

@@ -1,15 +1,19 @@
 """Choosing the next token: pure functions that apply the sampling settings to logits
-(temperature, top-k, top-p) with an explicit RNG. The settings themselves are
-`config.SamplingParams` (re-exported here), the one place sampling defaults live.
+(temperature, top-k, top-p) with an explicit RNG, and the log-probabilities of the distribution a
+token was drawn from. The settings themselves are `config.SamplingParams` (re-exported here), the
+one place sampling defaults live.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from .config import SamplingParams
 
-__all__ = ["SamplingParams", "filter_logits", "sample_next_token"]
+__all__ = ["SamplingParams", "TokenLogprobs", "filter_logits", "sample_next_token",
+           "sampling_logprobs", "token_logprobs"]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None,
@@ -44,3 +48,36 @@ def sample_next_token(
     cdf = logits.softmax(dim=-1).cumsum_(dim=-1)
     u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
     return (cdf < u * cdf[:, -1:]).sum(dim=-1)
+
+
+@dataclass
+class TokenLogprobs:
+    """What `token_logprobs` returns for one step of B streams."""
+
+    logprob: torch.Tensor  # (B,) log-probability of the token each stream sampled
+    top_logprobs: torch.Tensor  # (B, k) the k largest log-probabilities, descending
+    top_ids: torch.Tensor  # (B, k) their token ids
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float = SamplingParams.temperature,
+                      top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """logits (B, V) -> log-probabilities (B, V) of the distribution `sample_next_token` draws from:
+    log_softmax(filter(logits / temperature)), -inf for filtered tokens. Greedy (temperature 0)
+    draws from no distribution; it reports the model's own, log_softmax(logits) at temperature 1
+    with no top-k/top-p filter (its argmax is the greedy token)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.log_softmax(dim=-1)
+    return filter_logits(logits / temperature, top_k, top_p).log_softmax(dim=-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int,
+                   temperature: float = SamplingParams.temperature, top_k: int | None = None,
+                   top_p: float | None = None) -> TokenLogprobs:
+    """The sampled `tokens` (B,)' log-probabilities and the top `k` of each row, from the same
+    logits (B, V) and settings the tokens were sampled with. The engine calls this, and so must any
+    other decoding loop, so that every path reports the same numbers."""
+    logp = sampling_logprobs(logits, temperature, top_k, top_p)
+    chosen = logp.gather(-1, tokens.view(-1, 1).to(logp.device)).squeeze(-1)
+    top = torch.topk(logp, min(k, logp.size(-1)), dim=-1)
+    return TokenLogprobs(chosen, top.values, top.indices)

@@ -1,7 +1,8 @@
 """`minigpt serve`: an OpenAI-compatible HTTP API over `Engine`, with streaming, auth and a playground.
 
 Endpoints: `GET /` (playground page), `GET /health`, `GET /v1/models`, `GET /v1/models/{id}`,
-`POST /v1/completions` (OpenAI Completions API, SSE streaming). With an API key set, every `/v1/*`
+`POST /v1/completions` (OpenAI Completions API, SSE streaming), `POST /v1/chat/completions` (Chat
+Completions, through the plain-text template of `chat`; request and reply shapes in `chat_api`). With an API key set, every `/v1/*`
 request needs `Authorization: Bearer KEY`. Requests are checked in `openai_api`; generation runs in
 `slots` worker threads, never on the event loop; stop strings are cut here (`stop_strings`).
 Several threads call `Engine.stream` at once: the server relies on each call owning its KV cache and
@@ -20,7 +21,7 @@ import json
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -34,8 +35,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine
 from ..errors import ConfigError, TokenizerError
+from . import logprobs as lp
 from . import openai_api as oa
+from .chat import DEFAULT as DEFAULT_TEMPLATE
+from .chat import ChatTemplate, load_template
+from .chat_api import ChatReply, parse_chat_request
 from .inspect_api import register_inspect
+from .logprobs import Scored
 from .openai_api import APIError, CompletionRequest
 from .slots import Job, JobFailed, Scheduler, ServerBusy
 from .stop_strings import StopMatcher
@@ -56,8 +62,11 @@ def create_app(
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    chat_template: ChatTemplate = DEFAULT_TEMPLATE,
+    utf8_mask: bool | None = None,
 ) -> FastAPI:
-    """The ASGI app serving `engine` under the name `model_id`."""
+    """The ASGI app serving `engine` under the name `model_id`. `utf8_mask` None: the engine's
+    default (on for byte-level tokenizers); False: off (serve --no-utf8-mask)."""
     if api_key == "":
         raise ConfigError("the API key must not be empty")
     for name, value, lo in (
@@ -118,22 +127,34 @@ def create_app(
             )
         return oa.model_object(model_id, created)
 
-    @v1.post("/completions")
-    async def completions(request: Request) -> Response:
-        data = oa.parse_json(await _read_body(request, max_body_bytes))
-        req = oa.parse_completion_request(data, model_id, max_tokens_limit)
+    async def generate(request: Request, req: CompletionRequest, param: str,
+                       make_reply: Callable[[int], Any]) -> Response:
+        req.utf8_mask = utf8_mask
         # Encoding is synchronous work proportional to the prompt: keep it off the event loop too.
-        prompt_ids = await asyncio.to_thread(_encode_prompts, engine, req.prompts)
-        prompt_tokens = sum(len(ids) for ids in prompt_ids)
+        prompt_ids = await asyncio.to_thread(_encode_prompts, engine, req.prompts, param)
         try:
             job = scheduler.submit(partial(run_completion, engine, req, prompt_ids))
         except ServerBusy as e:
             raise APIError(429, str(e), code="server_busy", type="server_busy") from None
-        reply = _Reply(oa.new_completion_id(), oa.now(), model_id, req, prompt_tokens)
+        reply = make_reply(sum(len(ids) for ids in prompt_ids))
         if req.stream:
             return _GenerationStream(reply.sse(job), job)
         body = await _unless_disconnected(request, job, reply.collect(job))
         return JSONResponse(body) if body is not None else Response(status_code=499)
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        data = oa.parse_json(await _read_body(request, max_body_bytes))
+        req = oa.parse_completion_request(data, model_id, max_tokens_limit)
+        return await generate(request, req, "prompt", lambda prompt_tokens: _Reply(
+            oa.new_completion_id(), oa.now(), model_id, req, prompt_tokens))
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        data = oa.parse_json(await _read_body(request, max_body_bytes))
+        chat = parse_chat_request(data, model_id, max_tokens_limit, chat_template)
+        return await generate(request, chat.completion, "messages",
+                              partial(ChatReply, chat, model_id))
 
     app.include_router(v1)
     register_inspect(app, engine, _bearer_auth(api_key), partial(_read_body, limit=max_body_bytes))
@@ -151,6 +172,7 @@ class Delta:
     text: str
     finish_reason: str | None = None
     tokens: int = 0
+    scores: list[Scored] = field(default_factory=list)  # with logprobs: the tokens of `text`
 
 
 def run_completion(
@@ -158,8 +180,15 @@ def run_completion(
 ) -> None:
     """Generate every choice of `req` into `job`, stopping between tokens once the job is cancelled."""
     n, params = req.n, req.sampling()
+    scoring = req.logprobs is not None
     for p, ids in enumerate(prompt_ids):
+        base = len(req.prompts[p]) if req.echo else 0  # text_offset counts the echoed prompt
+        if scoring and req.echo:
+            prompt_scores = lp.prompt_scores(engine, ids, req.logprobs)
+            for i in range(n):
+                job.put(Delta(p * n + i, "", scores=prompt_scores))
         stops = [StopMatcher(req.stop) for _ in range(n)]
+        tracks = [lp.Track(engine.tokenizer, base) for _ in range(n)]
         counts = [0] * n
         done = [False] * n
         events = engine.stream(ids, params)
@@ -171,27 +200,30 @@ def run_completion(
                 if done[i]:  # already cut at a stop string; the batch goes on for the others
                     continue
                 counts[i] += ev.token is not None
+                tracks[i].add(ev)
                 text = stops[i].feed(ev.text)
                 finish = "stop" if stops[i].stopped else ev.finish_reason
                 if finish is not None:
                     done[i] = True
                     text += stops[i].flush()
-                if text or finish:
-                    job.put(Delta(p * n + i, text, finish, counts[i]))
+                scores = tracks[i].release(text, finish is not None, stops[i].stopped)
+                if text or finish or scores:
+                    job.put(Delta(p * n + i, text, finish, counts[i], scores))
                 if all(done):
                     break
         finally:
             events.close()
 
 
-def _encode_prompts(engine: Engine, prompts: list[str]) -> list[list[int]]:
+def _encode_prompts(engine: Engine, prompts: list[str], param: str = "prompt") -> list[list[int]]:
     try:
         return [engine.encode_prompt(p) for p in prompts]
     except TokenizerError as e:
+        what = "prompt" if param == "prompt" else "the chat prompt (messages in the chat template)"
         raise APIError(
             400,
-            f"prompt cannot be encoded by this model's tokenizer: {e}",
-            param="prompt",
+            f"{what} cannot be encoded by this model's tokenizer: {e}",
+            param=param,
             code="invalid_prompt",
         ) from None
 
@@ -218,17 +250,23 @@ class _Reply:
     def _prompt_of(self, index: int) -> str:
         return self.req.prompts[index // self.req.n]
 
+    def _logprobs(self, scores: list[Scored]) -> dict[str, Any] | None:
+        return lp.completion_logprobs(scores) if self.req.logprobs is not None else None
+
     async def collect(self, job: Job) -> dict[str, Any]:
         texts = [self._prompt_of(i) if self.req.echo else "" for i in range(self.choices)]
+        scores: list[list[Scored]] = [[] for _ in range(self.choices)]
         finish: list[str | None] = [None] * self.choices
         tokens = 0
         while (batch := await _next_or_500(job)) is not None:
             for d in batch:
                 texts[d.index] += d.text
+                scores[d.index] += d.scores
                 if d.finish_reason:
                     finish[d.index] = d.finish_reason
                     tokens += d.tokens
-        choices = [oa.choice(i, texts[i], finish[i]) for i in range(self.choices)]
+        choices = [oa.choice(i, texts[i], finish[i], self._logprobs(scores[i]))
+                   for i in range(self.choices)]
         return oa.completion_object(
             self.id, self.created, self.model_id, choices, oa.usage(self.prompt_tokens, tokens)
         )
@@ -247,13 +285,14 @@ class _Reply:
                 # Under load several tokens may be ready at once: one chunk per choice, not per token.
                 merged: dict[int, list[Any]] = {}
                 for d in batch:
-                    entry = merged.setdefault(d.index, ["", None])
+                    entry = merged.setdefault(d.index, ["", None, []])
                     entry[0] += d.text
+                    entry[2] += d.scores
                     if d.finish_reason:
                         entry[1] = d.finish_reason
                         tokens += d.tokens
-                for i, (text, finish) in merged.items():
-                    yield self._chunk([oa.choice(i, text, finish)])
+                for i, (text, finish, scores) in merged.items():
+                    yield self._chunk([oa.choice(i, text, finish, self._logprobs(scores))])
         except JobFailed as e:
             # The 200 header is long gone: report in-band, the way OpenAI's stream does.
             err = oa.error_body(f"generation failed: {e.args[0]}", "server_error")
@@ -424,12 +463,16 @@ def serve(
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     max_queue: int = DEFAULT_MAX_QUEUE,
     log_level: str = "info",
+    chat_template: str | Path | None = None,
+    utf8_mask: bool | None = None,
 ) -> None:
-    """Load a run and serve it until Ctrl-C (or SIGTERM), which stops it cleanly."""
+    """Load a run and serve it until Ctrl-C (or SIGTERM), which stops it cleanly. `chat_template`:
+    a template file (default: the run's chat_template.json, else serve/chat.py's DEFAULT)."""
     import uvicorn
 
     from ..engine import load
 
+    template = load_template(run_dir, chat_template)  # a bad template fails before the model loads
     engine = load(run_dir, checkpoint=checkpoint, device=device, dtype=dtype)
     model_id = Path(run_dir).resolve().name
     app = create_app(
@@ -439,6 +482,8 @@ def serve(
         max_tokens_limit=max_tokens_limit,
         max_concurrency=max_concurrency,
         max_queue=max_queue,
+        chat_template=template,
+        utf8_mask=utf8_mask,
     )
     sock = bind_socket(host, port)
     bound_host, bound_port = sock.getsockname()[:2]

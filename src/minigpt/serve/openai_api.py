@@ -18,6 +18,7 @@ from ..sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_CHOICES = 32  # n x number of prompts in one request
+MAX_LOGPROBS = 20  # OpenAI's chat limit for top_logprobs (its legacy completions stop at 5)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
@@ -65,12 +66,15 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage counts
     echo: bool = False
+    logprobs: int | None = None  # the k of `logprobs: k` (chat: top_logprobs); None = not asked
+    utf8_mask: bool | None = None  # the server's setting (serve --no-utf8-mask), not the client's
 
     def sampling(self) -> SamplingParams:
         """The engine's settings for one prompt's `n` choices (each prompt starts afresh)."""
         return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature,
                               top_k=self.top_k, top_p=self.top_p, seed=self.seed,
-                              num_samples=self.n).validate()
+                              num_samples=self.n, logprobs=self.logprobs,
+                              utf8_mask=self.utf8_mask).validate()
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
@@ -94,14 +98,13 @@ def parse_json(body: bytes) -> dict[str, Any]:
 _NEUTRAL = {
     "frequency_penalty": (0, 0.0),
     "presence_penalty": (0, 0.0),
-    "logprobs": (None,),
     "suffix": (None,),
 }
 
 
 COMPLETION_FIELDS = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed",
-    "stream", "stream_options", "echo", "user", "best_of", "logit_bias", *_NEUTRAL,
+    "stream", "stream_options", "echo", "user", "best_of", "logit_bias", "logprobs", *_NEUTRAL,
 }
 
 
@@ -114,6 +117,9 @@ def parse_completion_request(
     req = CompletionRequest(prompts=_prompts(data.get("prompt", "")))
     _parse_sampling(req, data, max_tokens_limit)
     _parse_streaming(req, data)
+    logprobs = data.get("logprobs")
+    if logprobs is not None:
+        req.logprobs = _int("logprobs", logprobs, 0, 0, MAX_LOGPROBS)
     _check_unsupported(data)
     return req
 
@@ -380,8 +386,9 @@ def completion_object(
     return obj
 
 
-def choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def choice(index: int, text: str, finish_reason: str | None,
+           logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def model_object(model_id: str, created: int) -> dict[str, Any]:

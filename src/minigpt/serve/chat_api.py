@@ -1,0 +1,157 @@
+"""The OpenAI Chat Completions wire format: parse a /v1/chat/completions body, shape its replies.
+
+A chat request becomes a `CompletionRequest` for the prompt its messages render to (serve/chat.py),
+with the template's stop strings added to the client's, so generation, stop strings, cancellation
+and log-probabilities are the completions path's own; only the request fields and the response
+objects (`chat.completion`, `chat.completion.chunk` with `delta`) differ.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from . import logprobs as lp
+from . import openai_api as oa
+from .chat import ChatTemplate, parse_messages
+from .openai_api import APIError, CompletionRequest
+from .slots import Job, JobFailed
+
+DEFAULT_CHAT_MAX_TOKENS = 256  # OpenAI's default is "up to the context"; a reply usually stops first
+
+CHAT_FIELDS = {
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+    "n", "stop", "seed", "stream", "stream_options", "user", "logprobs", "top_logprobs",
+    "logit_bias", "frequency_penalty", "presence_penalty",
+}
+
+
+@dataclass
+class ChatRequest:
+    completion: CompletionRequest  # what the engine runs: the rendered prompt and the settings
+    logprobs: bool = False
+
+
+def parse_chat_request(data: dict[str, Any], model_id: str, max_tokens_limit: int,
+                       template: ChatTemplate) -> ChatRequest:
+    """Check every field of a /v1/chat/completions body; raise APIError(4xx) on the first problem."""
+    oa._check_known(data, CHAT_FIELDS)
+    oa._check_model(data.get("model"), model_id)
+    messages = parse_messages(data.get("messages"))
+    req = CompletionRequest(prompts=[template.render(messages)])
+    sampling = {k: v for k, v in data.items() if k not in ("max_completion_tokens", "logprobs")}
+    sampling["max_tokens"] = _max_tokens(data, max_tokens_limit)
+    oa._parse_sampling(req, sampling, max_tokens_limit)
+    oa._parse_streaming(req, {k: data[k] for k in ("stream", "stream_options") if k in data})
+    req.stop = [*req.stop, *(s for s in template.stop if s not in req.stop)]
+    chat = ChatRequest(req, oa._bool("logprobs", data.get("logprobs"), False))
+    top = data.get("top_logprobs")
+    if top is not None:
+        k = oa._int("top_logprobs", top, 0, 0, oa.MAX_LOGPROBS)
+        if not chat.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true",
+                           param="top_logprobs", code="invalid_value")
+        req.logprobs = k
+    elif chat.logprobs:
+        req.logprobs = 0
+    oa._check_unsupported({k: v for k, v in data.items() if k != "logprobs"})
+    return chat
+
+
+def _max_tokens(data: dict[str, Any], limit: int) -> int:
+    """max_completion_tokens (OpenAI's current name) or max_tokens (the older one); both only if
+    they agree."""
+    default = min(DEFAULT_CHAT_MAX_TOKENS, limit)
+    new = oa._int("max_completion_tokens", data.get("max_completion_tokens"), default, 1, limit)
+    old = oa._int("max_tokens", data.get("max_tokens"), default, 1, limit)
+    both = data.get("max_completion_tokens") is not None and data.get("max_tokens") is not None
+    if both and new != old:
+        raise APIError(400, "max_tokens and max_completion_tokens differ; send one of them",
+                       param="max_completion_tokens", code="invalid_value")
+    return new if data.get("max_completion_tokens") is not None else old
+
+
+def new_chat_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+class ChatReply:
+    """Turns a job's deltas into a `chat.completion` object or a stream of chunks."""
+
+    def __init__(self, chat: ChatRequest, model_id: str, prompt_tokens: int):
+        self.chat, self.req = chat, chat.completion
+        self.id, self.created, self.model_id = new_chat_id(), oa.now(), model_id
+        self.prompt_tokens = prompt_tokens
+        self.choices = self.req.n
+
+    def _object(self, kind: str, choices: list[dict[str, Any]],
+                usage: dict[str, int] | None = None) -> dict[str, Any]:
+        obj = {"id": self.id, "object": kind, "created": self.created, "model": self.model_id,
+               "choices": choices}
+        if usage is not None:
+            obj["usage"] = usage
+        return obj
+
+    def _logprobs(self, scores: list[lp.Scored]) -> dict[str, Any] | None:
+        return lp.chat_logprobs(scores) if self.chat.logprobs else None
+
+    async def collect(self, job: Job) -> dict[str, Any]:
+        texts = [""] * self.choices
+        scores: list[list[lp.Scored]] = [[] for _ in range(self.choices)]
+        finish: list[str | None] = [None] * self.choices
+        tokens = 0
+        while (batch := await _next_batch(job)) is not None:
+            for d in batch:
+                texts[d.index] += d.text
+                scores[d.index] += d.scores
+                if d.finish_reason:
+                    finish[d.index], tokens = d.finish_reason, tokens + d.tokens
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i],
+                                            "refusal": None},
+                    "logprobs": self._logprobs(scores[i]), "finish_reason": finish[i]}
+                   for i in range(self.choices)]
+        return self._object("chat.completion", choices, oa.usage(self.prompt_tokens, tokens))
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        obj = self._object("chat.completion.chunk", choices, usage)
+        return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+    @staticmethod
+    def _delta(i: int, delta: dict[str, Any], finish: str | None = None,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+    async def sse(self, job: Job) -> AsyncIterator[str]:
+        # OpenAI's stream opens each choice with a delta carrying the role and no text yet
+        for i in range(self.choices):
+            yield self._chunk([self._delta(i, {"role": "assistant", "content": ""})])
+        tokens = 0
+        try:
+            while (batch := await job.next_batch()) is not None:
+                merged: dict[int, list[Any]] = {}  # one chunk per choice for what is ready now
+                for d in batch:
+                    entry = merged.setdefault(d.index, ["", None, []])
+                    entry[0] += d.text
+                    entry[2] += d.scores
+                    if d.finish_reason:
+                        entry[1], tokens = d.finish_reason, tokens + d.tokens
+                for i, (text, finish, scores) in merged.items():
+                    delta = {"content": text} if text else {}
+                    yield self._chunk([self._delta(i, delta, finish, self._logprobs(scores))])
+        except JobFailed as e:
+            err = oa.error_body(f"generation failed: {e.args[0]}", "server_error")
+            yield f"data: {json.dumps(err)}\n\n"
+            return
+        if self.req.include_usage:
+            yield self._chunk([], oa.usage(self.prompt_tokens, tokens))
+        yield "data: [DONE]\n\n"
+
+
+async def _next_batch(job: Job) -> list[Any] | None:
+    try:
+        return await job.next_batch()
+    except JobFailed as e:
+        raise APIError(500, f"generation failed: {e.args[0]}", type="server_error") from None
