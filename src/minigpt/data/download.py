@@ -248,14 +248,19 @@ def _download_hf(spec: str, out: Path, sha256: str | None, timeout: float) -> Do
     if sha256 and not path:
         raise DataError("--sha256 applies to one file: give hf:OWNER/NAME/PATH")
     local_dir = out / parts[1]
+    created = not local_dir.exists()
     try:
         if path:
             got = huggingface_hub.hf_hub_download(repo, path, repo_type="dataset",
                                                   local_dir=local_dir, etag_timeout=timeout)
         else:
+            # asked first: offline, snapshot_download "succeeds" with whatever local_dir holds
+            huggingface_hub.HfApi().repo_info(repo, repo_type="dataset", timeout=timeout)
             got = huggingface_hub.snapshot_download(repo, repo_type="dataset", local_dir=local_dir,
                                                     etag_timeout=timeout)
     except Exception as e:  # the Hub raises its own errors, httpx's and OSError: all one line here
+        if created:  # only the Hub's bookkeeping (.cache/) can be in it: nothing was downloaded
+            shutil.rmtree(local_dir, ignore_errors=True)
         detail = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise DataError(f"cannot download {repo} from the Hugging Face Hub: {detail}") from None
     result = Path(got)
