@@ -81,13 +81,48 @@ class _Counting(io.RawIOBase):
         return n
 
 
-def _zstd_reader(raw: BinaryIO) -> BinaryIO:
-    try:
-        import zstandard
-    except ImportError:
-        raise DataError(f"reading .zst files needs zstandard: {DATA_EXTRA}") from None
-    # read_across_frames: files written by `zstd` tools may hold several frames
-    return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+class _Zstd(io.RawIOBase):
+    """Zstandard frames decompressed as a stream. Not zstandard's stream_reader: that one ends
+    quietly at a truncated frame, and a cut-off corpus must be an error, not silently shorter."""
+
+    IN_BYTES = 1 << 16  # compressed bytes per step: bounds what one step can expand to
+
+    def __init__(self, raw: BinaryIO):
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(f"reading .zst files needs zstandard: {DATA_EXTRA}") from None
+        self.raw, self.error = raw, zstandard.ZstdError
+        self.dctx = zstandard.ZstdDecompressor()
+        self.obj = self.dctx.decompressobj()
+        self.started = False  # a frame has begun and not ended
+        self.out = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # noqa: ANN001 - a writable buffer of any kind
+        while not self.out:
+            data = self.raw.read(self.IN_BYTES)
+            if not data:
+                if self.started:
+                    raise self.error("the file ends inside a zstd frame")
+                return 0
+            self.out = self._decompress(data)
+        n = min(len(buffer), len(self.out))
+        buffer[:n] = self.out[:n]
+        self.out = self.out[n:]
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        parts = []
+        while data:  # files written by `zstd` tools may hold several frames, one after another
+            if self.obj.eof:
+                self.obj = self.dctx.decompressobj()
+            parts.append(self.obj.decompress(data))
+            self.started = not self.obj.eof
+            data = self.obj.unused_data if self.obj.eof else b""
+        return b"".join(parts)
 
 
 def decompress_errors() -> tuple[type[BaseException], ...]:
@@ -117,7 +152,7 @@ def open_binary(path: Path, on_read: Callable[[int], None] | None = None) -> Ite
             yield raw
             return
         opener = {"gzip": lambda: gzip.GzipFile(fileobj=raw), "bzip2": lambda: bz2.BZ2File(raw),
-                  "xz": lambda: lzma.LZMAFile(raw), "zstd": lambda: io.BufferedReader(_zstd_reader(raw))}
+                  "xz": lambda: lzma.LZMAFile(raw), "zstd": lambda: io.BufferedReader(_Zstd(raw), 1 << 20)}
         with opener[compression]() as stream:
             yield stream
 
@@ -192,12 +227,12 @@ def _json_records(path: Path, records: Records,
                 raise DataError(f"{path} is a JSON array, not JSON lines (one object per line); "
                                 "convert it with: jq -c '.[]'")
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip(b"\r\n"))
             except UnicodeDecodeError:
                 records.bad(f"{where}: not valid UTF-8")
                 continue
             except json.JSONDecodeError as e:
-                records.bad(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+                records.bad(f"{where}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
                 continue
             if not isinstance(obj, dict):
                 records.bad(f"{where}: expected a JSON object, got {type(obj).__name__}")
