@@ -19,6 +19,7 @@ import shutil
 import sys
 import zipfile
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.parse import unquote, urlsplit
@@ -60,11 +61,21 @@ def download(what: str, out_dir: str | Path = "data", sha256: str | None = None,
     if what.startswith("hf:"):
         return _download_hf(what[3:], out, sha256, timeout)
     source = find(what) or _url_source(what)
-    out.mkdir(parents=True, exist_ok=True)
     target = out / source.filename
-    expected = sha256 or source.sha256
     if target.exists():
         return Downloaded(target, None, False, existed=True)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _download_to(source, target, sha256 or source.sha256, timeout, progress)
+    except BaseException:
+        if created and not any(out.iterdir()):  # a failure leaves no trace but a resumable .part
+            out.rmdir()
+        raise
+
+
+def _download_to(source: Source, target: Path, expected: str | None, timeout: float,
+                 progress: bool) -> Downloaded:
     part = target.with_name(target.name + ".part")
     resumed = _fetch(source.url, part, timeout, progress, source.name)
     got = sha256_file(part)
@@ -101,7 +112,7 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool, name: str) -> i
                 return have  # nothing after what we have: the last attempt got every byte
         if e.code == 416:
             part.unlink(missing_ok=True)  # holds more than the file has: not a prefix of it
-        raise DataError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
+        raise DataError(f"cannot download {url}: HTTP {e.code} {_phrase(e)}") from None
     except (URLError, OSError, http.client.HTTPException) as e:
         raise _network_error(url, e, timeout, part) from None
     with resp:
@@ -155,6 +166,14 @@ def _network_error(url: str, e: BaseException, timeout: float, part: Path) -> Da
                          f"while downloading {url}{kept}")
     text = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
     return DataError(f"cannot download {url}: {text}{kept}")
+
+
+def _phrase(e: HTTPError) -> str:
+    """The standard name of the status (servers word their own reasons differently)."""
+    try:
+        return HTTPStatus(e.code).phrase
+    except ValueError:
+        return str(e.reason)
 
 
 def _range_start(content_range: str | None) -> int | None:
