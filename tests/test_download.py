@@ -221,3 +221,18 @@ def test_a_hub_dataset_offline_is_one_line(tmp_path, monkeypatch):
         assert line.startswith("minigpt: error: cannot download roneneldan/TinyStories from the "
                                "Hugging Face Hub: ")
         assert not (tmp_path / "d" / "TinyStories").exists()
+
+
+def catalogue_table() -> str:
+    rows = ["| Name | URL | Size | Licence | SHA-256 | Cleaning |", "|---|---|---|---|---|---|"]
+    for s in CATALOGUE:
+        size = f"{s.size:,} bytes" if s.size else "not known here"
+        sha = f"`{s.sha256}`" if s.sha256 else "not pinned"
+        rows.append(f"| `{s.name}` | {s.url} | {size} | {s.licence} | {sha} | {s.clean or '-'} |")
+    return "\n".join(rows)
+
+
+def test_docs_catalogue_table_matches_the_code():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text(encoding="utf-8")
+    table = doc.split("<!-- catalogue:start -->")[1].split("<!-- catalogue:end -->")[0].strip()
+    assert table == catalogue_table(), f"docs/data.md is out of date; paste:\n\n{catalogue_table()}\n"
