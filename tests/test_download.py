@@ -186,6 +186,18 @@ def test_the_tiny_shakespeare_pin_is_the_bundled_file():
     assert hashlib.sha256(data).hexdigest() == pin.sha256 and len(data) == pin.size
 
 
+def test_a_mirror_serves_catalogue_files_and_their_pins_still_apply(server, tmp_path):
+    server.files["/input.txt"] = bundled_corpus().read_bytes()  # the upstream file's name
+    result = minigpt("tinyshakespeare", "--mirror", server.url(""), "--out", "d", cwd=tmp_path)
+    assert result.rc == 0, result
+    assert "(verified)" in result.stdout
+    assert (tmp_path / "d" / "tinyshakespeare.txt").read_bytes() == bundled_corpus().read_bytes()
+    server.files["/input.txt"] = b"not Shakespeare\n"
+    result = minigpt("tinyshakespeare", "--mirror", server.url(""), "--out", "e", cwd=tmp_path)
+    assert "does not match its SHA-256" in one_line_error(result)
+    assert not (tmp_path / "e").exists()
+
+
 def test_a_catalogue_entry_downloads_through_its_cleaning_hook(server, tmp_path, monkeypatch):
     book = (b"\xef\xbb\xbfThe Project Gutenberg eBook of Alice\r\nlicence text\r\n"
             b"*** START OF THE PROJECT GUTENBERG EBOOK ALICE ***\r\n\r\n\r\nCHAPTER I.\r\n\r\n"

@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expected SHA-256 of the download (default: the catalogue's pin, if any)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="give up when the server sends nothing for this long")
+    p.add_argument("--mirror", default=None, metavar="URL",
+                   help="fetch catalogue files from URL/<upstream file name> (a local mirror); "
+                        "pins still apply")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_download)
 
@@ -232,7 +235,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     if not args.source:
         raise ConfigError("give a dataset name, URL or hf:OWNER/NAME (see minigpt download --list)")
     got = download(args.source, args.out, sha256=args.sha256, timeout=args.timeout,
-                   progress=not args.quiet)
+                   progress=not args.quiet, mirror=args.mirror)
     if got.existed:
         print(f"{got.path} is already there; nothing downloaded (delete it to download again)")
     elif got.sha256 is None:

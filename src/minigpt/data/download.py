@@ -12,6 +12,7 @@ since a corrupted download must not be resumed from. Every failure is one DataEr
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import os
 import re
@@ -49,8 +50,12 @@ class Downloaded:
 
 
 def download(what: str, out_dir: str | Path = "data", sha256: str | None = None,
-             timeout: float = 30.0, progress: bool = True) -> Downloaded:
-    """Download a catalogue NAME, an http(s) URL, or hf:OWNER/NAME[/PATH] into `out_dir`."""
+             timeout: float = 30.0, progress: bool = True, mirror: str | None = None) -> Downloaded:
+    """Download a catalogue NAME, an http(s) URL, or hf:OWNER/NAME[/PATH] into `out_dir`.
+
+    `mirror`: a base URL that serves catalogue files under their upstream file names (a local
+    copy for machines without internet); the pins still apply, so the bytes must be the same.
+    """
     if sha256 is not None:
         sha256 = sha256.strip().lower()
         if not _HEX64.fullmatch(sha256):
@@ -60,7 +65,12 @@ def download(what: str, out_dir: str | Path = "data", sha256: str | None = None,
     out = Path(out_dir)
     if what.startswith("hf:"):
         return _download_hf(what[3:], out, sha256, timeout)
-    source = find(what) or _url_source(what)
+    source = find(what)
+    if source is not None and mirror:
+        name = source.url.rpartition("/")[2]
+        source = dataclasses.replace(source, url=f"{mirror.rstrip('/')}/{name}")
+    elif source is None:
+        source = _url_source(what)
     target = out / source.filename
     if target.exists():
         return Downloaded(target, None, False, existed=True)
