@@ -12,7 +12,10 @@ In messages, `…` stands for text that depends on the torch version (the refusa
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gzip
 import hashlib
+import http.server
 import json
 import os
 import re
@@ -20,6 +23,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,6 +255,43 @@ CASES = [
          "train --data corpus.txt --out new-run --init-from run --preset tiny",
          "minigpt: error: --init-from takes the model from its source; a preset picks a model size: "
          "drop --preset"),
+    # --- input formats (issue 14) -------------------------------------------------------------------
+    Case("jsonl-malformed-line", "a JSON-lines file with a malformed line 3", "prepare bad.jsonl --out data",
+         "minigpt: error: bad.jsonl line 3: not valid JSON (Expecting ',' delimiter at column 14) "
+         "(pass --skip-bad-records to skip such records)"),
+    Case("jsonl-missing-field", "a JSON-lines record without the text field",
+         "prepare body.jsonl --out data",
+         "minigpt: error: body.jsonl line 1: no field 'text' (fields: body); choose one with "
+         "--text-field (pass --skip-bad-records to skip such records)"),
+    Case("train-jsonl-missing-field", "train --data on JSON lines, another --text-field than the file has",
+         "train --data body.jsonl --text-field content --out new-run",
+         "minigpt: error: body.jsonl line 1: no field 'content' (fields: body); choose one with "
+         "--text-field (pass --skip-bad-records to skip such records)"),
+    Case("json-array", "a .json file holding one JSON array", "prepare array.json --out data",
+         "minigpt: error: array.json is a JSON array, not JSON lines (one object per line); convert "
+         "it with: jq -c '.[]'"),
+    Case("parquet-missing-column", "a Parquet file without the text column",
+         "prepare body.parquet --out data",
+         "minigpt: error: body.parquet has no column 'text' (columns: body); choose one with --text-field"),
+    Case("parquet-not-parquet", "a .parquet file that is not Parquet", "prepare fake.parquet --out data",
+         "minigpt: error: fake.parquet is not a valid Parquet file (…)"),
+    Case("truncated-gzip", "a truncated .gz file", "prepare cut.txt.gz --out data",
+         "minigpt: error: cut.txt.gz is not a valid gzip file or is truncated (Compressed file ended "
+         "before the end-of-stream marker was reached)"),
+    # --- downloads (issue 14); SERVER is a loopback HTTP server the test starts ----------------------
+    Case("download-unknown-name", "a dataset name not in the catalogue", "download shakespear",
+         "minigpt: error: unknown dataset 'shakespear': give a name from `minigpt download --list`, "
+         "an http(s) URL or hf:OWNER/NAME"),
+    Case("download-bad-sha256", "--sha256 that is not 64 hex digits",
+         "download tinyshakespeare --sha256 86c4e6aa",
+         "minigpt: error: --sha256 must be 64 hexadecimal digits, got '86c4e6aa'"),
+    Case("download-404", "a URL the server does not have (HTTP 404)",
+         "download http://SERVER/missing.txt --out downloads --quiet",
+         "minigpt: error: cannot download http://SERVER/missing.txt: HTTP 404 Not Found"),
+    Case("download-wrong-sha256", "a download whose bytes do not match --sha256",
+         f"download http://SERVER/corpus.txt --out downloads --quiet --sha256 {'0' * 64}",
+         f"minigpt: error: http://SERVER/corpus.txt does not match its SHA-256 (expected {'0' * 64}, "
+         "got …); the download was deleted: run the command again to download it afresh"),
 ]
 
 
@@ -276,9 +317,46 @@ def write_malicious_trainer_state(step_dir: Path, target: Path) -> None:
     (step_dir / ckpt.META).write_text(json.dumps(meta))
 
 
+class _Files(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # keep pytest's output clean
+        pass
+
+
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    ws = tmp_path_factory.mktemp("matrix")
+def server(workspace_dir: Path):
+    """A loopback HTTP server of the workspace's files: SERVER in the download rows."""
+    global SERVER
+    handler = functools.partial(_Files, directory=str(workspace_dir))
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    SERVER = f"127.0.0.1:{srv.server_address[1]}"
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def workspace_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("matrix")
+
+
+def write_format_inputs(ws: Path) -> None:
+    """The JSON-lines, Parquet and compressed inputs of the format rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (ws / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c" "d"}\n')
+    (ws / "body.jsonl").write_text('{"body": "no text field here"}\n')
+    (ws / "array.json").write_text('[\n  {"text": "a"}\n]\n')
+    pq.write_table(pa.table({"body": ["a", "b"]}), ws / "body.parquet")
+    (ws / "fake.parquet").write_text("not parquet at all\n")
+    (ws / "cut.txt.gz").write_bytes(gzip.compress(b"some text\n" * 1000)[:40])
+
+
+@pytest.fixture(scope="module")
+def workspace(workspace_dir: Path, server) -> Path:
+    ws = workspace_dir
+    write_format_inputs(ws)
     corpus = bundled_corpus().read_text(encoding="utf-8")[:3000]  # 52 distinct characters: a vocabulary of 54
     (ws / "corpus.txt").write_text(corpus, encoding="utf-8")
     (ws / "empty.txt").write_bytes(b"")
@@ -359,8 +437,12 @@ def snapshot(root: Path) -> dict[str, str]:
     return out
 
 
+SERVER = ""  # host:port of the loopback server, once the `server` fixture has started it
+
+
 def argv_of(case: Case) -> list[str]:
-    return [LONG_PROMPT if a == "LONG_PROMPT" else a for a in shlex.split(case.command)]
+    return [LONG_PROMPT if a == "LONG_PROMPT" else a.replace("SERVER", SERVER)
+            for a in shlex.split(case.command)]
 
 
 def message_matches(template: str, line: str) -> bool:
@@ -381,7 +463,7 @@ def test_bad_input(case: Case, workspace: Path):
         lines = result.stderr.splitlines()
         assert len(lines) == 1, result.stderr
         assert lines[0].startswith("minigpt: error: ")
-        assert message_matches(case.message, lines[0]), lines[0]
+        assert message_matches(case.message.replace("SERVER", SERVER), lines[0]), lines[0]
         assert result.stdout == ""  # nothing half-done was printed first
     else:
         assert result.stderr == ""

@@ -99,17 +99,39 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", formatter_class=_Help, help="tokenize text files into a data directory")
-    p.add_argument("inputs", nargs="+", help="text files or directories of .txt files")
+    p.add_argument("inputs", nargs="+", help="files (.txt, .jsonl/.json, .parquet, each text or JSON "
+                   "lines file optionally .gz/.bz2/.xz/.zst) or directories of them")
     p.add_argument("--out", required=True, help="data directory to write")
     p.add_argument("--docs", choices=DOC_MODES, default=None,
                    help="one document per line / per blank-line block / per file (default: stream)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     _add_tokenizer_flags(p, default="char")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--text-field", default="text",
+                   help="JSON field / Parquet column that holds the text")
+    p.add_argument("--skip-bad-records", action="store_true",
+                   help="skip malformed JSON lines and records without text (counted) instead of "
+                        "stopping at the first")
     p.set_defaults(func=cmd_prepare)
 
+    p = sub.add_parser("download", formatter_class=_Help,
+                       help="download a corpus: a catalogue name, a URL or hf:OWNER/NAME")
+    p.add_argument("source", nargs="?", help="name from --list, http(s) URL, hf:OWNER/NAME[/PATH]")
+    p.add_argument("--list", action="store_true", help="show the catalogue")
+    p.add_argument("--out", default="data", help="directory to save into")
+    p.add_argument("--sha256", default=None, metavar="HEX",
+                   help="expected SHA-256 of the download (default: the catalogue's pin, if any)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="give up when the server sends nothing for this long")
+    p.add_argument("--mirror", default=None, metavar="URL",
+                   help="fetch catalogue files from URL/<upstream file name> (a local mirror); "
+                        "pins still apply")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_download)
+
     p = sub.add_parser("train", formatter_class=_Help, help="train a model (default: small preset on Tiny Shakespeare)")
-    p.add_argument("--data", help="text file, directory of .txt, or prepared data dir (default: bundled Tiny Shakespeare)")
+    p.add_argument("--data", help="text, JSON lines, Parquet or compressed file, a directory of them, "
+                   "or a prepared data dir (default: bundled Tiny Shakespeare)")
     p.add_argument("--out", help="run directory (default: runs/default)")
     p.add_argument("--preset", help="tiny | small | medium | large (default: small)")
     p.add_argument("--config", help="TOML file of settings (flag names with underscores)")
@@ -246,10 +268,36 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import prepare
 
     meta = prepare(args.inputs, args.out, docs=args.docs, val_fraction=args.val_fraction,
-                   seed=args.seed, tokenizer=args.tokenizer, vocab_size=args.tokenizer_vocab_size)
+                   seed=args.seed, tokenizer=args.tokenizer, vocab_size=args.tokenizer_vocab_size,
+                   text_field=args.text_field, skip_bad_records=args.skip_bad_records)
+    if meta["skipped_records"]:
+        print(f"skipped {meta['skipped_records']:,} bad record(s); the first: "
+              f"{meta['first_bad_record']}", file=sys.stderr)
     print(f"prepared {args.out}: {meta['tokenizer']} vocab {meta['vocab_size']}, train "
           f"{meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens ({meta['dtype']}), "
           f"{meta['train_bytes'] / meta['train_tokens']:.2f} bytes per token")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .data.catalogue import format_catalogue
+    from .data.download import download
+
+    if args.list:
+        print(format_catalogue())
+        return 0
+    if not args.source:
+        raise ConfigError("give a dataset name, URL or hf:OWNER/NAME (see minigpt download --list)")
+    got = download(args.source, args.out, sha256=args.sha256, timeout=args.timeout,
+                   progress=not args.quiet, mirror=args.mirror)
+    if got.existed:
+        print(f"{got.path} is already there; nothing downloaded (delete it to download again)")
+    elif got.sha256 is None:
+        print(f"downloaded {got.path}")
+    else:
+        check = "verified" if got.verified else f"not pinned: pass --sha256 {got.sha256} to check it"
+        resumed = f", resumed at byte {got.resumed_from:,}" if got.resumed_from else ""
+        print(f"downloaded {got.path}{resumed}; sha256 {got.sha256} ({check})")
     return 0
 
 

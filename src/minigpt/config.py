@@ -125,6 +125,10 @@ class TrainConfig:
                               "file (default: one continuous stream)", DOC_MODES)
     val_fraction: float = option(0.1, "share of the text (or of the documents) held out for "
                                  "validation")
+    text_field: str = option("text", "JSON field / Parquet column that holds the text (.jsonl, "
+                             ".json, .parquet inputs)")
+    skip_bad_records: bool = option(False, "skip malformed JSON lines and records without text, "
+                                    "counting them, instead of stopping at the first")
     tokenizer: str = option("char", "tokenizer to build from the text", cli=False)
     tokenizer_vocab_size: int | None = option(None, "bpe vocabulary size (default 1024)", cli=False)
     max_iters: int = option(2000, "optimizer steps to train")
@@ -192,6 +196,8 @@ class TrainConfig:
             raise ConfigError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.docs is not None and self.docs not in DOC_MODES:
             raise ConfigError(f"docs must be one of {', '.join(DOC_MODES)}; got {self.docs!r}")
+        if not self.text_field:
+            raise ConfigError("text-field must not be empty")
         if self.tokenizer not in kinds():
             raise ConfigError(f"unknown tokenizer {self.tokenizer!r}; choose from {', '.join(kinds())}")
         if self.tokenizer_vocab_size is not None:

@@ -1,5 +1,6 @@
 """Reading UTF-8 corpora in bounded memory: which files, validated chunks of a file, and the
-documents in them. The bundled Tiny Shakespeare is found here too.
+documents in them, whatever the file's format (formats.py reads JSON lines, Parquet and compressed
+files). The bundled Tiny Shakespeare is found here too.
 
 `prepare()` reads its input twice (once to learn the vocabulary and count, once to encode), and a corpus
 may be larger than RAM, so everything here is a generator that holds one chunk at a time (and, in
@@ -17,6 +18,7 @@ from typing import NamedTuple
 
 from ..config import DOC_MODES
 from ..errors import DataError
+from .formats import Records, is_known_input, iter_records, kind_of, open_binary, read_or_fail
 
 CHUNK_BYTES = 1 << 22  # 4 MiB read at a time
 _NUL_CHECK_BYTES = 1 << 20
@@ -31,14 +33,16 @@ def bundled_corpus() -> Path:
 
 
 def gather_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Files as given, directories expanded to their .txt files (sorted, recursive)."""
+    """Files as given, directories expanded to the files of known formats in them (sorted,
+    recursive): .txt, .jsonl, .ndjson, each plain or .gz/.bz2/.xz/.zst, and .parquet."""
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*.txt") if q.is_file())
+            found = sorted(q for q in p.rglob("*") if q.is_file() and is_known_input(q))
             if not found:
-                raise DataError(f"directory {p} contains no .txt files")
+                raise DataError(f"directory {p} contains no .txt, .jsonl or .parquet files "
+                                "(plain or .gz/.bz2/.xz/.zst)")
             files.extend(found)
         elif p.exists():
             files.append(p)
@@ -69,30 +73,21 @@ def _utf8_boundary(data: bytes) -> int:
 
 def read_chunks(path: Path, on_read: Callable[[int], None] | None = None,
                 chunk_bytes: int | None = None) -> Iterator[Chunk]:
-    """Yield a text file's contents in chunks, refusing what cannot be a training corpus.
+    """Yield a text file's contents (decompressed, for .gz/.bz2/.xz/.zst) in chunks, refusing what
+    cannot be a training corpus.
 
     Errors (one line each): missing, a directory, unreadable, empty, binary (NUL bytes in the first
-    MiB), not UTF-8 (with the offset of the bad byte), only whitespace. `on_read(n)` is told how many
-    raw bytes were consumed, for a progress bar.
+    MiB), not UTF-8 (with the offset of the bad byte), only whitespace, a damaged compressed file.
+    `on_read(n)` is told how many bytes were read from disk, for a progress bar.
     """
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise DataError(f"input file not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"expected a file, got a directory: {path}") from None
-    except PermissionError:
-        raise DataError(f"cannot read {path}: permission denied") from None
     chunk_bytes = chunk_bytes or CHUNK_BYTES
-    with f:
-        offset = 0  # file offset of pending[0]
+    with open_binary(path, on_read) as f:
+        offset = 0  # offset of pending[0] in the (decompressed) text
         pending = b""
         has_text = False
         first = True
         while True:
-            raw = f.read(max(chunk_bytes, len(_BOM)) if first else chunk_bytes)
-            if on_read is not None and raw:
-                on_read(len(raw))
+            raw = read_or_fail(f, path, max(chunk_bytes, len(_BOM)) if first else chunk_bytes)
             data = pending + raw if pending else raw
             if first:
                 if not data:
@@ -122,16 +117,43 @@ def read_chunks(path: Path, on_read: Callable[[int], None] | None = None,
             raise DataError(f"{path} contains only whitespace")
 
 
+def file_chunks(path: Path, on_read: Callable[[int], None] | None = None,
+                records: Records | None = None) -> Iterator[Chunk]:
+    """A file as one stream of text, whatever its format. JSON lines and Parquet: each record's
+    text followed by a newline (so a file of one-line records reads exactly like the .txt of those
+    lines), gathered into chunks of about CHUNK_BYTES."""
+    if kind_of(path) == "text":
+        yield from read_chunks(path, on_read=on_read)
+        return
+    texts: list[str] = []
+    size = 0
+    for text, nbytes in iter_records(path, records or Records(), on_read):
+        texts.append(text + "\n")
+        size += nbytes + 1
+        if size >= CHUNK_BYTES:
+            yield Chunk("".join(texts), size)
+            texts, size = [], 0
+    if texts:
+        yield Chunk("".join(texts), size)
+
+
 def iter_documents(files: Iterable[Path], mode: str,
-                   on_read: Callable[[int], None] | None = None) -> Iterator[str]:
+                   on_read: Callable[[int], None] | None = None,
+                   records: Records | None = None) -> Iterator[str]:
     """The documents of the files, stripped, empty ones dropped; never spanning two files.
 
     lines: one per line (str.splitlines). blank: separated by lines holding only spaces/tabs.
-    files: one per file. One document is held in memory at a time.
+    files: one per file. JSON lines and Parquet: one per record, whatever the mode (a record is
+    already a document). One document is held in memory at a time.
     """
     if mode not in DOC_MODES:
         raise DataError(f"unknown document mode {mode!r}; choose from {', '.join(DOC_MODES)}")
     for path in files:
+        if kind_of(path) != "text":
+            for text, _ in iter_records(path, records or Records(), on_read):
+                if doc := text.strip():
+                    yield doc
+            continue
         texts = (c.text for c in read_chunks(path, on_read=on_read))
         if mode == "lines":
             yield from _line_documents(texts)

@@ -1,6 +1,7 @@
 """`prepare`: raw text -> token ids in memory-mapped .bin files, plus the data directory's meta.
 
-`prepare()` writes a data directory:
+`prepare()` reads text, JSON lines, Parquet and compressed files (corpus.py, formats.py) and writes
+a data directory:
 
     train.bin, val.bin   token ids, uint16 (uint32 when the vocabulary needs it), read with np.memmap
     tokenizer.json       the tokenizer built from the corpus
@@ -29,8 +30,9 @@ from ..errors import DataError, TokenizerError
 from ..fsio import atomic_write_text
 from ..rundir import FORMAT_VERSION, TOKENIZER
 from ..tokenization import Tokenizer, save_tokenizer, train_tokenizer
-from .corpus import DOC_MODES, Chunk, gather_inputs, iter_documents, read_chunks
+from .corpus import DOC_MODES, Chunk, file_chunks, gather_inputs, iter_documents
 from .dataset import META
+from .formats import Records
 
 PIECE_CHARS = 1 << 16  # texts handed to encode_batch: small enough to spread over threads
 BATCH_CHARS = 1 << 20  # characters per encode_batch call (Hugging Face keeps ~100 bytes per token)
@@ -126,14 +128,18 @@ def prepare(
     tokenizer: str | Tokenizer = "char",
     vocab_size: int | None = None,
     progress: bool = True,
+    text_field: str = "text",
+    skip_bad_records: bool = False,
     **tokenizer_options: Any,
 ) -> dict[str, Any]:
-    """Tokenize text files into `out_dir`; return the meta.json contents.
+    """Tokenize text, JSON-lines, Parquet and compressed files into `out_dir`; return meta.json.
 
     Two passes over the input, each holding one chunk (or one document) in memory: the first learns
     the tokenizer and counts characters or documents, the second encodes and appends to the .bin files.
     `vocab_size` is the tokenizer's (bpe only), not the model's. `tokenizer` is a kind to learn, or a
     Tokenizer to use as it is (fine-tuning: the data must speak the source model's vocabulary).
+    `text_field` names the JSON field / Parquet column of the text; `skip_bad_records` counts bad
+    records (meta's `skipped_records`) instead of stopping at the first.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val-fraction must be in (0, 1), got {val_fraction}")
@@ -143,9 +149,12 @@ def prepare(
     if vocab_size is not None:
         tokenizer_options["vocab_size"] = vocab_size
     total = sum(f.stat().st_size for f in files)
+    if not text_field:
+        raise DataError("--text-field must not be empty")
+    records = Records(text_field, skip_bad_records)
     kind = tokenizer if isinstance(tokenizer, str) else tokenizer.kind
     with _progress_bar(total, f"{kind} tokenizer: reading", progress) as bar:
-        tok, units = _learn_tokenizer(files, docs, tokenizer, tokenizer_options, bar.update)
+        tok, units = _learn_tokenizer(files, docs, tokenizer, tokenizer_options, bar.update, records)
     plan = _SplitPlan.make(units, docs, val_fraction, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +162,9 @@ def prepare(
     bins = {s: _TokenFile(out / f"{s}.bin", dtype) for s in ("train", "val")}
     try:
         with _progress_bar(total, f"{kind} tokenizer: encoding", progress) as bar:
-            _encode_splits(files, docs, tok, plan, bins, bar.update)
+            # a fresh count: the second pass meets the same bad records again
+            _encode_splits(files, docs, tok, plan, bins, bar.update,
+                           Records(text_field, skip_bad_records))
         for b in bins.values():
             b.commit()
     except BaseException:
@@ -162,6 +173,8 @@ def prepare(
         raise
     save_tokenizer(tok, out / TOKENIZER)
     meta = _meta(tok, dtype, docs, val_fraction, seed, bins, plan, files, tokenizer_options)
+    meta.update(text_field=text_field, skipped_records=records.skipped,
+                first_bad_record=records.first_bad)
     atomic_write_text(out / META, json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -190,8 +203,8 @@ def _meta(tok: Tokenizer, dtype: np.dtype, docs: str | None, val_fraction: float
 
 
 def _learn_tokenizer(files: list[Path], docs: str | None, kind: str | Tokenizer,
-                     options: dict[str, Any],
-                     on_read: Callable[[int], None]) -> tuple[Tokenizer, int]:
+                     options: dict[str, Any], on_read: Callable[[int], None],
+                     records: Records) -> tuple[Tokenizer, int]:
     """Pass 1: the tokenizer learnt from the corpus (or the one given, which then checks that it
     can encode every text), and how many characters (stream) or documents the corpus holds: what
     the split needs."""
@@ -201,9 +214,9 @@ def _learn_tokenizer(files: list[Path], docs: str | None, kind: str | Tokenizer,
         # In pieces: the BPE trainer reads a few hundred texts ahead, and pieces keep that small.
         nonlocal units
         if docs is None:
-            source: Iterator[str] = (c.text for c in _chunks(files, on_read))
+            source: Iterator[str] = (c.text for c in _chunks(files, on_read, records))
         else:
-            source = iter_documents(files, docs, on_read)
+            source = iter_documents(files, docs, on_read, records)
         for text in source:
             units += len(text) if docs is None else 1
             yield from _pieces(text)
@@ -264,12 +277,13 @@ class _SplitPlan:
 
 
 def _encode_splits(files: list[Path], docs: str | None, tok: Tokenizer, plan: _SplitPlan,
-                   bins: dict[str, _TokenFile], on_read: Callable[[int], None]) -> None:
+                   bins: dict[str, _TokenFile], on_read: Callable[[int], None],
+                   records: Records) -> None:
     """Pass 2: encode in batches and append to train.bin / val.bin."""
     encoder = _Encoder(tok, bins)
     seen = 0
     if docs is None:
-        for chunk in _chunks(files, on_read):
+        for chunk in _chunks(files, on_read, records):
             head = chunk.text[: max(0, plan.cut - seen)]
             head_bytes = chunk.nbytes if len(head) == len(chunk.text) else len(head.encode())
             for split, text, nbytes in (("train", head, head_bytes),
@@ -278,7 +292,7 @@ def _encode_splits(files: list[Path], docs: str | None, tok: Tokenizer, plan: _S
                 encoder.add_text(split, text)
             seen += len(chunk.text)
     else:
-        for doc in iter_documents(files, docs, on_read):
+        for doc in iter_documents(files, docs, on_read, records):
             split = "val" if seen < plan.units and plan.is_val[seen] else "train"
             bins[split].bytes += len(doc.encode("utf-8"))
             encoder.add_document(split, doc)
@@ -288,9 +302,9 @@ def _encode_splits(files: list[Path], docs: str | None, tok: Tokenizer, plan: _S
         raise DataError("the input files changed while they were being prepared; run prepare again")
 
 
-def _chunks(files: list[Path], on_read: Callable[[int], None]) -> Iterator[Chunk]:
+def _chunks(files: list[Path], on_read: Callable[[int], None], records: Records) -> Iterator[Chunk]:
     for f in files:
-        yield from read_chunks(f, on_read=on_read)
+        yield from file_chunks(f, on_read, records)
 
 
 def _progress_bar(total: int, desc: str, enabled: bool) -> tqdm:

@@ -34,7 +34,7 @@ from ..tokenization import Tokenizer
 
 # Settings that shape the prepared data; changing them on resume would change what is being learnt.
 DATA_SHAPING = ("data", "docs", "val_fraction", "tokenizer", "tokenizer_vocab_size", "init_from",
-                "init_checkpoint")
+                "init_checkpoint", "text_field", "skip_bad_records")
 
 
 def set_up_run(mcfg: ModelConfig, tcfg: TrainConfig, run_dir: Path, resume: bool,
@@ -115,10 +115,15 @@ def _data_for_run(tcfg: TrainConfig, run_dir: Path, resume: bool, progress: bool
         if not (resume and is_prepared(target) and _same_sources(target, tcfg.data)):
             staging = run_dir / "data.new"
             shutil.rmtree(staging, ignore_errors=True)
-            prepare([tcfg.data or bundled_corpus()], staging, docs=tcfg.docs,
-                    val_fraction=tcfg.val_fraction, seed=tcfg.seed,
-                    tokenizer=tokenizer or tcfg.tokenizer,
-                    vocab_size=None if tokenizer else tcfg.tokenizer_vocab_size, progress=progress)
+            meta = prepare([tcfg.data or bundled_corpus()], staging, docs=tcfg.docs,
+                           val_fraction=tcfg.val_fraction, seed=tcfg.seed,
+                           tokenizer=tokenizer or tcfg.tokenizer,
+                           vocab_size=None if tokenizer else tcfg.tokenizer_vocab_size,
+                           progress=progress,
+                           text_field=tcfg.text_field, skip_bad_records=tcfg.skip_bad_records)
+            if meta["skipped_records"]:
+                print(f"warning: skipped {meta['skipped_records']:,} bad record(s); the first: "
+                      f"{meta['first_bad_record']}", file=sys.stderr)
             shutil.rmtree(target, ignore_errors=True)
             staging.replace(target)
         data = load_prepared(target)
