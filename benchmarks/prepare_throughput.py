@@ -44,7 +44,7 @@ print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "rss_after_import_mb"
 
 def write_corpus(path: Path, size_mb: int, seed: int = 0) -> int:
     """Shuffled lines of the bundled corpus until the file holds size_mb MB; returns its bytes."""
-    lines = (SRC / "minigpt" / "corpus" / "tinyshakespeare.txt").read_text().splitlines(keepends=True)
+    lines = (SRC / "minigpt" / "data" / "tinyshakespeare.txt").read_text().splitlines(keepends=True)
     rng = np.random.default_rng(seed)
     target, written = size_mb * MB, 0
     with open(path, "w") as f:
