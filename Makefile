@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[serve,dev]"
+	$(BIN)/pip install --quiet -e ".[serve,dev,hf]"
 	touch $@
 
 demo: setup

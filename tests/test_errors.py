@@ -28,7 +28,7 @@ import torch
 
 import cli_harness
 from minigpt import checkpoint as ckpt
-from minigpt import fsio, rundir
+from minigpt import config, fsio, rundir
 from minigpt.data.corpus import bundled_corpus
 from minigpt.model import GPT
 from test_crash_safety import Payload  # a real payload: unpickling it runs `touch`
@@ -146,6 +146,24 @@ CASES = [
          "minigpt: error: cannot resume run with different data: corpus.txt -> short.txt"),
     Case("resume-other-model", "--resume with a different model size", "train --out run --resume --n-embd 64",
          "minigpt: error: cannot resume run with a different model: n_embd 32 -> 64"),
+    # --- export -------------------------------------------------------------------------------------
+    Case("export-missing-run", "export of a nonexistent run directory",
+         "export nowhere --to hf --out hf-model",
+         "minigpt: error: run directory not found: nowhere"),
+    Case("export-unexportable-layout", "export of a layout no transformers architecture computes "
+         "(the default, QK-norm on)", "export run --to hf --out hf-model",
+         "minigpt: error: cannot export run to hf: minigpt's --qk-norm is a LayerNorm of each head's "
+         "queries and keys after the rotary rotation, and no transformers architecture computes that "
+         "(Persimmon, StableLM and Cohere normalise before the rotation, which a LayerNorm does not "
+         "commute with); train with --no-qk-norm, or with --arch gpt2"),
+    Case("export-out-not-empty", "export into an existing non-empty --out",
+         "export run-gpt2 --to hf --out notes",
+         "minigpt: error: notes exists and is not empty; pass --overwrite to replace it, or choose "
+         "another --out"),
+    Case("export-overwrite-not-a-model", "export --overwrite into a directory that is not an export",
+         "export run-gpt2 --to hf --out notes --overwrite",
+         "minigpt: error: notes is not a model directory (no config.json); --overwrite replaces only "
+         "an earlier export, choose another --out"),
 ]
 
 
@@ -198,6 +216,13 @@ def workspace(tmp_path_factory) -> Path:
     mcfg = dataclasses.replace(rundir.read_config(ws / "run")[0], vocab_size=70)  # only the vocabulary differs
     shutil.rmtree(ws / "other-vocab" / "checkpoints")
     ckpt.save_checkpoint(ws / "other-vocab", 10, GPT(mcfg), None, {})
+    # the same run in GPT-2's layout, which exports
+    shutil.copytree(ws / "run", ws / "run-gpt2")
+    mcfg, tcfg = rundir.read_config(ws / "run")
+    mcfg = dataclasses.replace(mcfg, arch="gpt2", **config.ARCHS["gpt2"])
+    rundir.write_config(ws / "run-gpt2", mcfg, tcfg)
+    shutil.rmtree(ws / "run-gpt2" / "checkpoints")
+    ckpt.save_checkpoint(ws / "run-gpt2", 10, GPT(mcfg), None, {})
 
     # a run on prepared data, whose data directory is then re-made from another text
     (ws / "abc.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 20)
