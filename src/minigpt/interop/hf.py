@@ -26,12 +26,11 @@ from typing import Any
 from safetensors.torch import save_file
 
 from .. import __version__, rundir
-from .. import checkpoint as ckpt
 from ..config import ModelConfig, TrainConfig, resolve
 from ..data.dataset import is_prepared, load_prepared
-from ..errors import CheckpointError, ConfigError, MiniGPTError
+from ..engine import load
+from ..errors import ConfigError, MiniGPTError
 from ..fsio import fsync_dir
-from ..model import GPT
 from ..sampling import SamplingParams
 from . import hf_model
 from .hf_tokenizer import tokenizer_files
@@ -46,23 +45,18 @@ def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
     if refused:
         raise ConfigError(f"cannot export {run_dir} to hf: {refused[0]}; {refused[1]}")
     _check_out(out, overwrite)
-    tokenizer = rundir.read_tokenizer(run_dir)
-    if tokenizer.vocab_size != mcfg.vocab_size:
-        raise CheckpointError(f"{run_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model "
-                              f"expects {mcfg.vocab_size}")
-    path, meta = ckpt.find_for_inference(run_dir, checkpoint)
-    model = GPT(mcfg)
-    ckpt.load_weights(model, path / ckpt.WEIGHTS)
+    engine = load(run_dir, checkpoint, device="cpu", dtype="float32")  # weights as trained
+    model, tokenizer = engine.model, engine.tokenizer
     arch = hf_model.architecture(mcfg)
     weights = {k: v.detach().contiguous() for k, v in arch.weights(mcfg, model.state_dict()).items()}
     specials = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
     summary = {
-        "run_dir": str(run_dir), "out": str(out), "step": meta["step"], "architecture": arch.name,
+        "run_dir": str(run_dir), "out": str(out), "step": engine.step, "architecture": arch.name,
         "model_type": arch.model_type, "params": model.num_params(),
         "exported_params": sum(t.numel() for t in weights.values()),
         "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
         "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
-        **_evaluation(run_dir, meta), "checkpoint": checkpoint,
+        **_evaluation(run_dir, engine.step), "checkpoint": checkpoint,
     }
     files = {
         "config.json": _json({**arch.config(mcfg), **specials}),
@@ -124,7 +118,6 @@ def _write_directory(out: Path, files: dict[str, str], weights: dict[str, Any]) 
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
-        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not out.exists():
@@ -132,22 +125,21 @@ def _write_directory(out: Path, files: dict[str, str], weights: dict[str, Any]) 
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         raise
+    fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
 # --- what the model card says --------------------------------------------------------------------
 
 
-def _evaluation(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """Validation loss and bits per byte logged at the exported step (the checkpoint's own loss
-    when metrics.jsonl has no row for it)."""
-    step = meta["step"]
+def _evaluation(run_dir: Path, step: int) -> dict[str, Any]:
+    """Validation loss and bits per byte that metrics.jsonl logged at the exported step."""
     rows = []
     if rundir.metrics_path(run_dir).exists():
         rows = [r for r in rundir.read_metrics(run_dir) if r.get("iter") == step and "val_loss" in r]
     row = rows[-1] if rows else {}
-    return {"val_loss": row.get("val_loss", meta.get("val_loss")), "val_bpb": row.get("val_bpb"),
-            "train_loss": row.get("eval_train_loss", meta.get("train_loss"))}
+    return {k: row.get(key) for k, key in (("val_loss", "val_loss"), ("val_bpb", "val_bpb"),
+                                           ("train_loss", "eval_train_loss"))}
 
 
 def _data_meta(run_dir: Path, tcfg: TrainConfig) -> dict[str, Any] | None:
