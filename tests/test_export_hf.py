@@ -254,6 +254,21 @@ def test_auto_tokenizer_round_trips_the_corpus_as_minigpt(tmp_path, transformers
     assert theirs.convert_ids_to_tokens(ours.bos_id) == "<|bos|>"
 
 
+@pytest.mark.parametrize("kind", TOKENIZERS)
+def test_an_exported_run_carries_its_tokenizer(tmp_path, transformers, kind):
+    ours = TOKENIZERS[kind]()
+    run, model = make_run(tmp_path / "run", tokenizer=ours, arch="gpt2")
+    export_hf(run, tmp_path / "hf")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert (hf.config.vocab_size, hf.config.bos_token_id, hf.config.eos_token_id) == \
+        (ours.vocab_size, ours.bos_id, ours.eos_id)
+    assert_same(ours, theirs, UNICODE)
+    ids = torch.tensor([theirs("Speak, speak.")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, model(ids)[0], atol=1e-4, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def auto_tokenizers(tmp_path_factory):
     transformers = pytest.importorskip("transformers", reason=NO_HF)
