@@ -1,7 +1,7 @@
 """minigpt layouts as stock transformers architectures: which one, its config.json, its weights.
 
-Three stock classes between them compute every layout without QK-norm, exactly (tests/test_export_hf.py
-checks the logits through transformers' own loader):
+Three stock classes between them compute, exactly, every layout without QK-norm but one (learned
+positions with RMSNorm); tests/test_export_hf.py checks the logits through transformers' own loader:
 
     --pos-emb learned, LayerNorm   -> GPT2LMHeadModel    (--arch gpt2)
     --pos-emb rope,    LayerNorm   -> GPTNeoXForCausalLM (--arch modern --no-qk-norm)
