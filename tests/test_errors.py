@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 import cli_harness
 from minigpt import checkpoint as ckpt
-from minigpt import fsio, rundir
+from minigpt import config, fsio, rundir
 from minigpt.data.corpus import bundled_corpus
 from minigpt.model import GPT
 from test_crash_safety import Payload  # a real payload: unpickling it runs `touch`
@@ -292,6 +292,24 @@ CASES = [
          f"download http://SERVER/corpus.txt --out downloads --quiet --sha256 {'0' * 64}",
          f"minigpt: error: http://SERVER/corpus.txt does not match its SHA-256 (expected {'0' * 64}, "
          "got …); the download was deleted: run the command again to download it afresh"),
+    # --- export -------------------------------------------------------------------------------------
+    Case("export-missing-run", "export of a nonexistent run directory",
+         "export nowhere --to hf --out hf-model",
+         "minigpt: error: run directory not found: nowhere"),
+    Case("export-unexportable-layout", "export of a layout no transformers architecture computes "
+         "(the default, QK-norm on)", "export run --to hf --out hf-model",
+         "minigpt: error: cannot export run to hf: minigpt's --qk-norm is a LayerNorm of each head's "
+         "queries and keys after the rotary rotation, and no transformers architecture computes that "
+         "(Persimmon, StableLM and Cohere normalise before the rotation, which a LayerNorm does not "
+         "commute with); train with --no-qk-norm, or with --arch gpt2"),
+    Case("export-out-not-empty", "export into an existing non-empty --out",
+         "export run-gpt2 --to hf --out notes",
+         "minigpt: error: notes exists and is not empty; pass --overwrite to replace it, or choose "
+         "another --out"),
+    Case("export-overwrite-not-a-model", "export --overwrite into a directory that is not an export",
+         "export run-gpt2 --to hf --out notes --overwrite",
+         "minigpt: error: notes is not a model directory (no config.json); --overwrite replaces only "
+         "an earlier export, choose another --out"),
 ]
 
 
@@ -388,6 +406,13 @@ def workspace(workspace_dir: Path, server) -> Path:
     mcfg = dataclasses.replace(rundir.read_config(ws / "run")[0], vocab_size=70)  # only the vocabulary differs
     shutil.rmtree(ws / "other-vocab" / "checkpoints")
     ckpt.save_checkpoint(ws / "other-vocab", 10, GPT(mcfg), None, {})
+    # the same run in GPT-2's layout, which exports
+    shutil.copytree(ws / "run", ws / "run-gpt2")
+    mcfg, tcfg = rundir.read_config(ws / "run")
+    mcfg = dataclasses.replace(mcfg, arch="gpt2", **config.ARCHS["gpt2"])
+    rundir.write_config(ws / "run-gpt2", mcfg, tcfg)
+    shutil.rmtree(ws / "run-gpt2" / "checkpoints")
+    ckpt.save_checkpoint(ws / "run-gpt2", 10, GPT(mcfg), None, {})
 
     # a run on prepared data, whose data directory is then re-made from another text
     (ws / "abc.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 20)
@@ -412,9 +437,9 @@ def make_foreign_models(ws: Path, corpus: str) -> None:
             "n_embd": 32, "n_layer": 2, "n_head": 2}
     dirs = {"llama-model": {"model_type": "llama"}, "gpt2-pickle": gpt2,
             "gpt2-untied": {**gpt2, "tie_word_embeddings": False}, "gpt2-no-tokenizer": gpt2}
-    for name, config in dirs.items():
+    for name, hf_config in dirs.items():
         (ws / name).mkdir()
-        (ws / name / "config.json").write_text(json.dumps(config))
+        (ws / name / "config.json").write_text(json.dumps(hf_config))
     tok.save(str(ws / "gpt2-pickle" / "tokenizer.json"))
     # a pickle that would run `touch pwned` if anything unpickled it
     torch.save({"transformer.wte.weight": Payload(ws / "pwned")}, ws / "gpt2-pickle" / "pytorch_model.bin")

@@ -221,6 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (default: 67, chars)")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("export", formatter_class=_Help,
+                       help="write a run in another tool's format: a Hugging Face transformers model "
+                            "directory (--to hf)")
+    p.add_argument("run_dir")
+    p.add_argument("--to", required=True, choices=tuple(EXPORTERS),
+                   help="hf: a directory AutoModelForCausalLM / AutoTokenizer load, no custom code")
+    p.add_argument("--out", required=True, help="the directory (hf) to write")
+    p.add_argument("--checkpoint", default="best", help="best | last | a step number")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("eval", formatter_class=_Help,
                        help="loss, perplexity and bits per byte of a run on a text, every token once")
     p.add_argument("run_dir", help="the trained run to score")
@@ -430,6 +441,24 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     info = run_info(Path(args.run_dir))
     print(json.dumps(info, indent=2) if args.json else format_run_info(info))
+    return 0
+
+
+def _export_hf(args: argparse.Namespace) -> str:
+    from .interop.hf import export_hf
+
+    s = export_hf(args.run_dir, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
+    return (f"exported {s['run_dir']} step {s['step']} as a {s['architecture']} "
+            f"({s['params']:,} parameters, {s['tokenizer']} tokenizer) to {s['out']}; load it with "
+            f"AutoModelForCausalLM.from_pretrained({s['out']!r})")
+
+
+# --to FORMAT -> the function that writes it and returns the line to print
+EXPORTERS = {"hf": _export_hf}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    print(EXPORTERS[args.to](args))
     return 0
 
 

@@ -46,6 +46,12 @@ def _byte_decoder() -> dict[str, int]:
 _BYTE_OF = _byte_decoder()
 
 
+def byte_stand_ins() -> list[str]:
+    """GPT-2's printable stand-in of each byte value, indexed by the byte."""
+    stand_in = {b: c for c, b in _BYTE_OF.items()}
+    return [stand_in[b] for b in range(256)]
+
+
 class BPETokenizer:
     kind = "bpe"
 

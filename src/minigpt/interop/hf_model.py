@@ -1,0 +1,218 @@
+"""minigpt layouts as stock transformers architectures: which one, its config.json, its weights.
+
+Three stock classes between them compute, exactly, every layout without QK-norm but one (learned
+positions with RMSNorm); tests/test_export_hf.py checks the logits through transformers' own loader:
+
+    --pos-emb learned, LayerNorm   -> GPT2LMHeadModel    (--arch gpt2)
+    --pos-emb rope,    LayerNorm   -> GPTNeoXForCausalLM (--arch modern --no-qk-norm)
+    --pos-emb rope,    RMSNorm     -> LlamaForCausalLM
+
+Every switch maps onto a config field or onto the weights: an activation is a config name; biases
+turned off are zero biases; an untied head is a separate lm_head tensor. GPT-2 stores linear
+layers as Conv1D, (in, out), so matrices are transposed. GPT-NeoX fuses q, k and v per head (head 0's
+q, k, v rows, then head 1's...) where minigpt's c_attn stacks all queries, then all keys, then all
+values. Llama's MLP is gated, down(act(gate(x)) * up(x)): minigpt's c_fc becomes gate_proj and
+up_proj is zero weights with bias 1, so the gate's factor is exactly 1 (the export carries that
+extra matrix). minigpt's rotary embedding already uses the rotate-half convention these models use,
+with the same base (10000), so queries and keys need no permutation.
+
+--qk-norm has no equivalent: minigpt normalises each head's queries and keys *after* the rotary
+rotation (a parameter-free LayerNorm, or RMS norm under --norm rmsnorm). The stock models with a
+per-head QK LayerNorm (Persimmon, StableLM, Cohere) apply it before the rotation, and a LayerNorm,
+which subtracts the mean, does not commute with one. An RMS norm does commute with it, but Qwen3's and
+NanoChat's per-head RMS norms share the layer norms' epsilon (minigpt's uses float32's, ~1.2e-7,
+beside its RMSNorm layers' 1e-6). Such layouts are refused, with the switch named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig
+from ..model import ROPE_BASE
+
+LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which make_norm keeps
+RMS_NORM_EPS = 1e-6  # make_norm's RMSNorm
+# gelu_pytorch_tanh is GPT-2's gelu_new computed by torch's own tanh-GELU kernel: minigpt's, bit for bit
+ACTIVATIONS = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu2": "relu2"}
+
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str  # the transformers class, config.json's "architectures"
+    model_type: str
+    summary: str  # for the model card: how minigpt's layout becomes this class
+    config: Callable[[ModelConfig], dict[str, Any]]
+    weights: Callable[[ModelConfig, Weights], Weights]
+
+
+def refusal(cfg: ModelConfig) -> tuple[str, str] | None:
+    """(why no stock architecture computes this layout, what to train instead), or None."""
+    if cfg.qk_norm:
+        if cfg.pos_emb == "learned":
+            why = "no transformers architecture with learned position embeddings normalises queries and keys"
+        elif cfg.norm == "layernorm":
+            why = ("minigpt's --qk-norm is a LayerNorm of each head's queries and keys after the rotary "
+                   "rotation, and no transformers architecture computes that (Persimmon, StableLM and "
+                   "Cohere normalise before the rotation, which a LayerNorm does not commute with)")
+        else:
+            why = ("minigpt's --qk-norm is an RMS norm of each head's queries and keys with float32's "
+                   "epsilon, and no transformers architecture computes that exactly (Qwen3's and "
+                   "NanoChat's share their layer norms' epsilon)")
+        return why, "train with --no-qk-norm, or with --arch gpt2"
+    if cfg.pos_emb == "learned" and cfg.norm == "rmsnorm":
+        return ("GPT-2, the transformers architecture with learned position embeddings, has no RMSNorm "
+                "(--norm rmsnorm)", "train with --norm layernorm, or with --pos-emb rope")
+    return None
+
+
+def architecture(cfg: ModelConfig) -> Architecture:
+    """The stock architecture for a layout `refusal` accepts."""
+    if cfg.pos_emb == "learned":
+        return GPT2
+    return GPT_NEOX if cfg.norm == "layernorm" else LLAMA
+
+
+# --- config.json ---------------------------------------------------------------------------------
+
+
+def _common(cfg: ModelConfig, arch: str, model_type: str) -> dict[str, Any]:
+    return {"architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size,
+            "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", "use_cache": True}
+
+
+def _rope(cfg: ModelConfig) -> dict[str, Any]:
+    # rope_parameters is how transformers 5 reads it; rope_theta/rotary_emb_base how 4.x does
+    return {"rope_parameters": {"rope_type": "default", "rope_theta": ROPE_BASE,
+                                "partial_rotary_factor": 1.0},
+            "rope_theta": ROPE_BASE, "max_position_embeddings": cfg.block_size}
+
+
+def gpt2_config(cfg: ModelConfig) -> dict[str, Any]:
+    return {**_common(cfg, "GPT2LMHeadModel", "gpt2"), "n_positions": cfg.block_size,
+            "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head, "n_inner": 4 * cfg.n_embd,
+            "activation_function": ACTIVATIONS[cfg.activation],
+            "layer_norm_epsilon": LAYER_NORM_EPS, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False, "initializer_range": 0.02}
+
+
+def gpt_neox_config(cfg: ModelConfig) -> dict[str, Any]:
+    return {**_common(cfg, "GPTNeoXForCausalLM", "gpt_neox"), **_rope(cfg),
+            "rotary_pct": 1.0, "rotary_emb_base": ROPE_BASE,
+            "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "intermediate_size": 4 * cfg.n_embd,
+            "hidden_act": ACTIVATIONS[cfg.activation], "layer_norm_eps": LAYER_NORM_EPS,
+            "use_parallel_residual": False,  # minigpt's blocks are sequential: x + attn, then + mlp
+            "attention_bias": True, "attention_dropout": 0.0, "hidden_dropout": 0.0,
+            "initializer_range": 0.02}
+
+
+def llama_config(cfg: ModelConfig) -> dict[str, Any]:
+    return {**_common(cfg, "LlamaForCausalLM", "llama"), **_rope(cfg),
+            "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head,
+            "head_dim": cfg.head_dim, "intermediate_size": 4 * cfg.n_embd,
+            "hidden_act": ACTIVATIONS[cfg.activation], "rms_norm_eps": RMS_NORM_EPS,
+            "attention_bias": cfg.bias, "mlp_bias": True,  # up_proj's bias carries the 1
+            "attention_dropout": 0.0, "pretraining_tp": 1, "initializer_range": 0.02}
+
+
+# --- weights -------------------------------------------------------------------------------------
+
+
+def _bias(sd: Weights, name: str, size: int) -> torch.Tensor:
+    """A minigpt bias, or zeros where the layout has none: a zero bias adds nothing."""
+    return sd[name] if name in sd else torch.zeros(size)
+
+
+def _head(cfg: ModelConfig, sd: Weights, name: str) -> Weights:
+    return {} if cfg.tie_embeddings else {name: sd["lm_head.weight"]}
+
+
+def gpt2_weights(cfg: ModelConfig, sd: Weights) -> Weights:
+    out = {"transformer.wte.weight": sd["wte.weight"], "transformer.wpe.weight": sd["wpe.weight"]}
+    names = [f"h.{i}.{m}" for i in range(cfg.n_layer) for m in ("ln_1", "ln_2")] + ["ln_f"]
+    for m in names:
+        out[f"transformer.{m}.weight"] = sd[f"{m}.weight"]
+        out[f"transformer.{m}.bias"] = _bias(sd, f"{m}.bias", cfg.n_embd)
+    for i in range(cfg.n_layer):
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            w = sd[f"h.{i}.{m}.weight"]  # nn.Linear (out, in) -> Conv1D (in, out)
+            out[f"transformer.h.{i}.{m}.weight"] = w.t()
+            out[f"transformer.h.{i}.{m}.bias"] = _bias(sd, f"h.{i}.{m}.bias", w.size(0))
+    return {**out, **_head(cfg, sd, "lm_head.weight")}
+
+
+def _per_head_qkv(cfg: ModelConfig, t: torch.Tensor) -> torch.Tensor:
+    """(3C, ...) rows [q | k | v], each head-major, -> rows [head 0: q k v | head 1: q k v | ...]."""
+    H, D = cfg.n_head, cfg.head_dim
+    return t.reshape(3, H, D, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def gpt_neox_weights(cfg: ModelConfig, sd: Weights) -> Weights:
+    C, p = cfg.n_embd, "gpt_neox.layers"
+    out = {"gpt_neox.embed_in.weight": sd["wte.weight"],
+           "gpt_neox.final_layer_norm.weight": sd["ln_f.weight"],
+           "gpt_neox.final_layer_norm.bias": _bias(sd, "ln_f.bias", C)}
+    for i in range(cfg.n_layer):
+        h = f"h.{i}"
+        for ours, theirs in (("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm"),
+                             ("attn.c_proj", "attention.dense"), ("mlp.c_fc", "mlp.dense_h_to_4h"),
+                             ("mlp.c_proj", "mlp.dense_4h_to_h")):
+            w = sd[f"{h}.{ours}.weight"]
+            out[f"{p}.{i}.{theirs}.weight"] = w
+            out[f"{p}.{i}.{theirs}.bias"] = _bias(sd, f"{h}.{ours}.bias", w.size(0))
+        qkv = f"{p}.{i}.attention.query_key_value"
+        out[f"{qkv}.weight"] = _per_head_qkv(cfg, sd[f"{h}.attn.c_attn.weight"])
+        out[f"{qkv}.bias"] = _per_head_qkv(cfg, _bias(sd, f"{h}.attn.c_attn.bias", 3 * C))
+    # embed_out is the name transformers 4.x loads; 5.x renames it to lm_head as it loads
+    return {**out, **_head(cfg, sd, "embed_out.weight")}
+
+
+def llama_weights(cfg: ModelConfig, sd: Weights) -> Weights:
+    C, p = cfg.n_embd, "model.layers"
+    out = {"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["ln_f.weight"]}
+    for i in range(cfg.n_layer):
+        h = f"h.{i}"
+        out[f"{p}.{i}.input_layernorm.weight"] = sd[f"{h}.ln_1.weight"]
+        out[f"{p}.{i}.post_attention_layernorm.weight"] = sd[f"{h}.ln_2.weight"]
+        qkv = sd[f"{h}.attn.c_attn.weight"].split(C)
+        for name, w in zip(("q_proj", "k_proj", "v_proj"), qkv):
+            out[f"{p}.{i}.self_attn.{name}.weight"] = w
+        out[f"{p}.{i}.self_attn.o_proj.weight"] = sd[f"{h}.attn.c_proj.weight"]
+        if cfg.bias:
+            for name, b in zip(("q_proj", "k_proj", "v_proj"), sd[f"{h}.attn.c_attn.bias"].split(C)):
+                out[f"{p}.{i}.self_attn.{name}.bias"] = b
+            out[f"{p}.{i}.self_attn.o_proj.bias"] = sd[f"{h}.attn.c_proj.bias"]
+        out[f"{p}.{i}.mlp.gate_proj.weight"] = sd[f"{h}.mlp.c_fc.weight"]
+        out[f"{p}.{i}.mlp.gate_proj.bias"] = _bias(sd, f"{h}.mlp.c_fc.bias", 4 * C)
+        out[f"{p}.{i}.mlp.up_proj.weight"] = torch.zeros(4 * C, C)
+        out[f"{p}.{i}.mlp.up_proj.bias"] = torch.ones(4 * C)
+        out[f"{p}.{i}.mlp.down_proj.weight"] = sd[f"{h}.mlp.c_proj.weight"]
+        out[f"{p}.{i}.mlp.down_proj.bias"] = _bias(sd, f"{h}.mlp.c_proj.bias", C)
+    return {**out, **_head(cfg, sd, "lm_head.weight")}
+
+
+GPT2 = Architecture(
+    "GPT2LMHeadModel", "gpt2",
+    "GPT-2: learned position embeddings, LayerNorm, the MLP's activation as `activation_function`; "
+    "minigpt's linear weights transposed into GPT-2's Conv1D layout",
+    gpt2_config, gpt2_weights)
+GPT_NEOX = Architecture(
+    "GPTNeoXForCausalLM", "gpt_neox",
+    "GPT-NeoX with sequential residuals (`use_parallel_residual: false`) and rotary embeddings over "
+    "the whole head (`partial_rotary_factor: 1.0`, base 10000); q, k and v fused per head",
+    gpt_neox_config, gpt_neox_weights)
+LLAMA = Architecture(
+    "LlamaForCausalLM", "llama",
+    "Llama with rotary embeddings (base 10000) and RMSNorm; minigpt's MLP as Llama's gated one with "
+    "`up_proj` fixed at 1 (zero weights, bias 1), an extra n_embd x 4n_embd matrix of zeros per layer",
+    llama_config, llama_weights)
