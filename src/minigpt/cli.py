@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=("loss", "bpb"), default="loss",
                    help="loss per token, or bits per byte (compares runs with different tokenizers)")
     p.set_defaults(func=cmd_plot)
+    _add_export_parser(sub)
     return parser
 
 
@@ -312,6 +313,37 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from .tools.plot import plot_runs
 
     print(f"wrote {plot_runs(args.run_dirs, args.out, args.metric)}")
+    return 0
+
+
+# --- export: a run in another tool's format ------------------------------------------------------
+# One entry per --to target: (what it writes, the function that writes it, as "module:function").
+EXPORT_TARGETS = {
+    "gguf": ("FILE.gguf for llama.cpp, Ollama, LM Studio (float32, exact)",
+             "minigpt.interop.gguf:export_gguf"),
+}
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", formatter_class=_Help,
+                       help="write a trained run in another tool's format (" + ", ".join(EXPORT_TARGETS) + ")")
+    p.add_argument("run_dir")
+    p.add_argument("--to", required=True, choices=tuple(EXPORT_TARGETS),
+                   help="; ".join(f"{k}: {v[0]}" for k, v in EXPORT_TARGETS.items()))
+    p.add_argument("--out", required=True, help="file or directory to write")
+    p.add_argument("--checkpoint", default="best", help="best | last | a step number")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import importlib
+
+    module, _, function = EXPORT_TARGETS[args.to][1].partition(":")
+    export = getattr(importlib.import_module(module), function)
+    info = export(args.run_dir, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
+    print(f"wrote {info['path']}: {args.to} ({info['architecture']}), step {info['step']}, "
+          f"{info['tokenizer']} tokenizer, {info['bytes']:,} bytes")
     return 0
 
 
