@@ -146,6 +146,21 @@ CASES = [
          "minigpt: error: cannot resume run with different data: corpus.txt -> short.txt"),
     Case("resume-other-model", "--resume with a different model size", "train --out run --resume --n-embd 64",
          "minigpt: error: cannot resume run with a different model: n_embd 32 -> 64"),
+    # --- export --------------------------------------------------------------------------------------
+    Case("export-gguf-qk-norm", "GGUF export of the default layout (QK-norm after rotary)",
+         "export run --to gguf --out run.gguf",
+         "minigpt: error: cannot export to GGUF: qk_norm (a per-head LayerNorm of queries and keys "
+         "after rotary) has no llama.cpp equivalent; runs trained with --arch gpt2, or --arch modern "
+         "--no-qk-norm export exactly"),
+    Case("export-out-exists", "an export --out that already exists",
+         "export run-no-qk --to gguf --out corpus.txt",
+         "minigpt: error: --out corpus.txt already exists; pass --overwrite to replace it"),
+    Case("export-out-no-dir", "an export --out in a directory that does not exist",
+         "export run-no-qk --to gguf --out nowhere/m.gguf",
+         "minigpt: error: --out nowhere/m.gguf: directory nowhere does not exist"),
+    Case("export-missing-step", "an export of a checkpoint step that does not exist",
+         "export run-no-qk --to gguf --out m.gguf --checkpoint 999",
+         "minigpt: error: run-no-qk has no checkpoint at step 999"),
 ]
 
 
@@ -198,6 +213,11 @@ def workspace(tmp_path_factory) -> Path:
     mcfg = dataclasses.replace(rundir.read_config(ws / "run")[0], vocab_size=70)  # only the vocabulary differs
     shutil.rmtree(ws / "other-vocab" / "checkpoints")
     ckpt.save_checkpoint(ws / "other-vocab", 10, GPT(mcfg), None, {})
+    # the same run without QK-norm (a switch without parameters): a layout GGUF export accepts
+    shutil.copytree(ws / "run", ws / "run-no-qk")
+    config = json.loads((ws / "run-no-qk" / "config.json").read_text())
+    config["model"]["qk_norm"] = False
+    (ws / "run-no-qk" / "config.json").write_text(json.dumps(config))
 
     # a run on prepared data, whose data directory is then re-made from another text
     (ws / "abc.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 20)

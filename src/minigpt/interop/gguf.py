@@ -57,6 +57,9 @@ def architecture_for(cfg: ModelConfig) -> str:
         # LayerNorm does not commute with a rotation.
         raise _refuse("qk_norm (a per-head LayerNorm of queries and keys after rotary) has no "
                       "llama.cpp equivalent")
+    if cfg.activation == "gelu":
+        raise _refuse("activation gelu (the exact, erf GELU) is not llama.cpp gpt2's tanh "
+                      "approximation, gelu_tanh")
     for arch, (pos_emb, activation) in ARCHITECTURES.items():
         if (cfg.pos_emb, cfg.activation) == (pos_emb, activation):
             return arch
