@@ -53,8 +53,9 @@ def architecture_for(cfg: ModelConfig) -> str:
                       "choices")
     if cfg.qk_norm:
         # minigpt normalises each head's queries and keys *after* rotary, with a parameter-free
-        # LayerNorm; llama.cpp's per-head QK norms (qwen3, olmo2, ...) come before rotary, and a
-        # LayerNorm does not commute with a rotation.
+        # LayerNorm, which does not commute with a rotation. llama.cpp's per-head QK norms come
+        # before rotary (qwen3, olmo2, ...) or, after it, are RMS norms in RMSNorm + SwiGLU models
+        # (hunyuan, maincoder, talkie): none matches.
         raise _refuse("qk_norm (a per-head LayerNorm of queries and keys after rotary) has no "
                       "llama.cpp equivalent")
     if cfg.activation == "gelu":
