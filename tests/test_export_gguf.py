@@ -195,9 +195,10 @@ def test_out_in_a_missing_directory_or_a_directory_is_one_line(runs, tmp_path):
 
 # --- llama.cpp itself -----------------------------------------------------------------------------
 
-LOGIT_ATOL = {  # llama.cpp computes in float32 too, but in its own order of operations, and its CPU
-    # GELU reads a float16 table (ggml's GGML_GELU_FP16), which costs the gpt2 layout ~3 digits
-    "gpt2-bpe": 2e-2, "gpt2-bytes-untied-docs": 2e-2, "modern-char": 1e-3,
+LOGIT_ATOL = {  # llama.cpp computes in float32 too, in its own order of operations (measured here:
+    # 8e-7 for jais2, float32 rounding), but its CPU GELU reads a float16 table (ggml's
+    # GGML_GELU_FP16), which costs the gpt2 layout about 4 digits (measured: 1e-4 on logits of ~2.5)
+    "gpt2-bpe": 1e-3, "gpt2-bytes-untied-docs": 1e-3, "modern-char": 1e-5,
 }
 
 
@@ -225,8 +226,9 @@ def llama_ids(llm, text: str) -> list[int]:
 def test_llama_cpp_tokenizes_exactly_like_minigpt(runs, llama, name):
     tok = rundir.read_tokenizer(runs[name])
     texts = TEXTS + UNICODE
-    if tok.kind == "char":  # only text minigpt's char tokenizer accepts: its own characters
-        texts = [t for t in texts if all(c in tok.stoi for c in t)] + ["café naïve — “quoted” 東京 🙂"]
+    if tok.kind == "char":  # only text minigpt's char tokenizer accepts: the corpus's characters
+        texts = [CORPUS[:300], "", "  Speak,  speak.\n\n\nAll:  resolved  ", "café naïve — 東京 🙂",
+                 "“quoted”\n\n"]
     assert len(texts) >= 5
     for text in texts:
         assert llama_ids(llama[name], text) == tok.encode(text), repr(text)
