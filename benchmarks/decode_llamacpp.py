@@ -5,8 +5,8 @@ Prints figures; the last line is JSON.
     python benchmarks/decode_llamacpp.py [RUN] [--tokens 50] [--repeats 7] [--threads 2]
 
 RUN must have a layout GGUF export accepts (--arch gpt2, or --arch modern --no-qk-norm). Without
-RUN, a model of the `small` preset's size in the modern layout without QK-norm is trained for a few
-steps on the bundled Tiny Shakespeare first (decode speed does not depend on how well it is trained).
+RUN, a model of the `small` preset's size (--arch modern without QK-norm, or gpt2) is trained for a
+few steps on the bundled Tiny Shakespeare first (decode speed does not depend on how well it is trained).
 Needs llama-cpp-python (`make test-llama` installs it). The two tools alternate within each repeat,
 so a machine that gets busier or quieter affects both alike; medians are reported, with CPU time
 (all threads of this process) beside wall time, since on a shared machine wall time is noisy.
@@ -29,11 +29,11 @@ from minigpt.interop.gguf import export_gguf
 from minigpt.sampling import SamplingParams
 
 
-def fresh_run(root: Path) -> Path:
+def fresh_run(root: Path, arch: str) -> Path:
     from minigpt.training.run import train
 
-    train(preset="small", out=str(root / "run"), qk_norm=False, max_iters=20, eval_interval=20,
-          eval_iters=2, sample_tokens=0, progress=False)
+    train(preset="small", out=str(root / "run"), arch=arch, qk_norm=False, max_iters=20,
+          eval_interval=20, eval_iters=2, sample_tokens=0, progress=False)
     return root / "run"
 
 
@@ -61,6 +61,8 @@ def llama_decode(llm, prompt_ids: list[int], n: int) -> list[int]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", nargs="?", help="run directory (default: a fresh small-size model)")
+    ap.add_argument("--arch", default="modern", choices=("modern", "gpt2"),
+                    help="layout of the fresh model when no RUN is given")
     ap.add_argument("--checkpoint", default="best")
     ap.add_argument("--tokens", type=int, default=50, help="new tokens per generation")
     ap.add_argument("--repeats", type=int, default=7)
@@ -70,7 +72,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        run = Path(args.run) if args.run else fresh_run(Path(tmp))
+        run = Path(args.run) if args.run else fresh_run(Path(tmp), args.arch)
         info = export_gguf(run, Path(tmp) / "model.gguf", checkpoint=args.checkpoint)
         engine = load(run, checkpoint=args.checkpoint, device="cpu", dtype="float32")
         if args.tokens + 1 > engine.block_size:
