@@ -56,7 +56,8 @@ def architecture_for(cfg: ModelConfig) -> str:
         # LayerNorm, which does not commute with a rotation. llama.cpp's per-head QK norms come
         # before rotary (qwen3, olmo2, ...) or, after it, are RMS norms in RMSNorm + SwiGLU models
         # (hunyuan, maincoder, talkie): none matches.
-        raise _refuse("qk_norm (a per-head LayerNorm of queries and keys after rotary) has no "
+        where = " after rotary" if cfg.pos_emb == "rope" else ""
+        raise _refuse(f"qk_norm (a per-head LayerNorm of queries and keys{where}) has no "
                       "llama.cpp equivalent")
     if cfg.activation == "gelu":
         raise _refuse("activation gelu (the exact, erf GELU) is not llama.cpp gpt2's tanh "
