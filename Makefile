@@ -9,14 +9,14 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO_RUN ?= runs/demo
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean test-llama
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[serve,data,dev,track,hf]"
+	$(BIN)/pip install --quiet -e ".[serve,data,dev,track,hf,gguf]"
 	touch $@
 
 demo: setup
@@ -25,6 +25,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# llama-cpp-python compiles llama.cpp from source: about 4 minutes on 2 cores, once.
+test-llama: setup
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e ".[llama]"
+	$(BIN)/python -m pytest -q tests/test_export_gguf.py
 
 bench: setup
 	$(BIN)/minigpt bench train

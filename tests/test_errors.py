@@ -310,6 +310,21 @@ CASES = [
          "export run-gpt2 --to hf --out notes --overwrite",
          "minigpt: error: notes is not a model directory (no config.json); --overwrite replaces only "
          "an earlier export, choose another --out"),
+    # --- export --------------------------------------------------------------------------------------
+    Case("export-gguf-qk-norm", "GGUF export of the default layout (QK-norm after rotary)",
+         "export run --to gguf --out run.gguf",
+         "minigpt: error: cannot export to GGUF: qk_norm (a per-head LayerNorm of queries and keys "
+         "after rotary) has no llama.cpp equivalent; runs trained with --arch gpt2, or --arch modern "
+         "--no-qk-norm export exactly"),
+    Case("export-out-exists", "an export --out that already exists",
+         "export run-no-qk --to gguf --out corpus.txt",
+         "minigpt: error: --out corpus.txt already exists; pass --overwrite to replace it"),
+    Case("export-out-no-dir", "an export --out in a directory that does not exist",
+         "export run-no-qk --to gguf --out nowhere/m.gguf",
+         "minigpt: error: --out nowhere/m.gguf: directory nowhere does not exist"),
+    Case("export-missing-step", "an export of a checkpoint step that does not exist",
+         "export run-no-qk --to gguf --out m.gguf --checkpoint 999",
+         "minigpt: error: run-no-qk has no checkpoint at step 999"),
 ]
 
 
@@ -413,6 +428,11 @@ def workspace(workspace_dir: Path, server) -> Path:
     rundir.write_config(ws / "run-gpt2", mcfg, tcfg)
     shutil.rmtree(ws / "run-gpt2" / "checkpoints")
     ckpt.save_checkpoint(ws / "run-gpt2", 10, GPT(mcfg), None, {})
+    # the same run without QK-norm (a switch without parameters): a layout GGUF export accepts
+    shutil.copytree(ws / "run", ws / "run-no-qk")
+    no_qk = json.loads((ws / "run-no-qk" / "config.json").read_text())
+    no_qk["model"]["qk_norm"] = False
+    (ws / "run-no-qk" / "config.json").write_text(json.dumps(no_qk))
 
     # a run on prepared data, whose data directory is then re-made from another text
     (ws / "abc.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 20)

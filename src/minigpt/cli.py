@@ -223,11 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", formatter_class=_Help,
                        help="write a run in another tool's format: a Hugging Face transformers model "
-                            "directory (--to hf)")
+                            "directory (--to hf) or a GGUF file for llama.cpp (--to gguf)")
     p.add_argument("run_dir")
     p.add_argument("--to", required=True, choices=tuple(EXPORTERS),
-                   help="hf: a directory AutoModelForCausalLM / AutoTokenizer load, no custom code")
-    p.add_argument("--out", required=True, help="the directory (hf) to write")
+                   help="hf: a directory AutoModelForCausalLM / AutoTokenizer load, no custom code; "
+                        "gguf: FILE.gguf for llama.cpp, Ollama, LM Studio (float32, exact)")
+    p.add_argument("--out", required=True, help="the directory (hf) or file (gguf) to write")
     p.add_argument("--checkpoint", default="best", help="best | last | a step number")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     p.set_defaults(func=cmd_export)
@@ -453,8 +454,16 @@ def _export_hf(args: argparse.Namespace) -> str:
             f"AutoModelForCausalLM.from_pretrained({s['out']!r})")
 
 
+def _export_gguf(args: argparse.Namespace) -> str:
+    from .interop.gguf import export_gguf
+
+    s = export_gguf(args.run_dir, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
+    return (f"wrote {s['path']}: gguf ({s['architecture']}), step {s['step']}, {s['tokenizer']} "
+            f"tokenizer, {s['bytes']:,} bytes; llama.cpp, Ollama and LM Studio load it")
+
+
 # --to FORMAT -> the function that writes it and returns the line to print
-EXPORTERS = {"hf": _export_hf}
+EXPORTERS = {"hf": _export_hf, "gguf": _export_gguf}
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -1,0 +1,259 @@
+"""GGUF export: a run's weights, hyperparameters and tokenizer as one file llama.cpp loads.
+
+Owns the mapping from minigpt's layouts to llama.cpp architectures (read from llama.cpp's
+src/models/*.cpp, not copied): `gpt2` for the GPT-2 layout, `jais2` for the modern layout without
+QK-norm (LayerNorm with biases, fused QKV, rotary in the rotate-half "neox" convention over the whole
+head, ReLU^2 MLP with biases, optional output matrix). Anything else is refused with one line that
+names the blocking switch. Weights are written as float32, as trained: the file is exact, not
+quantised (llama.cpp's own `llama-quantize` can shrink it afterwards).
+
+The tokenizer is written in GGUF's own form (tokenizer.ggml.*) as a GPT-2 style byte-level BPE, which
+llama.cpp tokenizes the way minigpt does for every kind: `bpe` is that already; `bytes` is the 256
+byte tokens with no merges; `char` is one token per character, multi-byte characters assembled from
+their bytes by merges that only ever join the bytes of one character.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import checkpoint as ckpt
+from .. import rundir
+from ..config import ModelConfig
+from ..errors import CheckpointError, ConfigError
+from ..model import GPT, ROPE_BASE
+from ..tokenization import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer
+from ..tokenization.base import BOS, EOS
+from ..tokenization.bpe import _byte_decoder
+
+LAYERNORM_EPS = 1e-5  # torch's LayerNorm default, which model.make_norm and F.layer_norm use
+# llama.cpp architecture -> the (pos_emb, activation) it computes; both use LayerNorm with biases,
+# a fused q|k|v projection with bias, no QK-norm and 1/sqrt(head_dim) attention scaling.
+ARCHITECTURES = {"gpt2": ("learned", "gelu_tanh"), "jais2": ("rope", "relu2")}
+TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # llama.cpp's token types (gguf.TokenType)
+# GPT-2's printable stand-in of each byte: what byte-level BPE token strings are made of.
+_STAND_IN = {b: c for c, b in _byte_decoder().items()}
+EXPORTABLE = "--arch gpt2, or --arch modern --no-qk-norm"
+
+
+def _refuse(reason: str) -> ConfigError:
+    return ConfigError(f"cannot export to GGUF: {reason}; runs trained with {EXPORTABLE} export "
+                       "exactly")
+
+
+def architecture_for(cfg: ModelConfig) -> str:
+    """The llama.cpp architecture that computes exactly what this layout computes, or a refusal
+    naming the first switch that no llama.cpp architecture matches."""
+    if cfg.norm != "layernorm":
+        raise _refuse(f"norm {cfg.norm} has no llama.cpp architecture with this layout's other "
+                      "choices")
+    if cfg.qk_norm:
+        # minigpt normalises each head's queries and keys *after* rotary, with a parameter-free
+        # LayerNorm, which does not commute with a rotation. llama.cpp's per-head QK norms come
+        # before rotary (qwen3, olmo2, ...) or, after it, are RMS norms in RMSNorm + SwiGLU models
+        # (hunyuan, maincoder, talkie): none matches.
+        where = " after rotary" if cfg.pos_emb == "rope" else ""
+        raise _refuse(f"qk_norm (a per-head LayerNorm of queries and keys{where}) has no "
+                      "llama.cpp equivalent")
+    if cfg.activation == "gelu":
+        raise _refuse("activation gelu (the exact, erf GELU) is not llama.cpp gpt2's tanh "
+                      "approximation, gelu_tanh")
+    for arch, (pos_emb, activation) in ARCHITECTURES.items():
+        if (cfg.pos_emb, cfg.activation) == (pos_emb, activation):
+            return arch
+    raise _refuse(f"no llama.cpp architecture combines pos_emb {cfg.pos_emb} with activation "
+                  f"{cfg.activation} (gpt2: learned + gelu_tanh; jais2: rope + relu2)")
+
+
+# --- tokenizer ------------------------------------------------------------------------------------
+
+
+def byte_level(data: bytes) -> str:
+    """Bytes -> the GPT-2 byte-level string llama.cpp's BPE vocabularies are written in."""
+    return "".join(_STAND_IN[b] for b in data)
+
+
+def _bpe_merges(tok: BPETokenizer) -> list[str]:
+    model, pre = tok.hf_dict.get("model", {}), tok.hf_dict.get("pre_tokenizer") or {}
+    # Only the configuration minigpt trains maps onto llama.cpp's "gpt-2" pre-tokenizer.
+    plain = (model.get("type") == "BPE" and not model.get("byte_fallback")
+             and model.get("dropout") is None and not model.get("continuing_subword_prefix")
+             and tok.hf_dict.get("normalizer") is None and pre.get("type") == "ByteLevel"
+             and pre.get("use_regex", True) and not pre.get("add_prefix_space"))
+    if not plain:
+        raise _refuse("this bpe tokenizer is not plain GPT-2 style byte-level BPE")
+    return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+
+def _char_merges(chars: list[str]) -> list[str]:
+    """Merges that build each multi-byte character from its bytes, left to right. UTF-8 is
+    prefix-free and a merge's right part is always a continuation byte, so no merge can join bytes
+    of two different characters: every known character ends as exactly its own token."""
+    merges: dict[str, None] = {}  # ordered set
+    for c in chars:
+        data = c.encode("utf-8")
+        for i in range(1, len(data)):
+            merges[f"{byte_level(data[:i])} {byte_level(data[i:i + 1])}"] = None
+    return list(merges)
+
+
+def gguf_vocab(tok: Tokenizer) -> tuple[list[str], list[int], list[str]]:
+    """(tokens, token types, merges) of the tokenizer in llama.cpp's gpt2 BPE form, ids unchanged."""
+    specials = {tok.bos_id: BOS, tok.eos_id: EOS}
+    tokens = [specials.get(i) or byte_level(tok.token_bytes(i)) for i in range(tok.vocab_size)]
+    types = [TOKEN_CONTROL if i in specials else TOKEN_NORMAL for i in range(tok.vocab_size)]
+    if isinstance(tok, BPETokenizer):
+        merges = _bpe_merges(tok)
+    elif isinstance(tok, CharTokenizer):
+        merges = _char_merges(tok.chars)
+    elif isinstance(tok, ByteTokenizer):
+        merges = []
+    else:
+        raise _refuse(f"no GGUF form for the {tok.kind} tokenizer")
+    if len(set(tokens)) != len(tokens):
+        raise _refuse(f"the {tok.kind} tokenizer has two ids for the same text")
+    if not merges:
+        # llama.cpp requires the merges key and the gguf package cannot write an empty array: one
+        # merge of the two specials, which never applies (llama.cpp starts every word from single
+        # characters, and no merge ever makes the 7-character "<|bos|>").
+        merges = [f"{BOS} {EOS}"]
+    return tokens, types, merges
+
+
+# --- tensors --------------------------------------------------------------------------------------
+
+
+def _layer_tensors(state: dict[str, np.ndarray], i: int, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    def get(name: str, size: int | None = None) -> np.ndarray:
+        key = f"h.{i}.{name}"
+        # a layout without biases: zeros, which add exactly nothing
+        return state[key] if key in state else np.zeros(size, np.float32)
+
+    e = cfg.n_embd
+    return {
+        f"blk.{i}.attn_norm.weight": get("ln_1.weight"),
+        f"blk.{i}.attn_norm.bias": get("ln_1.bias", e),
+        f"blk.{i}.attn_qkv.weight": get("attn.c_attn.weight"),  # (3e, e): q, k, v rows, head-major
+        f"blk.{i}.attn_qkv.bias": get("attn.c_attn.bias", 3 * e),
+        f"blk.{i}.attn_output.weight": get("attn.c_proj.weight"),
+        f"blk.{i}.attn_output.bias": get("attn.c_proj.bias", e),
+        f"blk.{i}.ffn_norm.weight": get("ln_2.weight"),
+        f"blk.{i}.ffn_norm.bias": get("ln_2.bias", e),
+        f"blk.{i}.ffn_up.weight": get("mlp.c_fc.weight"),
+        f"blk.{i}.ffn_up.bias": get("mlp.c_fc.bias", 4 * e),
+        f"blk.{i}.ffn_down.weight": get("mlp.c_proj.weight"),
+        f"blk.{i}.ffn_down.bias": get("mlp.c_proj.bias", e),
+    }
+
+
+def gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
+    """GGUF tensor name -> float32 array. A torch (out, in) matrix is written as it is: GGUF lists
+    dimensions innermost first, so llama.cpp reads it as the {in, out} it expects."""
+    cfg = model.config
+    state = {k: v.float().numpy() for k, v in ckpt.weights_state(model).items()}
+    out = {"token_embd.weight": state["wte.weight"]}
+    if cfg.pos_emb == "learned":
+        out["position_embd.weight"] = state["wpe.weight"]
+    for i in range(cfg.n_layer):
+        out.update(_layer_tensors(state, i, cfg))
+    out["output_norm.weight"] = state["ln_f.weight"]
+    out["output_norm.bias"] = state.get("ln_f.bias", np.zeros(cfg.n_embd, np.float32))
+    if not cfg.tie_embeddings:  # a tied head: both architectures reuse token_embd when absent
+        out["output.weight"] = state["lm_head.weight"]
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+# --- the file -------------------------------------------------------------------------------------
+
+
+def _write_metadata(writer: Any, arch: str, cfg: ModelConfig, tok: Tokenizer, bos_prompts: bool,
+                    name: str, step: int | None) -> None:
+    import gguf
+
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_context_length(cfg.block_size)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_feed_forward_length(4 * cfg.n_embd)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.n_head)
+    writer.add_layer_norm_eps(LAYERNORM_EPS)
+    if arch == "jais2":
+        writer.add_rope_dimension_count(cfg.head_dim)  # the whole head is rotated
+        writer.add_rope_freq_base(ROPE_BASE)
+    tokens, types, merges = gguf_vocab(tok)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # GPT-2's word-splitting regex, as minigpt's bpe uses
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tok.bos_id)
+    writer.add_eos_token_id(tok.eos_id)
+    writer.add_add_bos_token(bos_prompts)  # document models: minigpt starts every prompt with BOS
+    writer.add_add_eos_token(False)
+    writer.add_string("minigpt.tokenizer", tok.kind)
+    if step is not None:
+        writer.add_uint32("minigpt.step", step)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; give a file name such as model.gguf")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"--out {out} already exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: directory {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise ConfigError(f"--out {out}: directory {out.parent} is not writable")
+
+
+def _load_model(run_dir: Path, cfg: ModelConfig, checkpoint: str) -> tuple[GPT, dict[str, Any]]:
+    path, meta = ckpt.find_for_inference(run_dir, checkpoint)
+    model = GPT(cfg)
+    ckpt.load_weights(model, path / ckpt.WEIGHTS)
+    return model.eval(), meta
+
+
+def export_gguf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
+                overwrite: bool = False) -> dict[str, Any]:
+    """Write the run's checkpoint (best | last | a step) as a float32 GGUF file at `out`.
+
+    Everything is checked before a byte is written; the file appears whole or not at all (written
+    beside `out`, then renamed). Returns what was written: path, architecture, step, size.
+    """
+    try:
+        import gguf
+    except ImportError:
+        raise ConfigError("GGUF export needs the 'gguf' package: pip install 'minigpt[gguf]'") from None
+    run_dir, out = Path(run_dir), Path(out)
+    cfg, tcfg = rundir.read_config(run_dir)
+    tok = rundir.read_tokenizer(run_dir)
+    arch = architecture_for(cfg)
+    gguf_vocab(tok)  # refusals first: nothing is loaded or written for a run that cannot export
+    if tok.vocab_size != cfg.vocab_size:
+        raise CheckpointError(f"{run_dir}: tokenizer has {tok.vocab_size} tokens but the model "
+                              f"expects {cfg.vocab_size}")
+    _check_out(out, overwrite)
+    model, meta = _load_model(run_dir, cfg, checkpoint)
+    tensors = gguf_tensors(model)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        _write_metadata(writer, arch, cfg, tok, tcfg.docs is not None, run_dir.name, meta.get("step"))
+        for name, array in tensors.items():
+            writer.add_tensor(name, array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"path": str(out), "architecture": arch, "step": meta.get("step"),
+            "tensors": len(tensors), "bytes": out.stat().st_size, "tokenizer": tok.kind}
