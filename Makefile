@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[serve,data,dev,track,hf,gguf]"
+	$(BIN)/pip install --quiet -e ".[serve,data,dev,track,hf,gguf,notebook]"
 	touch $@
 
 demo: setup
@@ -26,7 +26,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# llama-cpp-python compiles llama.cpp from source: about 4 minutes on 2 cores, once.
+# llama-cpp-python compiles llama.cpp from source: minutes on 2 idle cores (50 on a busy machine), once.
 test-llama: setup
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e ".[llama]"
 	$(BIN)/python -m pytest -q tests/test_export_gguf.py
