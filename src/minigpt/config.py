@@ -31,10 +31,13 @@ else:  # pragma: no cover
 # measured too and lost at this size (docs/speed.md), so they are switches only.
 ARCHS: dict[str, dict[str, Any]] = {
     "gpt2": dict(pos_emb="learned", norm="layernorm", activation="gelu_tanh", qk_norm=False,
-                 tie_embeddings=True, bias=True),
+                 qk_norm_order="after_rope", tie_embeddings=True, bias=True),
     "modern": dict(pos_emb="rope", norm="layernorm", activation="relu2", qk_norm=True,
-                   tie_embeddings=True, bias=True),
+                   qk_norm_order="after_rope", tie_embeddings=True, bias=True),
 }
+# What a config.json that lacks a switch was built with: runs written before qk_norm_order existed
+# normalised queries and keys after the rotary rotation, whatever their arch says today.
+OLD_RUN_SWITCHES: dict[str, Any] = {"qk_norm_order": "after_rope"}
 DOC_MODES = ("lines", "blank", "files")  # one document per line / blank-line block / file
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
@@ -47,6 +50,7 @@ LAYOUT_CHOICES = {
     "pos_emb": ("learned", "rope"),
     "norm": ("layernorm", "rmsnorm"),
     "activation": ("gelu_tanh", "gelu", "relu2"),
+    "qk_norm_order": ("after_rope", "before_rope"),
 }
 
 
@@ -77,7 +81,12 @@ class ModelConfig:
     norm: str | None = option(None, "normalisation layer", LAYOUT_CHOICES["norm"])
     activation: str | None = option(None, "MLP activation: gelu_tanh (GPT-2), gelu (exact), relu2 "
                                     "(ReLU squared)", LAYOUT_CHOICES["activation"])
-    qk_norm: bool | None = option(None, "RMS-normalise queries and keys per head")
+    qk_norm: bool | None = option(None, "normalise queries and keys per head, without weights, "
+                                  "with the model's norm")
+    qk_norm_order: str | None = option(None, "where QK-norm sits: after_rope (normalise rotated "
+                                       "queries and keys) or before_rope (normalise, then rotate: "
+                                       "Persimmon's order, exportable)",
+                                       LAYOUT_CHOICES["qk_norm_order"])
     tie_embeddings: bool | None = option(None, "the LM head reuses the token embedding matrix")
 
     def __post_init__(self) -> None:
@@ -383,9 +392,12 @@ def resolve_finetune(config_file: str | Path | None = None,
 
 
 def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """A model config read back from config.json. A switch the file lacks (a run written before it
+    existed) takes the value such runs were built with (OLD_RUN_SWITCHES), not today's arch default."""
     unknown = sorted(set(d) - MODEL_KEYS)
     if unknown:
         raise ConfigError(f"unknown model setting(s): {', '.join(unknown)}")
+    d = {**OLD_RUN_SWITCHES, **d}
     cfg = ModelConfig(**_typed(ModelConfig, d))
     cfg.validate()
     return cfg
