@@ -11,7 +11,7 @@ per activation element (4 for float32; 2 under bf16/fp16 autocast):
     optimizer        8N      AdamW's exp_avg and exp_avg_sq, float32; with --optimizer muon the M
                              hidden-matrix parameters keep one momentum buffer: 8(N - M) + 4M
     autocast copies  2N      bf16/fp16 casts of the weights kept for the backward pass (0 in float32)
-    activations      B*T*C*L*(8 + 15a [+ 2a rotary] [+ 2a QK-norm, unless before rotary]
+    activations      B*T*C*L*(8 + 15a [+ 2a rotary] [+ 2a QK-norm unless it precedes rotary]
                      [+ 2 with dropout]) + B*T*C*(4 + a)
     logits           B*T*V*(a + 8)
 
