@@ -28,6 +28,7 @@ from minigpt import rundir
 from minigpt.config import ModelConfig, TrainConfig, resolve
 from minigpt.engine import load
 from minigpt.interop import hf as hf_export
+from minigpt.interop import hf_model
 from minigpt.interop.hf import export_hf, train_command
 from minigpt.interop.hf_tokenizer import tokenizer_files
 from minigpt.model import GPT
@@ -98,9 +99,10 @@ def make_run(path: Path, tokenizer=None, steps=(1,), **layout) -> tuple[Path, GP
     return path, model.eval()
 
 
-def test_modern_default_is_the_layout_refused_and_training_defaults_are_unchanged():
+def test_the_default_layout_exports_as_persimmon():
     mcfg, _ = resolve(None)
-    assert (mcfg.arch, mcfg.qk_norm) == ("modern", True)  # export does not move the recipe
+    assert (mcfg.arch, mcfg.qk_norm, mcfg.qk_norm_order) == ("modern", True, "before_rope")
+    assert hf_model.refusal(mcfg) is None and hf_model.architecture(mcfg).name == "PersimmonForCausalLM"
 
 
 @pytest.mark.parametrize("layout,arch", [(c[1], c[2]) for c in EXPORTABLE], ids=[c[0] for c in EXPORTABLE])
@@ -160,11 +162,11 @@ TRAIN = ("--n-layer 2 --n-head 2 --n-embd 32 --block-size 64 --batch-size 8 --ev
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """Tiny runs trained through the CLI: GPT-2's layout, the modern one without QK-norm on
-    documents (so prompts start with BOS), and the modern one with QK-norm before rotary."""
+    documents (so prompts start with BOS), and the default (QK-norm before rotary, as Persimmon)."""
     ws = tmp_path_factory.mktemp("trained")
     (ws / "corpus.txt").write_text(CORPUS, encoding="utf-8")
     runs = {"gpt2": "--arch gpt2 --optimizer adamw", "modern": "--no-qk-norm --docs blank",
-            "persimmon": "--qk-norm --qk-norm-order before_rope"}
+            "persimmon": ""}  # the default layout
     for name, flags in runs.items():
         cmd = f"train --data corpus.txt --out {name} {TRAIN} {flags}"
         assert cli_harness.run(shlex.split(cmd), ws).rc == 0

@@ -28,12 +28,14 @@ else:  # pragma: no cover
 # explicitly wins over its arch. "gpt2" is GPT-2's layout (and these parameter names load into other
 # GPT-2 tools). "modern" is the layout that reached a given validation loss soonest on a CPU here:
 # GPT-2's plus rotary position embeddings, QK-norm and a ReLU^2 MLP; RMSNorm and an untied head were
-# measured too and lost at this size (docs/speed.md), so they are switches only.
+# measured too and lost at this size (docs/speed.md), so they are switches only. Its QK-norm comes
+# before the rotation (Persimmon's order: exports exactly), which trained as well as the order
+# minigpt had before (docs/speed.md); runs made before then keep theirs (OLD_RUN_SWITCHES).
 ARCHS: dict[str, dict[str, Any]] = {
     "gpt2": dict(pos_emb="learned", norm="layernorm", activation="gelu_tanh", qk_norm=False,
                  qk_norm_order="after_rope", tie_embeddings=True, bias=True),
     "modern": dict(pos_emb="rope", norm="layernorm", activation="relu2", qk_norm=True,
-                   qk_norm_order="after_rope", tie_embeddings=True, bias=True),
+                   qk_norm_order="before_rope", tie_embeddings=True, bias=True),
 }
 # What a config.json that lacks a switch was built with: runs written before qk_norm_order existed
 # normalised queries and keys after the rotary rotation, whatever their arch says today.
@@ -65,7 +67,8 @@ class ModelConfig:
 
     The layout switches default to None = "as `arch` says"; after construction they hold concrete
     values, so config.json records exactly what was built. A config.json written before the
-    switches existed has none of them and rebuilds the GPT-2 layout it was trained with.
+    switches existed has none of them and rebuilds the GPT-2 layout it was trained with; one
+    written before qk_norm_order existed rebuilds QK-norm after rotary (model_config_from_dict).
     """
 
     vocab_size: int = option(67, "vocabulary size (set from the data's tokenizer)", cli=False)

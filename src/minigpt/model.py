@@ -2,8 +2,9 @@
 
 ModelConfig's switches pick the layout. `arch="gpt2"` is GPT-2's: learned position embeddings
 (wpe), LayerNorm, tanh-GELU, biases, LM head tied to wte. `arch="modern"`: rotary position
-embeddings, ReLU^2 MLP, QK-norm (queries and keys normalised per head with the model's norm, after
-the rotary rotation or, with qk_norm_order before_rope, before it). Parameter names follow GPT-2 in every
+embeddings, ReLU^2 MLP, QK-norm (queries and keys normalised per head with the model's norm, before
+the rotary rotation: qk_norm_order before_rope; after_rope, the order of runs made before the
+switch existed, normalises the rotated ones). Parameter names follow GPT-2 in every
 layout (wte, wpe, h, ln_f, lm_head; c_attn, c_proj, c_fc) so checkpoints read like the papers and
 other tools; a layout only adds or drops tensors, it never renames one. `forward` returns
 (logits, loss); loss is None without targets. `forward(..., return_attention=True)` also returns
