@@ -26,6 +26,9 @@ VARIANTS = {
     "gpt2+gelu": dict(arch="gpt2", activation="gelu"),
     "gpt2+qk_norm": dict(arch="gpt2", qk_norm=True),
     "gpt2+untied": dict(arch="gpt2", tie_embeddings=False),
+    "modern+qk_norm_before_rope": dict(arch="modern", qk_norm_order="before_rope"),
+    "modern+rmsnorm+qk_norm_before_rope": dict(arch="modern", norm="rmsnorm",
+                                               qk_norm_order="before_rope"),
 }
 GPT2_NAMES = {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "lm_head.weight"} | {
     f"h.{i}.{name}"
@@ -153,7 +156,30 @@ def test_config_json_from_before_the_switches_loads_as_gpt2():
     assert cfg.arch == "gpt2" and cfg.pos_emb == "learned" and cfg.tie_embeddings is True
 
 
+def test_qk_norm_order_changes_what_the_model_computes():
+    """Normalising before the rotation is a different model from normalising after it (a norm does
+    not commute with a rotation): same weights, different logits."""
+    after, before = (tiny_model(arch="modern", qk_norm_order=o) for o in ("after_rope", "before_rope"))
+    before.load_state_dict(after.state_dict())
+    idx = torch.randint(0, 23, (2, 12))
+    with torch.no_grad():
+        assert not torch.allclose(after(idx)[0], before(idx)[0], atol=1e-4)
+
+
+def test_config_json_without_qk_norm_order_keeps_the_order_it_was_trained_with(monkeypatch):
+    """Every run written before the switch existed normalised after rotary: it reads back that way
+    even when the arch it names defaults to the other order for new runs."""
+    monkeypatch.setitem(ARCHS, "modern", {**ARCHS["modern"], "qk_norm_order": "before_rope"})
+    saved = dict(vocab_size=67, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0,
+                 arch="modern", bias=True, pos_emb="rope", norm="layernorm", activation="relu2",
+                 qk_norm=True, tie_embeddings=True)
+    assert model_config_from_dict(saved).qk_norm_order == "after_rope"
+    assert model_config_from_dict({**saved, "qk_norm_order": "before_rope"}).qk_norm_order == "before_rope"
+    assert ModelConfig(arch="modern").qk_norm_order == "before_rope"  # a new run: the arch's
+
+
 @pytest.mark.parametrize("bad, message", [
+    (dict(qk_norm_order="middle"), "qk-norm-order must be one of"),
     (dict(arch="llama"), "unknown arch"),
     (dict(norm="batchnorm"), "norm must be one of"),
     (dict(activation="swish"), "activation must be one of"),

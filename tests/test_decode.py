@@ -16,6 +16,9 @@ LAYOUTS = {
     "rmsnorm-untied-nobias": dict(arch="modern", norm="rmsnorm", tie_embeddings=False, bias=False),
     "gelu-no-qk-norm": dict(arch="modern", activation="gelu", qk_norm=False),
     "gpt2-layernorm-qk": dict(arch="gpt2", qk_norm=True, bias=False),
+    "modern-qk-norm-before-rope": dict(arch="modern", qk_norm_order="before_rope"),
+    "rmsnorm-qk-norm-before-rope": dict(arch="modern", norm="rmsnorm", qk_norm_order="before_rope",
+                                        bias=False),
 }
 
 

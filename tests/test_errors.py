@@ -297,11 +297,13 @@ CASES = [
          "export nowhere --to hf --out hf-model",
          "minigpt: error: run directory not found: nowhere"),
     Case("export-unexportable-layout", "export of a layout no transformers architecture computes "
-         "(the default, QK-norm on)", "export run --to hf --out hf-model",
-         "minigpt: error: cannot export run to hf: minigpt's --qk-norm is a LayerNorm of each head's "
-         "queries and keys after the rotary rotation, and no transformers architecture computes that "
-         "(Persimmon, StableLM and Cohere normalise before the rotation, which a LayerNorm does not "
-         "commute with); train with --no-qk-norm, or with --arch gpt2"),
+         "(QK-norm after rotary: every run made before --qk-norm-order existed)",
+         "export run-after-rope --to hf --out hf-model",
+         "minigpt: error: cannot export run-after-rope to hf: minigpt's --qk-norm-order after_rope is "
+         "a LayerNorm of each head's queries and keys after the rotary rotation, and no transformers "
+         "architecture computes that (Persimmon, StableLM and Cohere normalise before the rotation, "
+         "which a LayerNorm does not commute with); train with --qk-norm-order before_rope (exported "
+         "as Persimmon), or with --no-qk-norm"),
     Case("export-out-not-empty", "export into an existing non-empty --out",
          "export run-gpt2 --to hf --out notes",
          "minigpt: error: notes exists and is not empty; pass --overwrite to replace it, or choose "
@@ -433,6 +435,12 @@ def workspace(workspace_dir: Path, server) -> Path:
     no_qk = json.loads((ws / "run-no-qk" / "config.json").read_text())
     no_qk["model"]["qk_norm"] = False
     (ws / "run-no-qk" / "config.json").write_text(json.dumps(no_qk))
+
+    # the same run with QK-norm after rotary, which does not export
+    shutil.copytree(ws / "run", ws / "run-after-rope")
+    mcfg, tcfg = rundir.read_config(ws / "run")
+    rundir.write_config(ws / "run-after-rope", dataclasses.replace(mcfg, qk_norm_order="after_rope"),
+                        tcfg)
 
     # a run on prepared data, whose data directory is then re-made from another text
     (ws / "abc.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 20)

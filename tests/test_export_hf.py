@@ -28,6 +28,7 @@ from minigpt import rundir
 from minigpt.config import ModelConfig, TrainConfig, resolve
 from minigpt.engine import load
 from minigpt.interop import hf as hf_export
+from minigpt.interop import hf_model
 from minigpt.interop.hf import export_hf, train_command
 from minigpt.interop.hf_tokenizer import tokenizer_files
 from minigpt.model import GPT
@@ -52,11 +53,19 @@ EXPORTABLE = [
     ("modern-rmsnorm-no-qk-norm-no-bias-untied-gelu",
      dict(arch="modern", qk_norm=False, norm="rmsnorm", bias=False, tie_embeddings=False,
           activation="gelu"), "LlamaForCausalLM"),
+    ("modern-qk-norm-before-rope", dict(arch="modern", qk_norm_order="before_rope"),
+     "PersimmonForCausalLM"),
+    ("modern-qk-norm-before-rope-no-bias-untied-gelu",
+     dict(arch="modern", qk_norm_order="before_rope", bias=False, tie_embeddings=False,
+          activation="gelu_tanh"), "PersimmonForCausalLM"),
 ]
 # layouts refused: (id, switches, the text the one line names)
 REFUSED = [
-    ("modern-default", dict(arch="modern"), "--qk-norm is a LayerNorm of each head's queries"),
+    ("modern-qk-norm-after-rope", dict(arch="modern", qk_norm_order="after_rope"),
+     "--qk-norm-order after_rope is a LayerNorm of each head's queries"),
     ("modern-rmsnorm", dict(arch="modern", norm="rmsnorm"), "--qk-norm is an RMS norm"),
+    ("modern-rmsnorm-before-rope", dict(arch="modern", norm="rmsnorm", qk_norm_order="before_rope"),
+     "--qk-norm is an RMS norm"),
     ("gpt2-qk-norm", dict(arch="gpt2", qk_norm=True), "learned position embeddings normalises"),
     ("gpt2-rmsnorm", dict(arch="gpt2", norm="rmsnorm"), "has no RMSNorm (--norm rmsnorm)"),
 ]
@@ -90,9 +99,10 @@ def make_run(path: Path, tokenizer=None, steps=(1,), **layout) -> tuple[Path, GP
     return path, model.eval()
 
 
-def test_modern_default_is_the_layout_refused_and_training_defaults_are_unchanged():
+def test_the_default_layout_exports_as_persimmon():
     mcfg, _ = resolve(None)
-    assert (mcfg.arch, mcfg.qk_norm) == ("modern", True)  # export does not move the recipe
+    assert (mcfg.arch, mcfg.qk_norm, mcfg.qk_norm_order) == ("modern", True, "before_rope")
+    assert hf_model.refusal(mcfg) is None and hf_model.architecture(mcfg).name == "PersimmonForCausalLM"
 
 
 @pytest.mark.parametrize("layout,arch", [(c[1], c[2]) for c in EXPORTABLE], ids=[c[0] for c in EXPORTABLE])
@@ -151,11 +161,12 @@ TRAIN = ("--n-layer 2 --n-head 2 --n-embd 32 --block-size 64 --batch-size 8 --ev
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
-    """Tiny runs trained through the CLI: GPT-2's layout, and the modern one without QK-norm on
-    documents (so prompts start with BOS)."""
+    """Tiny runs trained through the CLI: GPT-2's layout, the modern one without QK-norm on
+    documents (so prompts start with BOS), and the default (QK-norm before rotary, as Persimmon)."""
     ws = tmp_path_factory.mktemp("trained")
     (ws / "corpus.txt").write_text(CORPUS, encoding="utf-8")
-    runs = {"gpt2": "--arch gpt2 --optimizer adamw", "modern": "--no-qk-norm --docs blank"}
+    runs = {"gpt2": "--arch gpt2 --optimizer adamw", "modern": "--no-qk-norm --docs blank",
+            "persimmon": ""}  # the default layout
     for name, flags in runs.items():
         cmd = f"train --data corpus.txt --out {name} {TRAIN} {flags}"
         assert cli_harness.run(shlex.split(cmd), ws).rc == 0
@@ -165,7 +176,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     return {name: ws / name for name in runs}
 
 
-@pytest.mark.parametrize("name", ["gpt2", "modern"])
+@pytest.mark.parametrize("name", ["gpt2", "modern", "persimmon"])
 def test_greedy_generate_equals_the_engine(trained, transformers, name):
     run = trained[name]
     engine = load(run, device="cpu")
@@ -200,7 +211,7 @@ def test_model_card_reports_the_run(trained):
     assert "minigpt export gpt2 --to hf --out gpt2-hf --checkpoint best" in card
 
 
-@pytest.mark.parametrize("name", ["gpt2", "modern"])
+@pytest.mark.parametrize("name", ["gpt2", "modern", "persimmon"])
 def test_the_cards_train_command_rebuilds_the_runs_config(trained, name):
     mcfg, tcfg = rundir.read_config(trained[name])
     argv = shlex.split(train_command(mcfg, tcfg))

@@ -30,8 +30,10 @@ def saved_for_backward(model: GPT, x: torch.Tensor, dtype: torch.dtype) -> int:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 2, 64, 64, 67, 8), (3, 4, 96, 48, 500, 4)])
-@pytest.mark.parametrize("layout", [dict(arch="gpt2"), dict(arch="modern"),
-                                    dict(arch="gpt2", qk_norm=True)], ids=["gpt2", "modern", "qk-norm"])
+@pytest.mark.parametrize("layout", [dict(arch="gpt2"), dict(arch="modern", qk_norm_order="after_rope"),
+                                    dict(arch="modern", qk_norm_order="before_rope"),
+                                    dict(arch="gpt2", qk_norm=True)],
+                         ids=["gpt2", "modern-qk-norm-after-rope", "modern-qk-norm-before-rope", "qk-norm"])
 def test_activation_estimate_matches_what_autograd_saves(shape, dtype, layout):
     n_layer, n_head, n_embd, block, vocab, batch = shape
     cfg = ModelConfig(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd,

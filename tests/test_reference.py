@@ -200,6 +200,18 @@ def test_dropout_is_refused_with_a_clear_error():
         R.init_params(cfg)
 
 
+@pytest.mark.parametrize("layout", [dict(arch="gpt2", qk_norm=True, qk_norm_order="before_rope"),
+                                    dict(arch="modern", qk_norm_order="before_rope")])
+def test_qk_norm_in_either_order_is_refused(layout):
+    with pytest.raises(ConfigError, match="GPT-2 layout only .*qk-norm True"):
+        R.check_supported(ModelConfig(**{**TINY, **layout}))
+
+
+def test_qk_norm_order_without_qk_norm_is_not_a_refusal():
+    """The order of a norm that is off changes nothing: the GPT-2 layout stays the reference's."""
+    R.check_supported(ModelConfig(**{**TINY, "arch": "gpt2", "qk_norm_order": "before_rope"}))
+
+
 def test_state_dict_round_trip_and_mismatch():
     cfg = ModelConfig(**TINY)
     params = R.init_params(cfg, seed=5)

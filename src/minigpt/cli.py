@@ -17,7 +17,8 @@ from .config import BACKENDS, DOC_MODES, ModelConfig, SamplingParams, TrainConfi
 from .errors import ConfigError, MiniGPTError
 from .tokenization import kinds
 
-LAYOUT_SWITCHES = ("bias", "pos_emb", "norm", "activation", "qk_norm", "tie_embeddings")
+LAYOUT_SWITCHES = ("bias", "pos_emb", "norm", "activation", "qk_norm", "qk_norm_order",
+                   "tie_embeddings")
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """`--help` shows every flag's default. Config flags write theirs into the help (the value

@@ -28,13 +28,18 @@ else:  # pragma: no cover
 # explicitly wins over its arch. "gpt2" is GPT-2's layout (and these parameter names load into other
 # GPT-2 tools). "modern" is the layout that reached a given validation loss soonest on a CPU here:
 # GPT-2's plus rotary position embeddings, QK-norm and a ReLU^2 MLP; RMSNorm and an untied head were
-# measured too and lost at this size (docs/speed.md), so they are switches only.
+# measured too and lost at this size (docs/speed.md), so they are switches only. Its QK-norm comes
+# before the rotation (Persimmon's order: exports exactly), which trained as well as the order
+# minigpt had before (docs/speed.md); runs made before then keep theirs (OLD_RUN_SWITCHES).
 ARCHS: dict[str, dict[str, Any]] = {
     "gpt2": dict(pos_emb="learned", norm="layernorm", activation="gelu_tanh", qk_norm=False,
-                 tie_embeddings=True, bias=True),
+                 qk_norm_order="after_rope", tie_embeddings=True, bias=True),
     "modern": dict(pos_emb="rope", norm="layernorm", activation="relu2", qk_norm=True,
-                   tie_embeddings=True, bias=True),
+                   qk_norm_order="before_rope", tie_embeddings=True, bias=True),
 }
+# What a config.json that lacks a switch was built with: runs written before qk_norm_order existed
+# normalised queries and keys after the rotary rotation, whatever their arch says today.
+OLD_RUN_SWITCHES: dict[str, Any] = {"qk_norm_order": "after_rope"}
 DOC_MODES = ("lines", "blank", "files")  # one document per line / blank-line block / file
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
@@ -47,6 +52,7 @@ LAYOUT_CHOICES = {
     "pos_emb": ("learned", "rope"),
     "norm": ("layernorm", "rmsnorm"),
     "activation": ("gelu_tanh", "gelu", "relu2"),
+    "qk_norm_order": ("after_rope", "before_rope"),
 }
 
 
@@ -61,7 +67,8 @@ class ModelConfig:
 
     The layout switches default to None = "as `arch` says"; after construction they hold concrete
     values, so config.json records exactly what was built. A config.json written before the
-    switches existed has none of them and rebuilds the GPT-2 layout it was trained with.
+    switches existed has none of them and rebuilds the GPT-2 layout it was trained with; one
+    written before qk_norm_order existed rebuilds QK-norm after rotary (model_config_from_dict).
     """
 
     vocab_size: int = option(67, "vocabulary size (set from the data's tokenizer)", cli=False)
@@ -77,7 +84,12 @@ class ModelConfig:
     norm: str | None = option(None, "normalisation layer", LAYOUT_CHOICES["norm"])
     activation: str | None = option(None, "MLP activation: gelu_tanh (GPT-2), gelu (exact), relu2 "
                                     "(ReLU squared)", LAYOUT_CHOICES["activation"])
-    qk_norm: bool | None = option(None, "RMS-normalise queries and keys per head")
+    qk_norm: bool | None = option(None, "normalise queries and keys per head, without weights, "
+                                  "with the model's norm")
+    qk_norm_order: str | None = option(None, "where QK-norm sits: after_rope (normalise rotated "
+                                       "queries and keys) or before_rope (normalise, then rotate: "
+                                       "Persimmon's order, exportable)",
+                                       LAYOUT_CHOICES["qk_norm_order"])
     tie_embeddings: bool | None = option(None, "the LM head reuses the token embedding matrix")
 
     def __post_init__(self) -> None:
@@ -383,9 +395,12 @@ def resolve_finetune(config_file: str | Path | None = None,
 
 
 def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """A model config read back from config.json. A switch the file lacks (a run written before it
+    existed) takes the value such runs were built with (OLD_RUN_SWITCHES), not today's arch default."""
     unknown = sorted(set(d) - MODEL_KEYS)
     if unknown:
         raise ConfigError(f"unknown model setting(s): {', '.join(unknown)}")
+    d = {**OLD_RUN_SWITCHES, **d}
     cfg = ModelConfig(**_typed(ModelConfig, d))
     cfg.validate()
     return cfg

@@ -40,6 +40,7 @@ class DecodeStep:
         rms = cfg.norm == "rmsnorm"
         self.norm = _rms_norm if rms else _layer_norm
         self.qk_norm = (_rms_norm if rms else _layer_norm) if cfg.qk_norm else None
+        self.qk_norm_first = self.qk_norm is not None and cfg.qk_norm_order == "before_rope"
         self.gelu = None if cfg.activation == "relu2" else (
             "none" if cfg.activation == "gelu" else "tanh")
 
@@ -58,10 +59,12 @@ class DecodeStep:
         for i, (w1, b1, wa, ba, wp, bp, w2, b2, wf, bf, wo, bo) in enumerate(self.layers):
             qkv = F.linear(self.norm(x, w1, b1), wa, ba).view(B, 3, H, 1, D)
             qk = qkv.narrow(1, 0, 2)  # queries and keys, (B, 2, H, 1, D)
+            if self.qk_norm_first:
+                qk = self.qk_norm(qk)
             if self.rope:
                 rotated = qk * cos + qk.roll(D // 2, dims=-1) * sin
                 qk = rotated if rotated.dtype == qk.dtype else rotated.to(qk.dtype)
-            if self.qk_norm:
+            if self.qk_norm and not self.qk_norm_first:
                 qk = self.qk_norm(qk)
             q, k = qk.unbind(1)
             k, v = cache.update(i, k, qkv.select(1, 2))  # (B, H, pos + 1, D)

@@ -2,8 +2,9 @@
 
 ModelConfig's switches pick the layout. `arch="gpt2"` is GPT-2's: learned position embeddings
 (wpe), LayerNorm, tanh-GELU, biases, LM head tied to wte. `arch="modern"`: rotary position
-embeddings, RMSNorm, ReLU^2 MLP, QK-norm (queries and keys normalised with the model's norm),
-no biases, untied head. Parameter names follow GPT-2 in every
+embeddings, ReLU^2 MLP, QK-norm (queries and keys normalised per head with the model's norm, before
+the rotary rotation: qk_norm_order before_rope; after_rope, the order of runs made before the
+switch existed, normalises the rotated ones). Parameter names follow GPT-2 in every
 layout (wte, wpe, h, ln_f, lm_head; c_attn, c_proj, c_fc) so checkpoints read like the papers and
 other tools; a layout only adds or drops tensors, it never renames one. `forward` returns
 (logits, loss); loss is None without targets. `forward(..., return_attention=True)` also returns
@@ -60,6 +61,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = cfg.n_head
         self.qk_norm = cfg.norm if cfg.qk_norm else None
+        self.norm_first = bool(cfg.qk_norm) and cfg.qk_norm_order == "before_rope"
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in that order
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
@@ -73,12 +75,12 @@ class CausalSelfAttention(nn.Module):
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         # split, not indexing: its backward is one concatenation instead of zero-filled copies
         qk, v = qkv.split((2, 1), dim=2)  # (B, T, 2, n_head, head_dim), (B, T, 1, n_head, head_dim)
+        if self.norm_first:  # qk_norm_order before_rope: a norm does not commute with a rotation
+            qk = self._qk_norm(qk)
         if rope is not None:  # queries and keys together: one set of operations instead of two
             qk = apply_rotary(qk, *rope)
-        if self.qk_norm == "rmsnorm":  # bounded attention logits: higher learning rates stay stable
-            qk = F.rms_norm(qk, (qk.size(-1),))
-        elif self.qk_norm == "layernorm":
-            qk = F.layer_norm(qk, (qk.size(-1),))
+        if not self.norm_first:
+            qk = self._qk_norm(qk)
         q, k = qk.unbind(2)
         # (B, T, n_head, head_dim) -> (B, n_head, T, head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)
@@ -100,6 +102,14 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads
         return self.resid_drop(self.c_proj(y))
 
+    def _qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
+        """Queries and keys normalised per head, no weights (bounded attention logits: higher
+        learning rates stay stable); unchanged without QK-norm."""
+        if self.qk_norm == "rmsnorm":
+            return F.rms_norm(qk, (qk.size(-1),))
+        if self.qk_norm == "layernorm":
+            return F.layer_norm(qk, (qk.size(-1),))
+        return qk
 
     def _explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             attention: list[torch.Tensor]) -> torch.Tensor:

@@ -1,27 +1,35 @@
 """minigpt layouts as stock transformers architectures: which one, its config.json, its weights.
 
-Three stock classes between them compute, exactly, every layout without QK-norm but one (learned
-positions with RMSNorm); tests/test_export_hf.py checks the logits through transformers' own loader:
+Four stock classes between them compute, exactly, every layout but those refused below;
+tests/test_export_hf.py checks the logits through transformers' own loader:
 
-    --pos-emb learned, LayerNorm   -> GPT2LMHeadModel    (--arch gpt2)
-    --pos-emb rope,    LayerNorm   -> GPTNeoXForCausalLM (--arch modern --no-qk-norm)
-    --pos-emb rope,    RMSNorm     -> LlamaForCausalLM
+    --pos-emb learned, LayerNorm, no QK-norm  -> GPT2LMHeadModel       (--arch gpt2)
+    --pos-emb rope,    LayerNorm, no QK-norm  -> GPTNeoXForCausalLM    (--arch modern --no-qk-norm)
+    --pos-emb rope,    RMSNorm,   no QK-norm  -> LlamaForCausalLM
+    --pos-emb rope,    LayerNorm, QK-norm before rotary -> PersimmonForCausalLM
+                                                (--arch modern --qk-norm-order before_rope)
 
 Every switch maps onto a config field or onto the weights: an activation is a config name; biases
 turned off are zero biases; an untied head is a separate lm_head tensor. GPT-2 stores linear
-layers as Conv1D, (in, out), so matrices are transposed. GPT-NeoX fuses q, k and v per head (head 0's
-q, k, v rows, then head 1's...) where minigpt's c_attn stacks all queries, then all keys, then all
-values. Llama's MLP is gated, down(act(gate(x)) * up(x)): minigpt's c_fc becomes gate_proj and
-up_proj is zero weights with bias 1, so the gate's factor is exactly 1 (the export carries that
-extra matrix). minigpt's rotary embedding already uses the rotate-half convention these models use,
-with the same base (10000), so queries and keys need no permutation.
+layers as Conv1D, (in, out), so matrices are transposed. GPT-NeoX and Persimmon fuse q, k and v per
+head (head 0's q, k, v rows, then head 1's...) where minigpt's c_attn stacks all queries, then all
+keys, then all values. Llama's MLP is gated, down(act(gate(x)) * up(x)): minigpt's c_fc becomes
+gate_proj and up_proj is zero weights with bias 1, so the gate's factor is exactly 1 (the export
+carries that extra matrix). minigpt's rotary embedding already uses the rotate-half convention these
+models use, with the same base (10000), so queries and keys need no permutation.
 
---qk-norm has no equivalent: minigpt normalises each head's queries and keys *after* the rotary
-rotation (a parameter-free LayerNorm, or RMS norm under --norm rmsnorm). The stock models with a
-per-head QK LayerNorm (Persimmon, StableLM, Cohere) apply it before the rotation, and a LayerNorm,
-which subtracts the mean, does not commute with one. An RMS norm does commute with it, but Qwen3's and
-NanoChat's per-head RMS norms share the layer norms' epsilon (minigpt's uses float32's, ~1.2e-7,
-beside its RMSNorm layers' 1e-6). Such layouts are refused, with the switch named.
+Persimmon's per-head q_layernorm / k_layernorm is a LayerNorm of each head's queries and keys before
+the rotary rotation, with the model's layer_norm_eps (1e-5: the eps of minigpt's parameter-free
+F.layer_norm too); exported with weight 1 and bias 0 it is minigpt's QK-norm under
+--qk-norm-order before_rope. Its scaling is head_dim ** -0.5, as scaled_dot_product_attention's.
+
+Refused, with the switch named: QK-norm after the rotation (--qk-norm-order after_rope, the order of
+every run made before the switch existed): the stock models with a per-head QK LayerNorm
+(Persimmon, StableLM, Cohere) apply it before the rotation, and a LayerNorm, which subtracts the
+mean, does not commute with one. QK-norm under --norm rmsnorm, in either order: an RMS norm does
+commute with the rotation, but Qwen3's and NanoChat's per-head RMS norms share the layer norms'
+epsilon (minigpt's uses float32's, ~1.2e-7, beside its RMSNorm layers' 1e-6). QK-norm with learned
+positions, and learned positions with RMSNorm: no stock class has either.
 """
 
 from __future__ import annotations
@@ -56,16 +64,22 @@ def refusal(cfg: ModelConfig) -> tuple[str, str] | None:
     """(why no stock architecture computes this layout, what to train instead), or None."""
     if cfg.qk_norm:
         if cfg.pos_emb == "learned":
-            why = "no transformers architecture with learned position embeddings normalises queries and keys"
-        elif cfg.norm == "layernorm":
-            why = ("minigpt's --qk-norm is a LayerNorm of each head's queries and keys after the rotary "
-                   "rotation, and no transformers architecture computes that (Persimmon, StableLM and "
-                   "Cohere normalise before the rotation, which a LayerNorm does not commute with)")
-        else:
-            why = ("minigpt's --qk-norm is an RMS norm of each head's queries and keys with float32's "
-                   "epsilon, and no transformers architecture computes that exactly (Qwen3's and "
-                   "NanoChat's share their layer norms' epsilon)")
-        return why, "train with --no-qk-norm, or with --arch gpt2"
+            return ("no transformers architecture with learned position embeddings normalises queries "
+                    "and keys", "train with --no-qk-norm, or with --pos-emb rope --qk-norm-order "
+                    "before_rope")
+        if cfg.norm == "rmsnorm":
+            return ("minigpt's --qk-norm is an RMS norm of each head's queries and keys with float32's "
+                    "epsilon, and no transformers architecture computes that exactly (Qwen3's and "
+                    "NanoChat's share their layer norms' epsilon)",
+                    "train with --norm layernorm --qk-norm-order before_rope (Persimmon), or with "
+                    "--no-qk-norm")
+        if cfg.qk_norm_order == "after_rope":
+            return ("minigpt's --qk-norm-order after_rope is a LayerNorm of each head's queries and keys "
+                    "after the rotary rotation, and no transformers architecture computes that "
+                    "(Persimmon, StableLM and Cohere normalise before the rotation, which a LayerNorm "
+                    "does not commute with)",
+                    "train with --qk-norm-order before_rope (exported as Persimmon), or with --no-qk-norm")
+        return None
     if cfg.pos_emb == "learned" and cfg.norm == "rmsnorm":
         return ("GPT-2, the transformers architecture with learned position embeddings, has no RMSNorm "
                 "(--norm rmsnorm)", "train with --norm layernorm, or with --pos-emb rope")
@@ -74,6 +88,8 @@ def refusal(cfg: ModelConfig) -> tuple[str, str] | None:
 
 def architecture(cfg: ModelConfig) -> Architecture:
     """The stock architecture for a layout `refusal` accepts."""
+    if cfg.qk_norm:
+        return PERSIMMON
     if cfg.pos_emb == "learned":
         return GPT2
     return GPT_NEOX if cfg.norm == "layernorm" else LLAMA
@@ -123,6 +139,16 @@ def llama_config(cfg: ModelConfig) -> dict[str, Any]:
             "hidden_act": ACTIVATIONS[cfg.activation], "rms_norm_eps": RMS_NORM_EPS,
             "attention_bias": cfg.bias, "mlp_bias": True,  # up_proj's bias carries the 1
             "attention_dropout": 0.0, "pretraining_tp": 1, "initializer_range": 0.02}
+
+
+def persimmon_config(cfg: ModelConfig) -> dict[str, Any]:
+    return {**_common(cfg, "PersimmonForCausalLM", "persimmon"), **_rope(cfg),
+            "partial_rotary_factor": 1.0,  # where transformers 4.x reads it
+            "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "intermediate_size": 4 * cfg.n_embd,
+            "hidden_act": ACTIVATIONS[cfg.activation], "layer_norm_eps": LAYER_NORM_EPS,
+            "qk_layernorm": True,  # with eps layer_norm_eps: minigpt's QK LayerNorm's (F.layer_norm)
+            "hidden_dropout": 0.0, "attention_dropout": 0.0, "initializer_range": 0.02}
 
 
 # --- weights -------------------------------------------------------------------------------------
@@ -201,6 +227,28 @@ def llama_weights(cfg: ModelConfig, sd: Weights) -> Weights:
     return {**out, **_head(cfg, sd, "lm_head.weight")}
 
 
+def persimmon_weights(cfg: ModelConfig, sd: Weights) -> Weights:
+    C, D, p = cfg.n_embd, cfg.head_dim, "model.layers"
+    out = {"model.embed_tokens.weight": sd["wte.weight"],
+           "model.final_layernorm.weight": sd["ln_f.weight"],
+           "model.final_layernorm.bias": _bias(sd, "ln_f.bias", C)}
+    for i in range(cfg.n_layer):
+        h = f"h.{i}"
+        for ours, theirs in (("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm"),
+                             ("attn.c_proj", "self_attn.dense"), ("mlp.c_fc", "mlp.dense_h_to_4h"),
+                             ("mlp.c_proj", "mlp.dense_4h_to_h")):
+            w = sd[f"{h}.{ours}.weight"]
+            out[f"{p}.{i}.{theirs}.weight"] = w
+            out[f"{p}.{i}.{theirs}.bias"] = _bias(sd, f"{h}.{ours}.bias", w.size(0))
+        qkv = f"{p}.{i}.self_attn.query_key_value"
+        out[f"{qkv}.weight"] = _per_head_qkv(cfg, sd[f"{h}.attn.c_attn.weight"])
+        out[f"{qkv}.bias"] = _per_head_qkv(cfg, _bias(sd, f"{h}.attn.c_attn.bias", 3 * C))
+        for norm in ("q_layernorm", "k_layernorm"):  # minigpt's QK-norm has no weights
+            out[f"{p}.{i}.self_attn.{norm}.weight"] = torch.ones(D)
+            out[f"{p}.{i}.self_attn.{norm}.bias"] = torch.zeros(D)
+    return {**out, **_head(cfg, sd, "lm_head.weight")}
+
+
 GPT2 = Architecture(
     "GPT2LMHeadModel", "gpt2",
     "GPT-2: learned position embeddings, LayerNorm, the MLP's activation as `activation_function`; "
@@ -216,3 +264,9 @@ LLAMA = Architecture(
     "Llama with rotary embeddings (base 10000) and RMSNorm; minigpt's MLP as Llama's gated one with "
     "`up_proj` fixed at 1 (zero weights, bias 1), an extra n_embd x 4n_embd matrix of zeros per layer",
     llama_config, llama_weights)
+PERSIMMON = Architecture(
+    "PersimmonForCausalLM", "persimmon",
+    "Persimmon: LayerNorm, rotary embeddings over the whole head (`partial_rotary_factor: 1.0`, base "
+    "10000), and its per-head QK LayerNorm before the rotation (`qk_layernorm: true`, weight 1, bias "
+    "0), which is minigpt's QK-norm under `--qk-norm-order before_rope`; q, k and v fused per head",
+    persimmon_config, persimmon_weights)

@@ -11,14 +11,17 @@ per activation element (4 for float32; 2 under bf16/fp16 autocast):
     optimizer        8N      AdamW's exp_avg and exp_avg_sq, float32; with --optimizer muon the M
                              hidden-matrix parameters keep one momentum buffer: 8(N - M) + 4M
     autocast copies  2N      bf16/fp16 casts of the weights kept for the backward pass (0 in float32)
-    activations      B*T*C*L*(8 + 15a [+ 2a rotary] [+ 2a QK-norm] [+ 2 with dropout]) + B*T*C*(4 + a)
+    activations      B*T*C*L*(8 + 15a [+ 2a rotary] [+ 2a QK-norm unless it precedes rotary]
+                     [+ 2 with dropout]) + B*T*C*(4 + a)
     logits           B*T*V*(a + 8)
 
 Activations, per layer and token: the residual stream enters each LayerNorm in float32 (2 x 4 bytes);
 15 more elements of width C are kept for the backward pass in the compute dtype: the attention input,
 q, k, v, the attention output and its re-assembled copy, the MLP input, and the MLP's 4C hidden layer
 before and after GELU (4 + 4; ReLU^2 keeps the same two); rotary embeddings and QK-norm each make a
-new copy of queries and keys (2 each); dropout adds two 1-byte masks. Attention is assumed fused
+new copy of queries and keys (2 each), but QK-norm before rotary (--qk-norm-order before_rope)
+keeps none: the rotation, a product with fixed tables, keeps nothing of its input for backward, so
+the norm's output is not kept. Dropout adds two 1-byte masks. Attention is assumed fused
 (flash or memory-efficient, as on CUDA), which keeps no T x T score matrix. Logits: the log-softmax
 output (float32) and the gradient of the logits (float32) plus the logits themselves in the compute
 dtype.
@@ -60,8 +63,11 @@ def training_memory(mcfg: ModelConfig, n_params: int, batch_size: int,
     a = 2 if mixed_precision else 4
     tokens = batch_size * mcfg.block_size
     per_layer = 8 + 15 * a + (2 if mcfg.dropout > 0 else 0)
-    # rotary and QK-norm each produce a new 2C-wide copy of queries and keys that backward keeps
-    per_layer += 2 * a * ((mcfg.pos_emb == "rope") + bool(mcfg.qk_norm))
+    # rotary and QK-norm each produce a new 2C-wide copy of queries and keys that backward keeps,
+    # except QK-norm before rotary: the rotation (a product with fixed tables) keeps none of its input
+    rope, qk_norm = mcfg.pos_emb == "rope", bool(mcfg.qk_norm)
+    kept_copies = rope + qk_norm - (rope and qk_norm and mcfg.qk_norm_order == "before_rope")
+    per_layer += 2 * a * kept_copies
     return MemoryEstimate(
         weights=4 * n_params,
         gradients=4 * n_params,
