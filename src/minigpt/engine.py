@@ -19,7 +19,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import rundir
-from .decode import DecodeStep
+from .decode import DecodeStep, prefill
 from .device import resolve_device, resolve_dtype
 from .errors import CheckpointError
 from .kv_cache import KVCache
@@ -78,8 +78,7 @@ class Engine:
         n = len(prompt)
         cache = KVCache.for_model(self.model, rows)
         decode = DecodeStep(self.model)
-        logits, _ = self.model(tokens[:, :n], kv_cache=cache)  # the prompt, in one forward
-        last = logits[:, -1]
+        last = prefill(self.model, tokens[:, :n], cache)  # the prompt, in one forward
         for i in range(steps):
             nxt = sample_next_token(last, gen, params.temperature, params.top_k, params.top_p)
             tokens[:, n] = nxt
@@ -88,11 +87,11 @@ class Engine:
             if i == steps - 1:
                 return  # no forward for a token nobody will sample
             if cache.pos == T:  # window full: rebuild the cache from the most recent tokens
+                # (all but the newest, which the decode step then adds: batching.py does the same)
                 cache.reset()
-                logits, _ = self.model(tokens[:, n - keep : n], kv_cache=cache)
-                last = logits[:, -1]
-            else:
-                last = decode(tokens[:, n - 1], cache)
+                if keep > 1:
+                    prefill(self.model, tokens[:, n - keep : n - 1], cache, logits=False)
+            last = decode(tokens[:, n - 1], cache)
 
     def stream(self, prompt: Prompt = "", params: SamplingParams | None = None,
                **settings: Any) -> Iterator[StreamEvent]:
