@@ -1,11 +1,10 @@
 """`minigpt serve`: an OpenAI-compatible HTTP API over `Engine`, with streaming, auth and a playground.
 
 Endpoints: `GET /` (playground page), `GET /health`, `GET /v1/models`, `GET /v1/models/{id}`,
-`POST /v1/completions` (OpenAI Completions API, SSE streaming). With an API key set, every `/v1/*`
-request needs `Authorization: Bearer KEY`. Requests are checked in `openai_api`; generation runs in
-`slots` worker threads, never on the event loop; stop strings are cut here (`stop_strings`).
-Several threads call `Engine.stream` at once: the server relies on each call owning its KV cache and
-generator (tests/test_server.py::test_concurrent_streams_are_not_mixed_up checks it).
+`POST /v1/completions` (OpenAI Completions API, SSE streaming), `GET /metrics` (Prometheus). With
+an API key set, every `/v1/*` request needs `Authorization: Bearer KEY`. Requests are checked in
+`openai_api`; generation runs in one continuous batch on the batcher's thread (`slots`, over
+`minigpt.batching`), never on the event loop; stop strings end a row there too.
 
     app = create_app(minigpt.load("runs/x"), api_key="secret")   # in-process, e.g. for tests
     serve("runs/x", port=8000)                                    # what the CLI runs
@@ -19,9 +18,8 @@ import hmac
 import json
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -35,12 +33,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine import Engine
 from ..errors import ConfigError, TokenizerError
 from . import openai_api as oa
+from .metrics import CONTENT_TYPE, Metrics, StatusCounter
 from .openai_api import APIError, CompletionRequest
-from .slots import Job, JobFailed, Scheduler, ServerBusy
-from .stop_strings import StopMatcher
+from .slots import Delta, Job, JobFailed, Scheduler, ServerBusy
 
 DEFAULT_MAX_TOKENS_LIMIT = 1024
-DEFAULT_MAX_CONCURRENCY = 4
+DEFAULT_MAX_CONCURRENCY = 32  # rows in the one batch: 32 users decode at about 8x one user's cost
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -67,7 +65,8 @@ def create_app(
     ):
         if value < lo:
             raise ConfigError(f"{name} must be >= {lo}, got {value}")
-    scheduler = Scheduler(max_concurrency, max_queue)
+    scheduler = Scheduler(engine, max_concurrency, max_queue)
+    metrics = Metrics(scheduler.stats)
     created = oa.now()
 
     @contextlib.asynccontextmanager
@@ -79,6 +78,7 @@ def create_app(
         title="minigpt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.state.scheduler = scheduler
+    app.add_middleware(StatusCounter, metrics=metrics)
     _install_error_handlers(app)
 
     page = resources.files("minigpt.serve").joinpath("static/playground.html").read_text("utf-8")
@@ -100,6 +100,10 @@ def create_app(
             "waiting": scheduler.waiting,
         }
 
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_bearer_auth(api_key))])
 
     @v1.get("/models")
@@ -119,16 +123,16 @@ def create_app(
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
+        received = time.perf_counter()
         data = oa.parse_json(await _read_body(request, max_body_bytes))
         req = oa.parse_completion_request(data, model_id, max_tokens_limit)
+        _check_fits(req.n, max_concurrency)
         # Encoding is synchronous work proportional to the prompt: keep it off the event loop too.
         prompt_ids = await asyncio.to_thread(_encode_prompts, engine, req.prompts)
         prompt_tokens = sum(len(ids) for ids in prompt_ids)
-        try:
-            job = scheduler.submit(partial(run_completion, engine, req, prompt_ids))
-        except ServerBusy as e:
-            raise APIError(429, str(e), code="server_busy", type="server_busy") from None
-        reply = _Reply(oa.new_completion_id(), oa.now(), model_id, req, prompt_tokens)
+        job = _submit(scheduler, prompt_ids, req)
+        reply = _Reply(oa.new_completion_id(), oa.now(), model_id, req, prompt_tokens,
+                       _Timer(metrics, received))
         if req.stream:
             return _GenerationStream(reply.sse(job), job)
         body = await _unless_disconnected(request, job, reply.collect(job))
@@ -138,48 +142,35 @@ def create_app(
     return app
 
 
-# ---- generation (runs in a worker thread) --------------------------------------------------------
+# ---- generation (runs on the batcher's thread) ---------------------------------------------------
 
 
-@dataclass
-class Delta:
-    """New text of one choice; the last delta of a choice has its finish_reason and token count."""
-
-    index: int
-    text: str
-    finish_reason: str | None = None
-    tokens: int = 0
+def _check_fits(n: int, rows: int) -> None:
+    if n > rows:
+        raise APIError(400, f"n must be <= {rows}, the rows in this server's batch "
+                       f"(--max-concurrency), got {n}", param="n", code="invalid_value")
 
 
-def run_completion(
-    engine: Engine, req: CompletionRequest, prompt_ids: list[list[int]], job: Job
-) -> None:
-    """Generate every choice of `req` into `job`, stopping between tokens once the job is cancelled."""
-    n, params = req.n, req.sampling()
-    for p, ids in enumerate(prompt_ids):
-        stops = [StopMatcher(req.stop) for _ in range(n)]
-        counts = [0] * n
-        done = [False] * n
-        events = engine.stream(ids, params)
-        try:
-            for ev in events:
-                if job.cancelled:
-                    return
-                i = ev.index
-                if done[i]:  # already cut at a stop string; the batch goes on for the others
-                    continue
-                counts[i] += ev.token is not None
-                text = stops[i].feed(ev.text)
-                finish = "stop" if stops[i].stopped else ev.finish_reason
-                if finish is not None:
-                    done[i] = True
-                    text += stops[i].flush()
-                if text or finish:
-                    job.put(Delta(p * n + i, text, finish, counts[i]))
-                if all(done):
-                    break
-        finally:
-            events.close()
+def _submit(scheduler: Scheduler, prompt_ids: list[list[int]], req: CompletionRequest) -> Job:
+    try:
+        return scheduler.submit(prompt_ids, req.sampling(), req.stop)
+    except ServerBusy as e:
+        raise APIError(429, str(e), code="server_busy", type="server_busy") from None
+
+
+class _Timer:
+    """Time to first text and to the end of one request, into the /metrics histograms."""
+
+    def __init__(self, metrics: Metrics, received: float):
+        self.metrics, self.received, self.first = metrics, received, False
+
+    def text(self) -> None:
+        if not self.first:
+            self.first = True
+            self.metrics.ttft.observe(time.perf_counter() - self.received)
+
+    def end(self) -> None:
+        self.metrics.latency.observe(time.perf_counter() - self.received)
 
 
 def _encode_prompts(engine: Engine, prompts: list[str]) -> list[list[int]]:
@@ -207,8 +198,10 @@ class _Reply:
         model_id: str,
         req: CompletionRequest,
         prompt_tokens: int,
+        timer: _Timer,
     ):
         self.id, self.created, self.model_id = completion_id, created, model_id
+        self.timer = timer
         self.req = req
         self.prompt_tokens = prompt_tokens
         self.choices = len(req.prompts) * req.n
@@ -221,11 +214,13 @@ class _Reply:
         finish: list[str | None] = [None] * self.choices
         tokens = 0
         while (batch := await _next_or_500(job)) is not None:
+            self.timer.text()
             for d in batch:
                 texts[d.index] += d.text
                 if d.finish_reason:
                     finish[d.index] = d.finish_reason
                     tokens += d.tokens
+        self.timer.end()
         choices = [oa.choice(i, texts[i], finish[i]) for i in range(self.choices)]
         return oa.completion_object(
             self.id, self.created, self.model_id, choices, oa.usage(self.prompt_tokens, tokens)
@@ -242,7 +237,9 @@ class _Reply:
         tokens = 0
         try:
             while (batch := await job.next_batch()) is not None:
-                # Under load several tokens may be ready at once: one chunk per choice, not per token.
+                self.timer.text()
+                # Several tokens may be ready at once (the client reads slower than the model
+                # writes): one chunk per choice, not per token, and one write for all of them.
                 merged: dict[int, list[Any]] = {}
                 for d in batch:
                     entry = merged.setdefault(d.index, ["", None])
@@ -250,13 +247,14 @@ class _Reply:
                     if d.finish_reason:
                         entry[1] = d.finish_reason
                         tokens += d.tokens
-                for i, (text, finish) in merged.items():
-                    yield self._chunk([oa.choice(i, text, finish)])
+                yield "".join(self._chunk([oa.choice(i, text, finish)])
+                              for i, (text, finish) in merged.items())
         except JobFailed as e:
             # The 200 header is long gone: report in-band, the way OpenAI's stream does.
             err = oa.error_body(f"generation failed: {e.args[0]}", "server_error")
             yield f"data: {json.dumps(err)}\n\n"
             return
+        self.timer.end()
         if self.req.include_usage:
             yield self._chunk([], oa.usage(self.prompt_tokens, tokens))
         yield "data: [DONE]\n\n"
