@@ -377,6 +377,10 @@ class Batcher:
 
     def _uniforms(self, rows: list[_Row]) -> torch.Tensor:
         """Every request draws for all n of its rows (as Engine does), then keeps its live ones."""
+        req = rows[0].req
+        if req.live == req.n == len(rows) and all(r.req is req and r.index == i
+                                                  for i, r in enumerate(rows)):
+            return uniforms(req.generator, req.n, self.engine.device)  # the common case alone
         drawn: dict[BatchRequest, torch.Tensor] = {}
         for r in rows:
             if r.req not in drawn:

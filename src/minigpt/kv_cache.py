@@ -33,6 +33,7 @@ class KVCache:
         self._k, self._v = [self.k[i] for i in range(n_layer)], [self.v[i] for i in range(n_layer)]
         self.max_len = max_len
         self.pos = 0  # number of positions already filled
+        self._first_rows: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     @classmethod
     def for_model(cls, model, batch_size: int, device=None, dtype=None) -> KVCache:
@@ -62,7 +63,11 @@ class KVCache:
         first `length` positions of those rows (a row's positions past its own length are stale
         and must be masked by the caller)."""
         b = k.size(0)
-        k_all, v_all = self._k[layer].narrow(0, 0, b), self._v[layer].narrow(0, 0, b)
+        views = self._first_rows.get(b)
+        if views is None:  # made once per batch size: narrowing each layer each step costs
+            views = self._first_rows[b] = ([t.narrow(0, 0, b) for t in self._k],
+                                           [t.narrow(0, 0, b) for t in self._v])
+        k_all, v_all = views[0][layer], views[1][layer]
         k_all.scatter_(2, index, k)  # one operation for every row, where indexing takes several
         v_all.scatter_(2, index, v)
         return k_all.narrow(2, 0, length), v_all.narrow(2, 0, length)
@@ -73,7 +78,7 @@ class KVCache:
         view.k, view.v = self.k.narrow(1, start, count), self.v.narrow(1, start, count)
         view._k = [view.k[i] for i in range(view.k.size(0))]
         view._v = [view.v[i] for i in range(view.v.size(0))]
-        view.max_len, view.pos = self.max_len, 0
+        view.max_len, view.pos, view._first_rows = self.max_len, 0, {}
         return view
 
     def copy_rows(self, source: KVCache, src_row: int, dst_row: int, length: int) -> None:
