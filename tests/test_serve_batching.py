@@ -10,13 +10,13 @@ import httpx
 import openai
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from test_server import serving, wait_for
 
 from minigpt.config import ModelConfig
 from minigpt.engine import Engine
 from minigpt.model import GPT
 from minigpt.serve.app import create_app
 from minigpt.tokenization import CharTokenizer
+from test_server import serving, wait_for
 
 
 def tiny_engine() -> Engine:
