@@ -272,8 +272,8 @@ async def _next_or_500(job: Job) -> list[Delta] | None:
 class _GenerationStream(StreamingResponse):
     """An SSE response that cancels its job however it ends: done, client gone, or server stopping.
 
-    The client is watched for a disconnect the whole time, including while the job waits for a
-    slot and nothing is being sent, so a client that leaves never keeps a slot.
+    The client is watched for a disconnect the whole time, including while the job waits
+    for rows and nothing is being sent, so a client that leaves never keeps its rows.
     """
 
     def __init__(self, content: AsyncIterator[str], job: Job):
