@@ -242,7 +242,7 @@ def main() -> int:
     expected = expected_texts(run_dir, specs, args.max_tokens, args.temperature)
     print(f"{len(specs)} request kinds, {len(set(expected))} distinct expected texts "
           f"({args.max_tokens} tokens, temperature {args.temperature})", flush=True)
-    engine_tps = engine_tokens_per_s(run_dir, specs, args)
+    engine_tps = before = engine_tokens_per_s(run_dir, specs, args)
     print(f"Engine.stream in process, one stream: {engine_tps:.0f} tokens/s", flush=True)
 
     rows = []
@@ -264,7 +264,13 @@ def main() -> int:
                 proc.kill()
                 proc.wait()
 
-    print(f"\nEngine single stream: {engine_tps:.0f} tokens/s (same process, same requests)")
+    # measured before and after the server's phases: a loaded machine's speed drifts, and the
+    # mean of both brackets the phases better than either alone
+    after = engine_tokens_per_s(run_dir, specs, args)
+    print(f"Engine.stream in process, one stream, after the phases: {after:.0f} tokens/s")
+    engine_tps = (engine_tps + after) / 2
+    print(f"\nEngine single stream: {engine_tps:.0f} tokens/s (mean of before and after; "
+          "same requests)")
     print("| clients | tokens/s | vs 1 client | requests/s | TTFT p50 / p99 | latency p50 / p99 "
           "| ok | 429 | errors (mixed / diverged / other) |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -278,6 +284,7 @@ def main() -> int:
     if one:
         print(f"1 streaming client: {100 * one / engine_tps:.0f}% of the Engine's single stream")
     print(json.dumps({"engine_tokens_per_s": round(engine_tps, 1), "phases": rows,
+                      "engine_before_after": [round(before, 1), round(after, 1)],
                       "max_tokens": args.max_tokens, "max_concurrency": args.max_concurrency,
                       "max_queue": args.max_queue, "run_dir": str(run_dir)}))
     bad = sum(r["mixed"] + r["diverged"] + r["errors"] for r in rows)

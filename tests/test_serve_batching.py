@@ -3,6 +3,8 @@ single-stream text, `n` is bounded by the batch, and `GET /metrics` reads back a
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -127,3 +129,33 @@ def test_metrics_read_back_with_prometheus_parser():
     for hist in ("minigpt_time_to_first_token_seconds", "minigpt_request_latency_seconds"):
         assert value(m[hist], f"{hist}_count") == 2
         assert value(m[hist], f"{hist}_bucket", le="+Inf") == 2
+
+
+def test_text_ready_while_the_client_is_not_reading_goes_out_as_one_chunk():
+    """Coalescing, shown without a clock: ten tokens are generated (stepping the batcher by hand)
+    before the stream is read, and they leave as one chunk, not ten."""
+    from minigpt.batching import Batcher
+    from minigpt.serve import openai_api as oa
+    from minigpt.serve.app import _Reply, _Timer
+    from minigpt.serve.metrics import Metrics
+    from minigpt.serve.slots import Job
+
+    engine = tiny_engine()
+    batcher = Batcher(engine, max_rows=2, start=False)
+    req = oa.CompletionRequest(prompts=["the "], max_tokens=10, temperature=0.0, stream=True)
+
+    async def scenario():
+        job = Job(asyncio.get_running_loop(), 1)
+        job.requests.append(batcher.submit(engine.encode_prompt("the "), req.sampling(),
+                                           notify=job.notify))
+        for _ in range(10):
+            batcher.step()
+        reply = _Reply("cmpl-1", 0, "tiny", req, 4, _Timer(Metrics(lambda: {}), 0.0))
+        return [part async for part in reply.sse(job)]
+
+    parts = asyncio.run(scenario())
+    events = [e for part in parts for e in part.split("\n\n") if e]
+    assert len(events) == 2 and events[-1] == "data: [DONE]"
+    choice = json.loads(events[0].removeprefix("data: "))["choices"][0]
+    assert choice["text"] == engine.generate("the ", max_new_tokens=10, temperature=0)
+    assert choice["finish_reason"] == "length"

@@ -181,6 +181,8 @@ class Batcher:
         if any(not s for s in stop):
             raise ConfigError("stop strings must be non-empty")
         ids = self.engine.encode_prompt(prompt)[-self.block_size:]
+        if not ids:
+            raise ConfigError("the prompt has no tokens (pass text, or at least one token id)")
         req = BatchRequest(ids, params, stop, notify, self.engine.device, self._withdraw)
         with self._lock:
             if self._closed:
@@ -275,6 +277,7 @@ class Batcher:
                 self._line.clear()
             self.rows.clear()
             self._reserved = 0
+            self.scratch.reset()
         for req in reqs:
             req._emit([], done=True, error=error)
 
@@ -394,6 +397,8 @@ class Batcher:
         leaving = set()
         for r, tok in zip(rows, chosen):
             r.tokens.append(tok)
+            if len(r.tokens) > 2 * self.block_size:  # a rebuild needs only the last window
+                del r.tokens[: -self.block_size]
             r.count += 1
             self.tokens_generated += 1
             finish = None

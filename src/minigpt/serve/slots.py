@@ -20,6 +20,7 @@ would cost a single fast stream a third of its speed. The first text of a job is
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,8 @@ from typing import Any
 from ..batching import Batcher, BatcherBusy, BatchRequest
 from ..engine import Engine
 from ..sampling import SamplingParams
+
+STREAM_INTERVAL_S = float(os.environ.get("MINIGPT_STREAM_INTERVAL", "0.005"))
 
 
 class ServerBusy(Exception):
@@ -54,7 +57,8 @@ class Job:
     def __init__(self, loop: asyncio.AbstractEventLoop, n: int, stream_interval: float = 0.0):
         self._loop = loop
         self.n = n
-        self.stream_interval = stream_interval
+        self.stream_interval = (STREAM_INTERVAL_S if stream_interval is None
+                                else stream_interval)
         self._last_take: float | None = None
         self.requests: list[BatchRequest] = []
         self._wake = asyncio.Event()
@@ -112,10 +116,11 @@ class Scheduler:
     """Admits jobs onto one Batcher of `max_concurrency` rows with a line of `max_queue`."""
 
     def __init__(self, engine: Engine, max_concurrency: int, max_queue: int,
-                 stream_interval: float = 0.005):
+                 stream_interval: float | None = None):
         self.batcher = Batcher(engine, max_rows=max_concurrency, max_queue=max_queue)
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
-        self.stream_interval = stream_interval
+        self.stream_interval = (STREAM_INTERVAL_S if stream_interval is None
+                                else stream_interval)
 
     @property
     def running(self) -> int:
