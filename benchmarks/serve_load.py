@@ -69,6 +69,9 @@ def parse_args() -> argparse.Namespace:
                         "1 by default: a small model is overhead-bound, and on a loaded machine "
                         "OpenMP threads that spin-wait for each other cost 40x")
     p.add_argument("--request-timeout", type=float, default=120.0)
+    p.add_argument("--ratio-rounds", type=int, default=4,
+                   help="alternate this many 3 s slices of Engine and of one streaming client "
+                        "(a loaded machine's speed drifts: slices side by side compare fairly)")
     return p.parse_args()
 
 
@@ -176,13 +179,14 @@ async def client(cid: int, clients: int, http: httpx.AsyncClient, url: str, spec
         k += 1
 
 
-async def load(url: str, clients: int, specs, expected, args) -> tuple[list[Result], float]:
+async def load(url: str, clients: int, specs, expected, args,
+               duration: float | None = None) -> tuple[list[Result], float]:
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     timeout = httpx.Timeout(args.request_timeout)
     results: list[Result] = []
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
         t0 = time.perf_counter()
-        stop_at = t0 + args.duration
+        stop_at = t0 + (args.duration if duration is None else duration)
         await asyncio.gather(*(client(c, clients, http, url, specs, expected, args, stop_at,
                                       results) for c in range(clients)))
         elapsed = time.perf_counter() - t0  # includes finishing the requests started in time
@@ -196,13 +200,13 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
-def engine_tokens_per_s(run_dir: Path, specs, args) -> float:
+def engine_tokens_per_s(run_dir: Path, specs, args, seconds: float = 10.0) -> float:
     """The Engine's own single-stream speed on the same requests, in this process."""
     from minigpt import load as load_run
 
     engine = load_run(run_dir, device="cpu")
     tokens, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < min(args.duration, 10.0):
+    while time.perf_counter() - t0 < seconds:
         for prompt, seed in specs[:6]:
             events = engine.stream(prompt, max_new_tokens=args.max_tokens,
                                    temperature=args.temperature, seed=seed)
@@ -229,6 +233,23 @@ def summarize(clients: int, results: list[Result], elapsed: float, args) -> dict
     }
 
 
+def one_client_ratio(url: str, run_dir: Path, specs, expected, args) -> float | None:
+    """One streaming client's tokens/s over the Engine's, from alternating 3 s slices."""
+    if not args.ratio_rounds:
+        return None
+    engine_tokens = served_tokens = engine_s = served_s = 0.0
+    for _ in range(args.ratio_rounds):
+        tps = engine_tokens_per_s(run_dir, specs, args, seconds=3.0)
+        engine_tokens, engine_s = engine_tokens + tps * 3.0, engine_s + 3.0
+        results, elapsed = asyncio.run(load(url, 1, specs, expected, args, duration=3.0))
+        served_tokens += sum(r.tokens for r in results if r.ok)
+        served_s += elapsed
+    ratio = (served_tokens / served_s) / (engine_tokens / engine_s)
+    print(f"alternating slices: Engine {engine_tokens / engine_s:.0f} tokens/s, one streaming "
+          f"client {served_tokens / served_s:.0f} tokens/s: {100 * ratio:.0f}%", flush=True)
+    return ratio
+
+
 def main() -> int:
     args = parse_args()
     if args.threads:
@@ -250,6 +271,7 @@ def main() -> int:
         log_path = Path(tmp) / "server.log"
         proc, url = start_server(args, log_path)
         try:
+            ratio = one_client_ratio(url, run_dir, specs, expected, args)
             for clients in counts:
                 print(f"server {url}: {args.max_concurrency} rows, queue {args.max_queue}; "
                       f"{clients} streaming clients for {args.duration:.0f}s", flush=True)
@@ -276,14 +298,17 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     one = rows[0]["tokens_per_s"] if rows and rows[0]["clients"] == 1 else None
     for r in rows:
-        ratio = f"{r['tokens_per_s'] / one:.1f}x" if one else "-"
-        print(f"| {r['clients']} | {r['tokens_per_s']:,.0f} | {ratio} | {r['requests_per_s']} | "
+        vs = f"{r['tokens_per_s'] / one:.1f}x" if one else "-"
+        print(f"| {r['clients']} | {r['tokens_per_s']:,.0f} | {vs} | {r['requests_per_s']} | "
               f"{r['ttft_p50_s']} / {r['ttft_p99_s']} s | {r['latency_p50_s']} / "
               f"{r['latency_p99_s']} s | {r['ok']} | {r['answered_429']} | "
               f"{r['mixed']} / {r['diverged']} / {r['errors']} |")
     if one:
         print(f"1 streaming client: {100 * one / engine_tps:.0f}% of the Engine's single stream")
+    if ratio is not None:
+        print(f"1 streaming client, alternating slices: {100 * ratio:.0f}% of the Engine's")
     print(json.dumps({"engine_tokens_per_s": round(engine_tps, 1), "phases": rows,
+                      "one_client_ratio": ratio and round(ratio, 3),
                       "engine_before_after": [round(before, 1), round(after, 1)],
                       "max_tokens": args.max_tokens, "max_concurrency": args.max_concurrency,
                       "max_queue": args.max_queue, "run_dir": str(run_dir)}))

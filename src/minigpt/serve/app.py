@@ -43,7 +43,8 @@ DEFAULT_MAX_CONCURRENCY = 32  # rows in the one batch: 32 users decode at about 
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-SWITCH_INTERVAL_S = float(os.environ.get("MINIGPT_SWITCH_INTERVAL", "0.0005"))
+_SWITCH = os.environ.get("MINIGPT_SWITCH_INTERVAL")
+SWITCH_INTERVAL_S = float(_SWITCH) if _SWITCH else None
 
 
 def create_app(
@@ -453,9 +454,11 @@ def serve(
         f"http://{shown}:{bound_port}/",
         flush=True,
     )
-    # The batcher thread and the event loop take turns on the GIL: at Python's default 5 ms switch
-    # interval a token ready on one thread can wait up to 5 ms for the other to send it.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    # The batcher thread and the event loop take turns on the GIL. A shorter switch interval than
+    # Python's 5 ms was a suspect for the per-token cost, but measured on a loaded 2-core machine
+    # it did not help (docs/server.md), so it is only an option.
+    if SWITCH_INTERVAL_S is not None:
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
     try:
         uvicorn.Server(config).run(sockets=[sock])
