@@ -230,3 +230,25 @@ def test_the_thread_streams_to_a_blocking_reader_and_close_ends_requests(engine)
         batcher.close()
     events = list(endless)  # ends (no error) once the batcher is closed
     assert endless.done and all(e.finish_reason is None for e in events)
+
+
+def test_a_failing_step_fails_its_requests_and_the_batcher_goes_on(engine, monkeypatch):
+    batcher = Batcher(engine, max_rows=2, start=False)
+    req = batcher.submit("ab", max_new_tokens=5, temperature=0)
+    batcher.step()  # prefilled, first token out
+
+    def broken(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(batcher.decode, "rows", broken)
+    batcher.step()
+    events, done = req.drain()  # the token made before the failure still arrives
+    assert len(events) == 1 and not done
+    with pytest.raises(RuntimeError, match="out of memory"):
+        req.drain()
+    assert batcher.rows_in_use == 0 and not batcher.rows
+    monkeypatch.undo()
+    after = batcher.submit("ab", max_new_tokens=5, temperature=0)
+    while not after.done:
+        batcher.step()
+    assert collect(after)[1] == engine.generate("ab", max_new_tokens=5, temperature=0)

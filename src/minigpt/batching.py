@@ -242,7 +242,7 @@ class Batcher:
         """One step by hand (a batcher made with start=False): admit, decode, prefill."""
         with self._lock:
             self._admit()
-        self._step()
+        self._step_or_fail()
 
     # ---- the batcher thread ------------------------------------------------------------------
 
@@ -255,11 +255,14 @@ class Batcher:
                     if self._closed:
                         break
                     self._admit()
-                try:
-                    self._step()
-                except Exception as e:  # fail the requests in the batch, keep serving the rest
-                    self._fail_all(e)
+                self._step_or_fail()
         self._fail_all(None)
+
+    def _step_or_fail(self) -> None:
+        try:
+            self._step()
+        except Exception as e:  # fail the requests in the batch, keep serving the ones to come
+            self._fail_all(e)
 
     def _admit(self) -> None:
         """Line -> rows, first come first served (lock held)."""
