@@ -159,3 +159,13 @@ def test_text_ready_while_the_client_is_not_reading_goes_out_as_one_chunk():
     choice = json.loads(events[0].removeprefix("data: "))["choices"][0]
     assert choice["text"] == engine.generate("the ", max_new_tokens=10, temperature=0)
     assert choice["finish_reason"] == "length"
+
+
+def test_a_bad_stream_interval_is_a_config_error(monkeypatch):
+    import pytest
+
+    from minigpt.errors import ConfigError
+
+    monkeypatch.setenv("MINIGPT_STREAM_INTERVAL", "soon")
+    with pytest.raises(ConfigError, match="MINIGPT_STREAM_INTERVAL must be a number of seconds"):
+        create_app(tiny_engine())

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import hmac
 import json
-import os
 import socket
 import sys
 import time
@@ -36,15 +35,13 @@ from ..errors import ConfigError, TokenizerError
 from . import openai_api as oa
 from .metrics import CONTENT_TYPE, Metrics, StatusCounter
 from .openai_api import APIError, CompletionRequest
-from .slots import Delta, Job, JobFailed, Scheduler, ServerBusy
+from .slots import Delta, Job, JobFailed, Scheduler, ServerBusy, env_seconds
 
 DEFAULT_MAX_TOKENS_LIMIT = 1024
-DEFAULT_MAX_CONCURRENCY = 32  # rows in the one batch: 32 users decode at about 8x one user's cost
+DEFAULT_MAX_CONCURRENCY = 32  # rows in the one decoding batch; a request with n samples takes n
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-_SWITCH = os.environ.get("MINIGPT_SWITCH_INTERVAL")
-SWITCH_INTERVAL_S = float(_SWITCH) if _SWITCH else None
 
 
 def create_app(
@@ -457,8 +454,9 @@ def serve(
     # The batcher thread and the event loop take turns on the GIL. A shorter switch interval than
     # Python's 5 ms was a suspect for the per-token cost, but measured on a loaded 2-core machine
     # it did not help (docs/server.md), so it is only an option.
-    if SWITCH_INTERVAL_S is not None:
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
+    switch = env_seconds("MINIGPT_SWITCH_INTERVAL", None)
+    if switch:
+        sys.setswitchinterval(switch)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
     try:
         uvicorn.Server(config).run(sockets=[sock])

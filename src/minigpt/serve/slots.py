@@ -27,9 +27,22 @@ from typing import Any
 
 from ..batching import Batcher, BatcherBusy, BatchRequest
 from ..engine import Engine
+from ..errors import ConfigError
 from ..sampling import SamplingParams
 
-STREAM_INTERVAL_S = float(os.environ.get("MINIGPT_STREAM_INTERVAL", "0.005"))
+
+def env_seconds(name: str, default: float | None) -> float | None:
+    """A duration in seconds from the environment; a bad value is a one-line ConfigError."""
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"{name} must be a number of seconds >= 0, got {raw!r}")
+    return value
 
 
 class ServerBusy(Exception):
@@ -57,8 +70,8 @@ class Job:
     def __init__(self, loop: asyncio.AbstractEventLoop, n: int, stream_interval: float = 0.0):
         self._loop = loop
         self.n = n
-        self.stream_interval = (STREAM_INTERVAL_S if stream_interval is None
-                                else stream_interval)
+        self.stream_interval = (env_seconds("MINIGPT_STREAM_INTERVAL", 0.005)
+                                if stream_interval is None else stream_interval)
         self._last_take: float | None = None
         self.requests: list[BatchRequest] = []
         self._wake = asyncio.Event()
@@ -117,10 +130,10 @@ class Scheduler:
 
     def __init__(self, engine: Engine, max_concurrency: int, max_queue: int,
                  stream_interval: float | None = None):
+        self.stream_interval = (env_seconds("MINIGPT_STREAM_INTERVAL", 0.005)
+                                if stream_interval is None else stream_interval)
         self.batcher = Batcher(engine, max_rows=max_concurrency, max_queue=max_queue)
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
-        self.stream_interval = (STREAM_INTERVAL_S if stream_interval is None
-                                else stream_interval)
 
     @property
     def running(self) -> int:
