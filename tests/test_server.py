@@ -91,30 +91,37 @@ def url(engine):
 
 
 class FirstTokenGate:
-    """The real engine, except that every generation pauses after its first token until `go` is
-    set. The test sets it once it has *seen* that first token arrive, so "the text streamed in
-    pieces" is shown by an event, not by generation happening to be slower than the network."""
+    """The real engine, except that generation pauses after the first token until `go` is set.
+    The test sets it once it has *seen* that first token arrive, so "the text streamed in pieces"
+    is shown by an event, not by generation happening to be slower than the network.
+
+    The batcher turns every token into text with `tokenizer.token_bytes` on its own thread, so the
+    gate holds it there at the second token: the first has been sent on by then. Only the batcher
+    thread is held: the event loop names tokens with it too (logprobs, e.g. the playground's)."""
 
     def __init__(self, engine):
         self.engine = engine
         self.go = threading.Event()
+        self.tokenizer = _GatedTokenizer(engine.tokenizer, self.go)
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def stream(self, *args, **kwargs):
-        events = self.engine.stream(*args, **kwargs)
 
-        def gated():
-            try:
-                for i, event in enumerate(events):
-                    yield event
-                    if i == 0:
-                        assert self.go.wait(60), "the test never released the first token"
-            finally:
-                events.close()
+class _GatedTokenizer:
+    def __init__(self, tokenizer, go):
+        self.tokenizer, self.go, self.calls = tokenizer, go, 0
 
-        return gated()
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def token_bytes(self, token):
+        if threading.current_thread().name != "minigpt-batcher":
+            return self.tokenizer.token_bytes(token)  # the event loop naming tokens for logprobs
+        self.calls += 1
+        if self.calls == 2:
+            assert self.go.wait(60), "the test never released the first token"
+        return self.tokenizer.token_bytes(token)
 
 
 @pytest.fixture

@@ -178,9 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto",
                    help="auto | float32 | bfloat16 | float16 weights (auto: bf16 on GPUs, fp32 on CPU)")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens accepted")
-    p.add_argument("--max-concurrency", type=int, default=4, help="requests generating at once")
+    p.add_argument("--max-concurrency", type=int, default=32,
+                   help="rows in the one decoding batch (a request with n samples takes n)")
     p.add_argument("--max-queue", type=int, default=64,
-                   help="requests waiting for a slot; beyond that the server answers 429")
+                   help="requests waiting for rows; beyond that the server answers 429")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="JSON chat template for /v1/chat/completions (default: the run's "
                         "chat_template.json, else 'System:/User:/Assistant:' lines; docs/server.md)")

@@ -9,6 +9,11 @@ the current weights), skips the module calls and the reshapes a single token doe
 looks up its position's rotary rows instead of slicing tables. Prompts and cache rebuilds still go
 through GPT.forward. Its logits equal GPT.forward's to float32 rounding, for every layout
 (tests/test_decode.py).
+
+`DecodeStep.rows` is the same step for a continuous batch (`batching.py`): every row at its own
+position, so learned and rotary positions are looked up per row and each row's query is masked to
+its own keys. When every row is at the same position it needs no mask and runs exactly the
+arithmetic of `__call__`.
 """
 
 from __future__ import annotations
@@ -75,6 +80,69 @@ class DecodeStep:
             x = x + F.linear(h, wo, bo)
         cache.advance(1)
         return F.linear(self.norm(x, m.ln_f.weight, getattr(m.ln_f, "bias", None)), m.lm_head.weight)
+
+
+    def rows(self, tokens: torch.Tensor, positions: list[int], cache: KVCache) -> torch.Tensor:
+        """tokens (b,) for cache rows 0..b-1, row r at position positions[r] -> logits (b, vocab).
+
+        The cache does not track per-row lengths: the caller advances its own (`batching`)."""
+        cfg, m = self.cfg, self.model
+        B, C, H, D = tokens.size(0), cfg.n_embd, cfg.n_head, self.head_dim
+        top = max(positions)
+        if top >= cfg.block_size:
+            raise ValueError(f"sequence of {top + 1} exceeds block_size {cfg.block_size}")
+        pos = torch.tensor(positions, device=tokens.device)
+        index = pos.view(B, 1, 1, 1).expand(B, H, 1, D)
+        # rows shorter than the longest one must not see the stale keys past their own length
+        mask = None
+        if min(positions) != top:
+            keys = torch.arange(top + 1, device=tokens.device)
+            mask = (keys <= pos.view(B, 1)).view(B, 1, 1, top + 1)
+        x = m.wte.weight[tokens]  # (B, C)
+        if self.rope:
+            cos, sin = self.cos[pos].view(B, 1, 1, 1, D), self.sin[pos].view(B, 1, 1, 1, D)
+        else:
+            x = x + m.wpe.weight[pos]
+        for i, (w1, b1, wa, ba, wp, bp, w2, b2, wf, bf, wo, bo) in enumerate(self.layers):
+            qkv = F.linear(self.norm(x, w1, b1), wa, ba).view(B, 3, H, 1, D)
+            qk = qkv.narrow(1, 0, 2)
+            if self.rope:
+                rotated = qk * cos + qk.roll(D // 2, dims=-1) * sin
+                qk = rotated if rotated.dtype == qk.dtype else rotated.to(qk.dtype)
+            if self.qk_norm:
+                qk = self.qk_norm(qk)
+            q, k = qk.unbind(1)
+            k, v = cache.update_rows(i, k, qkv.select(1, 2), index, top + 1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = x + F.linear(y.view(B, C), wp, bp)
+            h = F.linear(self.norm(x, w2, b2), wf, bf)
+            h = torch.relu_(h).square_() if self.gelu is None else F.gelu(h, approximate=self.gelu)
+            x = x + F.linear(h, wo, bo)
+        return F.linear(self.norm(x, m.ln_f.weight, getattr(m.ln_f, "bias", None)), m.lm_head.weight)
+
+
+def prefill(model: GPT, tokens: torch.Tensor, cache: KVCache, logits: bool = True
+            ) -> torch.Tensor | None:
+    """GPT.forward's arithmetic for a prompt (or a chunk of one) continuing at cache.pos, with
+    the head applied to the last position only (the only one anybody samples from), or not at
+    all (`logits=False`: a cache rebuild). tokens (B, T) -> logits (B, vocab) or None."""
+    B, T = tokens.shape
+    start, cfg = cache.pos, model.config
+    if start + T > cfg.block_size:
+        raise ValueError(f"sequence of {start + T} exceeds block_size {cfg.block_size}")
+    x = model.wte(tokens)
+    rope = None
+    if cfg.pos_emb == "learned":
+        x = x + model.wpe.weight[start : start + T]
+    else:
+        rope = (model.rope_cos[start : start + T, None, None],
+                model.rope_sin[start : start + T, None, None])
+    for i, block in enumerate(model.h):
+        x = block(x, rope, i, cache)
+    cache.advance(T)
+    if not logits:
+        return None
+    return model.lm_head(model.ln_f(x[:, -1]))
 
 
 # The model's norms, as functions: nn.LayerNorm's eps (1e-5) and make_norm's RMSNorm eps (1e-6); the

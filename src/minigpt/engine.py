@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import rundir
-from .decode import DecodeStep
+from .decode import DecodeStep, prefill
 from .device import resolve_device, resolve_dtype
 from .errors import CheckpointError
 from .kv_cache import KVCache
@@ -107,8 +107,7 @@ class Engine:
         cache = KVCache.for_model(self.model, rows)
         decode = DecodeStep(self.model)
         mask = Utf8Mask(self.utf8_table, rows, self.device) if self.utf8_masking(params) else None
-        logits, _ = self.model(tokens[:, :n], kv_cache=cache)  # the prompt, in one forward
-        last = logits[:, -1]
+        last = prefill(self.model, tokens[:, :n], cache)  # the prompt, in one forward
         for i in range(steps):
             if mask is not None:
                 last = mask.apply(last)
@@ -123,11 +122,11 @@ class Engine:
             if i == steps - 1:
                 return  # no forward for a token nobody will sample
             if cache.pos == T:  # window full: rebuild the cache from the most recent tokens
+                # (all but the newest, which the decode step then adds: batching.py does the same)
                 cache.reset()
-                logits, _ = self.model(tokens[:, n - keep : n], kv_cache=cache)
-                last = logits[:, -1]
-            else:
-                last = decode(tokens[:, n - 1], cache)
+                if keep > 1:
+                    prefill(self.model, tokens[:, n - keep : n - 1], cache, logits=False)
+            last = decode(tokens[:, n - 1], cache)
 
     @torch.inference_mode()
     def score(self, prompt_ids: Sequence[int], k: int) -> list[tuple[float | None, list]]:

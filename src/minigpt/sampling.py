@@ -12,8 +12,8 @@ import torch
 
 from .config import SamplingParams
 
-__all__ = ["SamplingParams", "TokenLogprobs", "filter_logits", "sample_next_token",
-           "sampling_logprobs", "token_logprobs"]
+__all__ = ["SamplingParams", "TokenLogprobs", "choose_tokens", "filter_logits", "sample_next_token",
+           "sampling_logprobs", "token_logprobs", "uniforms"]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None,
@@ -41,13 +41,31 @@ def sample_next_token(
 ) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,). temperature 0 is greedy (argmax)."""
     if temperature == 0:
+        return choose_tokens(logits, 0, None, None, None)
+    return choose_tokens(logits, temperature, top_k, top_p, uniforms(generator, logits.size(0),
+                                                                     logits.device))
+
+
+def uniforms(generator: torch.Generator | None, rows: int, device: torch.device | str = "cpu"
+             ) -> torch.Tensor:
+    """The random draws of one sampling step: one uniform per row, (rows, 1), float32."""
+    return torch.rand(rows, 1, generator=generator, device=device, dtype=torch.float32)
+
+
+def choose_tokens(logits: torch.Tensor, temperature: float, top_k: int | None,
+                  top_p: float | None, u: torch.Tensor | None) -> torch.Tensor:
+    """The one place a next token is chosen, for a single stream and for a batch alike: logits
+    (B, V) and the rows' uniforms u (B, 1) (from `uniforms`, None when greedy) -> token ids (B,).
+
+    Each row's result depends only on its own logits and its own uniform, so rows of different
+    requests (each with its own generator) can be chosen in one call."""
+    if temperature == 0:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
     # inverse-CDF sampling: one uniform per row, the token whose cumulative-probability interval
     # holds it. Same distribution as torch.multinomial at half its cost per decoded token on CPU.
     cdf = logits.softmax(dim=-1).cumsum_(dim=-1)
-    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
-    return (cdf < u * cdf[:, -1:]).sum(dim=-1)
+    return (cdf < u.to(cdf.device) * cdf[:, -1:]).sum(dim=-1)
 
 
 @dataclass

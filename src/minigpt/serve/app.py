@@ -1,12 +1,12 @@
 """`minigpt serve`: an OpenAI-compatible HTTP API over `Engine`, with streaming, auth and a playground.
 
-Endpoints: `GET /` (playground page), `GET /health`, `GET /v1/models`, `GET /v1/models/{id}`,
-`POST /v1/completions` (OpenAI Completions API, SSE streaming), `POST /v1/chat/completions` (Chat
-Completions, through the plain-text template of `chat`; request and reply shapes in `chat_api`). With an API key set, every `/v1/*`
-request needs `Authorization: Bearer KEY`. Requests are checked in `openai_api`; generation runs in
-`slots` worker threads, never on the event loop; stop strings are cut here (`stop_strings`).
-Several threads call `Engine.stream` at once: the server relies on each call owning its KV cache and
-generator (tests/test_server.py::test_concurrent_streams_are_not_mixed_up checks it).
+Endpoints: `GET /` (playground page), `GET /health`, `GET /metrics` (Prometheus), `GET /v1/models`,
+`GET /v1/models/{id}`, `POST /v1/completions` (OpenAI Completions API, SSE streaming),
+`POST /v1/chat/completions` (Chat Completions, through the plain-text template of `chat`; request
+and reply shapes in `chat_api`). With an API key set, every `/v1/*` request needs
+`Authorization: Bearer KEY`. Requests are checked in `openai_api`; generation runs in one
+continuous batch on the batcher's thread (`slots`, over `minigpt.batching`), never on the event
+loop; stop strings end a row there too, and its logprobs stop with its text.
 
     app = create_app(minigpt.load("runs/x"), api_key="secret")   # in-process, e.g. for tests
     serve("runs/x", port=8000)                                    # what the CLI runs
@@ -20,8 +20,8 @@ import hmac
 import json
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -42,12 +42,12 @@ from .chat import ChatTemplate, load_template
 from .chat_api import ChatReply, parse_chat_request
 from .inspect_api import register_inspect
 from .logprobs import Scored
+from .metrics import CONTENT_TYPE, Metrics, StatusCounter
 from .openai_api import APIError, CompletionRequest
-from .slots import Job, JobFailed, Scheduler, ServerBusy
-from .stop_strings import StopMatcher
+from .slots import Delta, Job, JobFailed, Scheduler, ServerBusy, env_seconds
 
 DEFAULT_MAX_TOKENS_LIMIT = 1024
-DEFAULT_MAX_CONCURRENCY = 4
+DEFAULT_MAX_CONCURRENCY = 32  # rows in the one decoding batch; a request with n samples takes n
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -77,7 +77,8 @@ def create_app(
     ):
         if value < lo:
             raise ConfigError(f"{name} must be >= {lo}, got {value}")
-    scheduler = Scheduler(max_concurrency, max_queue)
+    scheduler = Scheduler(engine, max_concurrency, max_queue)
+    metrics = Metrics(scheduler.stats)
     created = oa.now()
 
     @contextlib.asynccontextmanager
@@ -89,6 +90,7 @@ def create_app(
         title="minigpt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.state.scheduler = scheduler
+    app.add_middleware(StatusCounter, metrics=metrics)
     _install_error_handlers(app)
 
     page = resources.files("minigpt.serve").joinpath("static/playground.html").read_text("utf-8")
@@ -110,6 +112,10 @@ def create_app(
             "waiting": scheduler.waiting,
         }
 
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_bearer_auth(api_key))])
 
     @v1.get("/models")
@@ -129,13 +135,15 @@ def create_app(
 
     async def generate(request: Request, req: CompletionRequest, param: str,
                        make_reply: Callable[[int], Any]) -> Response:
+        received = time.perf_counter()
         req.utf8_mask = utf8_mask
-        # Encoding is synchronous work proportional to the prompt: keep it off the event loop too.
+        _check_fits(req.n, max_concurrency)
+        # Encoding (and scoring an echoed prompt) is synchronous work proportional to the prompt:
+        # keep it off the event loop too.
         prompt_ids = await asyncio.to_thread(_encode_prompts, engine, req.prompts, param)
-        try:
-            job = scheduler.submit(partial(run_completion, engine, req, prompt_ids))
-        except ServerBusy as e:
-            raise APIError(429, str(e), code="server_busy", type="server_busy") from None
+        echoed = await asyncio.to_thread(_echo_scores, engine, req, prompt_ids)
+        job = _submit(scheduler, prompt_ids, req, echoed)
+        job.timer = _Timer(metrics, received)
         reply = make_reply(sum(len(ids) for ids in prompt_ids))
         if req.stream:
             return _GenerationStream(reply.sse(job), job)
@@ -161,58 +169,47 @@ def create_app(
     return app
 
 
-# ---- generation (runs in a worker thread) --------------------------------------------------------
+# ---- generation (runs on the batcher's thread) ---------------------------------------------------
 
 
-@dataclass
-class Delta:
-    """New text of one choice; the last delta of a choice has its finish_reason and token count."""
-
-    index: int
-    text: str
-    finish_reason: str | None = None
-    tokens: int = 0
-    scores: list[Scored] = field(default_factory=list)  # with logprobs: the tokens of `text`
+def _check_fits(n: int, rows: int) -> None:
+    if n > rows:
+        raise APIError(400, f"n must be <= {rows}, the rows in this server's batch "
+                       f"(--max-concurrency), got {n}", param="n", code="invalid_value")
 
 
-def run_completion(
-    engine: Engine, req: CompletionRequest, prompt_ids: list[list[int]], job: Job
-) -> None:
-    """Generate every choice of `req` into `job`, stopping between tokens once the job is cancelled."""
-    n, params = req.n, req.sampling()
-    scoring = req.logprobs is not None
-    for p, ids in enumerate(prompt_ids):
-        base = len(req.prompts[p]) if req.echo else 0  # text_offset counts the echoed prompt
-        if scoring and req.echo:
-            prompt_scores = lp.prompt_scores(engine, ids, req.logprobs)
-            for i in range(n):
-                job.put(Delta(p * n + i, "", scores=prompt_scores))
-        stops = [StopMatcher(req.stop) for _ in range(n)]
-        tracks = [lp.Track(engine.tokenizer, base) for _ in range(n)]
-        counts = [0] * n
-        done = [False] * n
-        events = engine.stream(ids, params)
-        try:
-            for ev in events:
-                if job.cancelled:
-                    return
-                i = ev.index
-                if done[i]:  # already cut at a stop string; the batch goes on for the others
-                    continue
-                counts[i] += ev.token is not None
-                tracks[i].add(ev)
-                text = stops[i].feed(ev.text)
-                finish = "stop" if stops[i].stopped else ev.finish_reason
-                if finish is not None:
-                    done[i] = True
-                    text += stops[i].flush()
-                scores = tracks[i].release(text, finish is not None, stops[i].stopped)
-                if text or finish or scores:
-                    job.put(Delta(p * n + i, text, finish, counts[i], scores))
-                if all(done):
-                    break
-        finally:
-            events.close()
+def _echo_scores(engine: Engine, req: CompletionRequest,
+                 prompt_ids: list[list[int]]) -> list[list[Scored]] | None:
+    """With echo + logprobs: each prompt's tokens scored by the model (`Engine.score`)."""
+    if not (req.echo and req.logprobs is not None):
+        return None
+    return [lp.prompt_scores(engine, ids, req.logprobs) for ids in prompt_ids]
+
+
+def _submit(scheduler: Scheduler, prompt_ids: list[list[int]], req: CompletionRequest,
+            echoed: list[list[Scored]] | None = None) -> Job:
+    # text_offset counts an echoed prompt
+    bases = [len(p) if req.echo else 0 for p in req.prompts]
+    try:
+        return scheduler.submit(prompt_ids, req.sampling(), req.stop, bases=bases,
+                                echoed=echoed)
+    except ServerBusy as e:
+        raise APIError(429, str(e), code="server_busy", type="server_busy") from None
+
+
+class _Timer:
+    """Time to first text and to the end of one request, into the /metrics histograms."""
+
+    def __init__(self, metrics: Metrics, received: float):
+        self.metrics, self.received, self.first = metrics, received, False
+
+    def text(self) -> None:
+        if not self.first:
+            self.first = True
+            self.metrics.ttft.observe(time.perf_counter() - self.received)
+
+    def end(self) -> None:
+        self.metrics.latency.observe(time.perf_counter() - self.received)
 
 
 def _encode_prompts(engine: Engine, prompts: list[str], param: str = "prompt") -> list[list[int]]:
@@ -282,7 +279,8 @@ class _Reply:
         tokens = 0
         try:
             while (batch := await job.next_batch()) is not None:
-                # Under load several tokens may be ready at once: one chunk per choice, not per token.
+                # Several tokens may be ready at once (the client reads slower than the model
+                # writes): one chunk per choice, not per token, and one write for all of them.
                 merged: dict[int, list[Any]] = {}
                 for d in batch:
                     entry = merged.setdefault(d.index, ["", None, []])
@@ -291,8 +289,8 @@ class _Reply:
                     if d.finish_reason:
                         entry[1] = d.finish_reason
                         tokens += d.tokens
-                for i, (text, finish, scores) in merged.items():
-                    yield self._chunk([oa.choice(i, text, finish, self._logprobs(scores))])
+                yield "".join(self._chunk([oa.choice(i, text, finish, self._logprobs(scores))])
+                              for i, (text, finish, scores) in merged.items())
         except JobFailed as e:
             # The 200 header is long gone: report in-band, the way OpenAI's stream does.
             err = oa.error_body(f"generation failed: {e.args[0]}", "server_error")
@@ -313,8 +311,8 @@ async def _next_or_500(job: Job) -> list[Delta] | None:
 class _GenerationStream(StreamingResponse):
     """An SSE response that cancels its job however it ends: done, client gone, or server stopping.
 
-    The client is watched for a disconnect the whole time, including while the job waits for a
-    slot and nothing is being sent, so a client that leaves never keeps a slot.
+    The client is watched for a disconnect the whole time, including while the job waits
+    for rows and nothing is being sent, so a client that leaves never keeps its rows.
     """
 
     def __init__(self, content: AsyncIterator[str], job: Job):
@@ -451,6 +449,25 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _announce(sock: socket.socket, host: str, model_id: str, step: int | None,
+              api_key: str | None) -> None:
+    """Print where the server listens (and warn when it listens beyond loopback with no key)."""
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    if api_key is None and host not in LOOPBACK:
+        print(
+            f"minigpt: warning: serving on {host} without an API key: anyone who can reach "
+            "this port can use the model (set --api-key or MINIGPT_API_KEY)",
+            file=sys.stderr,
+        )
+    print(
+        f"minigpt: serving model '{model_id}' (step {step}) on http://{shown}:{bound_port} "
+        f"({'API key required' if api_key else 'no API key'}); playground at "
+        f"http://{shown}:{bound_port}/",
+        flush=True,
+    )
+
+
 def serve(
     run_dir: str | Path,
     host: str = "127.0.0.1",
@@ -486,20 +503,13 @@ def serve(
         utf8_mask=utf8_mask,
     )
     sock = bind_socket(host, port)
-    bound_host, bound_port = sock.getsockname()[:2]
-    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    if api_key is None and host not in LOOPBACK:
-        print(
-            f"minigpt: warning: serving on {host} without an API key: anyone who can reach "
-            "this port can use the model (set --api-key or MINIGPT_API_KEY)",
-            file=sys.stderr,
-        )
-    print(
-        f"minigpt: serving model '{model_id}' (step {engine.step}) on http://{shown}:{bound_port} "
-        f"({'API key required' if api_key else 'no API key'}); playground at "
-        f"http://{shown}:{bound_port}/",
-        flush=True,
-    )
+    _announce(sock, host, model_id, engine.step, api_key)
+    # The batcher thread and the event loop take turns on the GIL. A shorter switch interval than
+    # Python's 5 ms was a suspect for the per-token cost, but measured on a loaded 2-core machine
+    # it did not help (docs/server.md), so it is only an option.
+    switch = env_seconds("MINIGPT_SWITCH_INTERVAL", None)
+    if switch:
+        sys.setswitchinterval(switch)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
     try:
         uvicorn.Server(config).run(sockets=[sock])

@@ -1,8 +1,9 @@
 """Log-probabilities on the wire: the engine's per-token scores as OpenAI's `logprobs` objects.
 
 The numbers come from the engine (`StreamEvent.logprob` / `top_logprobs`, computed by
-`sampling.token_logprobs`); this module only names tokens, tracks where each token's text starts,
-drops the tokens a stop string cut off, and shapes the completions and chat forms.
+`sampling.token_logprobs`, in the batcher as in `Engine.stream`); this module only names tokens
+and shapes the completions and chat forms. Where each token's text starts is counted in
+`slots.Job`; the tokens a stop string cut off the batcher has already dropped (`batching._cut`).
 
 A token's name is its text when its bytes are whole UTF-8 characters, else OpenAI's
 `bytes:\\xNN...` form (one byte of a multi-byte character from a byte-level model); special tokens are
@@ -16,7 +17,7 @@ import codecs
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine import Engine, StreamEvent
+from ..engine import Engine
 from ..tokenization import Tokenizer
 from ..tokenization.base import BOS, EOS
 
@@ -49,38 +50,6 @@ def scored(tokenizer: Tokenizer, token_id: int, logprob: float | None,
            top: list[tuple[int, float]], offset: int) -> Scored:
     alternatives = [(*name(tokenizer, t), lp) for t, lp in top]
     return Scored(*name(tokenizer, token_id), logprob, alternatives, offset)
-
-
-class Track:
-    """One choice's scored tokens, released as the stop-string matcher releases their text."""
-
-    def __init__(self, tokenizer: Tokenizer, base: int = 0):
-        self.tokenizer = tokenizer
-        self.pending: list[Scored] = []
-        # characters the engine produced so far, and those let through (the rest is held back or
-        # cut by a stop string); both start at `base`, the length of an echoed prompt
-        self.decoded = self.emitted = base
-
-    def add(self, ev: StreamEvent) -> None:
-        ends = ev.finish_reason == "stop" and ev.token == self.tokenizer.eos_id
-        if ev.logprob is not None and not ends:
-            self.pending.append(
-                scored(self.tokenizer, ev.token, ev.logprob, ev.top_logprobs or [], self.decoded))
-        self.decoded += len(ev.text)
-
-    def release(self, emitted_text: str, finished: bool, stopped: bool) -> list[Scored]:
-        """The tokens whose text has now been emitted (all of them once a choice ends uncut)."""
-        self.emitted += len(emitted_text)
-        if finished and not stopped:
-            out, self.pending = self.pending, []
-            return out
-        n = 0
-        while n < len(self.pending) and self.pending[n].offset < self.emitted:
-            n += 1
-        out, self.pending = self.pending[:n], self.pending[n:]
-        if finished:
-            self.pending = []  # what is left lies inside the stop string: never shown
-        return out
 
 
 def prompt_scores(engine: Engine, ids: list[int], k: int) -> list[Scored]:

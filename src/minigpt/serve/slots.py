@@ -1,163 +1,207 @@
-"""Bounded generation slots for the server: worker threads, a waiting line, and cancellation.
+"""The server's side of continuous batching: requests become `Job`s on one `batching.Batcher`.
 
-Generation is synchronous PyTorch code, so it never runs on the event loop: each request becomes a
-`Job` run by one of `max_concurrency` worker threads. Up to `max_queue` more jobs wait in line (FIFO);
-beyond that, `submit` raises `ServerBusy` at once (the server answers 429) instead of letting
-latency grow without bound. Cancelling a job (its client disconnected) takes it out of the line at
-once if it is waiting; if it is generating, its thread stops between two tokens and only then
-releases the slot, so the number of threads generating never exceeds the bound.
+Generation is synchronous PyTorch code, so it never runs on the event loop: the batcher's thread
+decodes every admitted request in one batch of `max_concurrency` rows. Up to `max_queue` more
+requests wait in line (FIFO); beyond that, `submit` raises `ServerBusy` at once (the server answers
+429) instead of letting latency grow without bound. Cancelling a job (its client disconnected)
+takes it out of the line at once if it is waiting, and frees its rows before the next step if it is
+generating.
 
-The worker thread hands results to the event loop through an asyncio queue
-(`loop.call_soon_threadsafe`), so the async side awaits items without polling.
+Results come back without a wake-up per token: the batcher calls a job's `notify` once, when the
+job has new events and none was pending, which sets an asyncio.Event through
+`loop.call_soon_threadsafe`; the job then takes every event ready by then. A client that reads
+slower than the model writes gets several tokens per wake-up, merged into one chunk per choice.
+And a job takes new text at most every `stream_interval` seconds (5 ms: far below what a reader
+notices, while the model makes a token every ~0.5 ms for one user on a CPU): every wake-up of the
+event loop costs Python work that holds the GIL the batcher thread needs, so one wake-up per token
+would cost a single fast stream a third of its speed. The first text of a job is never delayed.
+
+With `logprobs`, a job turns each event's scores (computed on the batcher's thread) into
+`logprobs.Scored` tokens with their character offsets; an echoed prompt's scores (`Engine.score`)
+come first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections import deque
-from collections.abc import Callable
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
+
+from ..batching import Batcher, BatcherBusy, BatchRequest
+from ..engine import Engine
+from ..errors import ConfigError
+from ..sampling import SamplingParams
+from ..tokenization import Tokenizer
+from . import logprobs as lp
+
+
+def env_seconds(name: str, default: float | None) -> float | None:
+    """A duration in seconds from the environment; a bad value is a one-line ConfigError."""
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"{name} must be a number of seconds >= 0, got {raw!r}")
+    return value
 
 
 class ServerBusy(Exception):
-    """Every slot is generating and the waiting line is full."""
-
-
-_END = object()  # marks the end of a job's items
+    """Every row is generating and the waiting line is full."""
 
 
 class JobFailed(Exception):
-    """The worker raised; carries its exception to the async side."""
+    """Generation raised; carries its exception to the async side."""
+
+
+@dataclass
+class Delta:
+    """New text of one choice; the last delta of a choice has its finish_reason and token count."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    tokens: int = 0
+    scores: list[lp.Scored] = field(default_factory=list)  # with logprobs: the tokens of `text`
 
 
 class Job:
-    """One request's generation: a cancel flag for the worker, a queue of items for the server."""
+    """One HTTP request's generation: one batcher request per prompt, choices numbered
+    prompt * n + sample as in OpenAI's API.
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        work: Callable[[Job], None],
-        on_cancel: Callable[[Job], None],
-    ):
+    With logprobs, each event's scores become `Scored` tokens at the character offset where its
+    text starts (after `bases[p]` characters of echoed prompt); the batcher has already cut text
+    and scores at the stop strings. `echoed[p]`, the scored prompt, comes first in each choice."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, n: int, stream_interval: float = 0.0,
+                 tokenizer: Tokenizer | None = None, bases: Sequence[int] = (),
+                 echoed: list[list[lp.Scored]] | None = None):
         self._loop = loop
-        self.work = work
-        self._on_cancel = on_cancel
-        self._items: asyncio.Queue[Any] = asyncio.Queue()
-        self._cancelled = threading.Event()
+        self.n = n
+        self.tokenizer, self.bases = tokenizer, list(bases)
+        self._chars: dict[int, int] = {}  # characters of each choice's text so far
+        self._echoed = echoed
+        self.timer: Any = None  # text() at the first text, end() at the end (the /metrics timer)
+        self.stream_interval = (env_seconds("MINIGPT_STREAM_INTERVAL", 0.005)
+                                if stream_interval is None else stream_interval)
+        self._last_take: float | None = None
+        self.requests: list[BatchRequest] = []
+        self._wake = asyncio.Event()
+        self._counts: dict[int, int] = {}
         self._ended = False
 
-    # --- worker-thread side
+    def notify(self) -> None:
+        """Called from the batcher thread: new events are ready."""
+        try:
+            self._loop.call_soon_threadsafe(self._wake.set)
+        except RuntimeError:  # the event loop is closed: the server is gone, nobody will read
+            self.cancel()
+
+    def cancel(self) -> None:
+        for req in self.requests:
+            req.cancel()
+
     @property
     def cancelled(self) -> bool:
-        return self._cancelled.is_set()
+        return any(req.cancelled for req in self.requests)
 
-    def put(self, item: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._items.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: the server is gone, nobody will read
-            self._cancelled.set()
+    def _take(self) -> tuple[list[Delta], bool]:
+        deltas, ended = [], True
+        if self._echoed is not None:
+            deltas = [Delta(p * self.n + i, "", scores=list(scores))
+                      for p, scores in enumerate(self._echoed) for i in range(self.n)]
+            self._echoed = None
+        for p, req in enumerate(self.requests):
+            try:
+                events, done = req.drain()
+            except Exception as e:
+                raise JobFailed(f"{type(e).__name__}: {e}") from e
+            ended &= done
+            for ev in events:
+                i = p * self.n + ev.index
+                count = self._counts[i] = self._counts.get(i, 0) + (ev.token is not None)
+                scores = self._score(p, i, ev)
+                if ev.text or ev.finish_reason or scores:
+                    deltas.append(Delta(i, ev.text, ev.finish_reason, count, scores))
+        return deltas, ended
 
-    # --- event-loop side
-    def cancel(self) -> None:
-        if not self._cancelled.is_set():
-            self._cancelled.set()
-            self._on_cancel(self)
+    def _score(self, p: int, i: int, ev: Any) -> list[lp.Scored]:
+        """The event's token as a `Scored` (none without logprobs, and none for the end-of-text
+        token that finishes a choice: it adds no text)."""
+        offset = self._chars.get(i, self.bases[p] if p < len(self.bases) else 0)
+        self._chars[i] = offset + len(ev.text)
+        tok = self.tokenizer
+        if ev.logprob is None or tok is None or (ev.finish_reason == "stop"
+                                                 and ev.token == tok.eos_id):
+            return []
+        return [lp.scored(tok, ev.token, ev.logprob, ev.top_logprobs or [], offset)]
 
-    async def next_batch(self) -> list[Any] | None:
-        """Wait for at least one item, then take all that are ready; None once the job has ended."""
-        if self._ended:
-            return None
-        batch = [await self._items.get()]
-        while not self._items.empty():
-            batch.append(self._items.get_nowait())
-        if batch[-1] is _END:
-            self._ended = True
-            batch.pop()
-        for item in batch:
-            if isinstance(item, JobFailed):
-                raise item
-        return batch or None
+    async def next_batch(self) -> list[Delta] | None:
+        """Wait for new text, then take all that is ready; None once every choice has ended."""
+        while not self._ended:
+            if self._last_take is not None:  # pacing only: what is taken never depends on it
+                wait = self._last_take + self.stream_interval - self._loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            self._wake.clear()  # before taking: a notify after the take wakes the wait below
+            deltas, self._ended = self._take()
+            if deltas:
+                self._last_take = self._loop.time()
+                if self.timer is not None:
+                    self.timer.text()
+                return deltas
+            if not self._ended:
+                await self._wake.wait()
+        if self.timer is not None:
+            self.timer.end()
+            self.timer = None
+        return None
 
 
 class Scheduler:
-    """Runs `work(job)` callables on a fixed pool of threads, with a bounded FIFO waiting line."""
+    """Admits jobs onto one Batcher of `max_concurrency` rows with a line of `max_queue`."""
 
-    def __init__(self, max_concurrency: int, max_queue: int):
-        if max_concurrency < 1 or max_queue < 0:
-            raise ValueError("need max_concurrency >= 1 and max_queue >= 0")
-        self.max_concurrency = max_concurrency
-        self.max_queue = max_queue
-        self._cond = threading.Condition()
-        self._line: deque[Job] = deque()
-        self._running = 0
-        self._running_jobs: set[Job] = set()
-        self._closed = False
-        self._threads = [
-            threading.Thread(target=self._worker, name=f"minigpt-generate-{i}", daemon=True)
-            for i in range(max_concurrency)
-        ]
-        for t in self._threads:
-            t.start()
+    def __init__(self, engine: Engine, max_concurrency: int, max_queue: int,
+                 stream_interval: float | None = None):
+        self.stream_interval = (env_seconds("MINIGPT_STREAM_INTERVAL", 0.005)
+                                if stream_interval is None else stream_interval)
+        self.batcher = Batcher(engine, max_rows=max_concurrency, max_queue=max_queue)
+        self.max_concurrency, self.max_queue = max_concurrency, max_queue
 
     @property
     def running(self) -> int:
-        return self._running
+        return self.batcher.running
 
     @property
     def waiting(self) -> int:
-        return len(self._line)
+        return self.batcher.waiting
 
-    def submit(self, work: Callable[[Job], None]) -> Job:
-        """Admit a job (or raise ServerBusy). Must be called from the event loop's thread."""
-        job = Job(asyncio.get_running_loop(), work, on_cancel=self._withdraw)
-        with self._cond:
-            if self._closed:
-                raise ServerBusy("the server is shutting down")
-            if self._running + len(self._line) >= self.max_concurrency + self.max_queue:
-                raise ServerBusy(
-                    f"all {self.max_concurrency} generation slots are busy and "
-                    f"{self.max_queue} requests are already waiting; retry later"
-                )
-            self._line.append(job)
-            self._cond.notify()
+    def submit(self, prompt_ids: list[list[int]], params: SamplingParams,
+               stop: Sequence[str] = (), bases: Sequence[int] = (),
+               echoed: list[list[lp.Scored]] | None = None) -> Job:
+        """Admit a job (or raise ServerBusy). Must be called from the event loop's thread.
+        `bases`/`echoed`: each prompt's echoed length and scored tokens (see `Job`)."""
+        job = Job(asyncio.get_running_loop(), params.num_samples, self.stream_interval,
+                  self.batcher.engine.tokenizer, bases, echoed)
+        try:
+            for ids in prompt_ids:
+                job.requests.append(self.batcher.submit(ids, params, stop=stop,
+                                                        notify=job.notify))
+        except BatcherBusy as e:
+            job.cancel()  # the prompts admitted before this one give their places back
+            raise ServerBusy(str(e)) from None
         return job
 
-    def _withdraw(self, job: Job) -> None:
-        """A cancelled job that is still waiting leaves the line at once (its client is gone)."""
-        with self._cond:
-            try:
-                self._line.remove(job)
-            except ValueError:
-                return  # already running: its thread stops at the next token
-        job.put(_END)
-
-    def _worker(self) -> None:
-        while True:
-            with self._cond:
-                while not self._line and not self._closed:
-                    self._cond.wait()
-                if not self._line:
-                    return
-                job = self._line.popleft()
-                self._running += 1
-                self._running_jobs.add(job)
-            try:
-                if not job.cancelled:
-                    job.work(job)
-            except Exception as e:  # every failure must reach the client, never kill the thread
-                job.put(JobFailed(e))
-            finally:
-                with self._cond:
-                    self._running -= 1
-                    self._running_jobs.discard(job)
-                job.put(_END)
+    def stats(self) -> dict[str, Any]:
+        b = self.batcher
+        return {"running": b.running, "waiting": b.waiting, "rows_in_use": b.rows_in_use,
+                "rows": b.max_rows, "steps": b.steps, "row_steps": b.row_steps,
+                "tokens_generated": b.tokens_generated}
 
     def close(self) -> None:
-        """Stop: waiting jobs end without generating, running ones at their next token."""
-        with self._cond:
-            self._closed = True
-            jobs = [*self._line, *self._running_jobs]
-            self._cond.notify_all()
-        for job in jobs:
-            job.cancel()
+        self.batcher.close()
