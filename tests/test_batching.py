@@ -26,10 +26,14 @@ ALPHABET = "abcdefgh ij\n"
 
 
 def tiny_engine(arch: str, block_size: int = 16) -> Engine:
+    """arch "gpt2", "modern" (today's default, QK-norm before rotary) or "modern-after-rope"
+    (the order of runs trained before the switch existed)."""
     tok = CharTokenizer.train([ALPHABET])
     torch.manual_seed(0)
+    arch, _, order = arch.partition("-")
+    extra = {"qk_norm_order": "after_rope"} if order == "after-rope" else {}
     model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=2,
-                            n_embd=16, arch=arch))
+                            n_embd=16, arch=arch, **extra))
     for p in model.parameters():  # not the init's ones and zeros: every weight must matter
         p.data.add_(torch.randn_like(p) * 0.3)
     return Engine(model, tok)
@@ -58,7 +62,7 @@ def run_schedule(batcher: Batcher, schedule: dict[int, list[dict]], steps: int =
     raise AssertionError("requests did not finish")
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+@pytest.mark.parametrize("arch", ["gpt2", "modern", "modern-after-rope"])
 def test_decode_rows_at_different_positions_match_the_model_forward(arch):
     engine = tiny_engine(arch)
     model, T = engine.model, engine.block_size

@@ -49,6 +49,19 @@ class DecodeStep:
         self.gelu = None if cfg.activation == "relu2" else (
             "none" if cfg.activation == "gelu" else "tanh")
 
+    def _rotate_and_norm(self, qk: torch.Tensor, cos: torch.Tensor | None,
+                         sin: torch.Tensor | None) -> torch.Tensor:
+        """Queries and keys (B, 2, H, 1, D) -> rotated and QK-normed in the layout's order, as
+        GPT.forward does; one place for the single-stream step and the per-row step."""
+        if self.qk_norm_first:
+            qk = self.qk_norm(qk)
+        if self.rope:
+            rotated = qk * cos + qk.roll(self.head_dim // 2, dims=-1) * sin
+            qk = rotated if rotated.dtype == qk.dtype else rotated.to(qk.dtype)
+        if self.qk_norm and not self.qk_norm_first:
+            qk = self.qk_norm(qk)
+        return qk
+
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tokens (B,) at position cache.pos -> logits (B, vocab); the cache advances by one."""
         cfg, m = self.cfg, self.model
@@ -57,21 +70,14 @@ class DecodeStep:
         if pos >= cfg.block_size:
             raise ValueError(f"sequence of {pos + 1} exceeds block_size {cfg.block_size}")
         x = m.wte.weight[tokens]  # (B, C)
+        cos = sin = None
         if self.rope:
             cos, sin = self.cos[pos], self.sin[pos]
         else:
             x = x + m.wpe.weight[pos]
         for i, (w1, b1, wa, ba, wp, bp, w2, b2, wf, bf, wo, bo) in enumerate(self.layers):
             qkv = F.linear(self.norm(x, w1, b1), wa, ba).view(B, 3, H, 1, D)
-            qk = qkv.narrow(1, 0, 2)  # queries and keys, (B, 2, H, 1, D)
-            if self.qk_norm_first:
-                qk = self.qk_norm(qk)
-            if self.rope:
-                rotated = qk * cos + qk.roll(D // 2, dims=-1) * sin
-                qk = rotated if rotated.dtype == qk.dtype else rotated.to(qk.dtype)
-            if self.qk_norm and not self.qk_norm_first:
-                qk = self.qk_norm(qk)
-            q, k = qk.unbind(1)
+            q, k = self._rotate_and_norm(qkv.narrow(1, 0, 2), cos, sin).unbind(1)
             k, v = cache.update(i, k, qkv.select(1, 2))  # (B, H, pos + 1, D)
             y = F.scaled_dot_product_attention(q, k, v)  # one query: it sees every key
             x = x + F.linear(y.view(B, C), wp, bp)
@@ -99,19 +105,14 @@ class DecodeStep:
             keys = torch.arange(top + 1, device=tokens.device)
             mask = (keys <= pos.view(B, 1)).view(B, 1, 1, top + 1)
         x = m.wte.weight[tokens]  # (B, C)
+        cos = sin = None
         if self.rope:
             cos, sin = self.cos[pos].view(B, 1, 1, 1, D), self.sin[pos].view(B, 1, 1, 1, D)
         else:
             x = x + m.wpe.weight[pos]
         for i, (w1, b1, wa, ba, wp, bp, w2, b2, wf, bf, wo, bo) in enumerate(self.layers):
             qkv = F.linear(self.norm(x, w1, b1), wa, ba).view(B, 3, H, 1, D)
-            qk = qkv.narrow(1, 0, 2)
-            if self.rope:
-                rotated = qk * cos + qk.roll(D // 2, dims=-1) * sin
-                qk = rotated if rotated.dtype == qk.dtype else rotated.to(qk.dtype)
-            if self.qk_norm:
-                qk = self.qk_norm(qk)
-            q, k = qk.unbind(1)
+            q, k = self._rotate_and_norm(qkv.narrow(1, 0, 2), cos, sin).unbind(1)
             k, v = cache.update_rows(i, k, qkv.select(1, 2), index, top + 1)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             x = x + F.linear(y.view(B, C), wp, bp)
