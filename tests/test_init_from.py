@@ -290,3 +290,23 @@ def test_bos_and_eos_follow_config_json_when_it_names_them(tmp_path):
     assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (tok.bos_id, tok.eos_id, tok.vocab_size)
     assert [ours.encode(t) for t in TEXTS] == [tok.encode(t) for t in TEXTS]
     assert ours.encode("<|bos|>") == tok.encode("<|bos|>")  # typed in a text, it stays text
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "bytes"])
+def test_an_hf_export_comes_back_in_with_the_same_validation_loss(tokenizer, tmp_path):
+    """Round trip: a GPT-2-layout run -> `minigpt export --to hf` -> `train --init-from` the export
+    on the same text: the first evaluation equals the source run's last one."""
+    from minigpt.interop.hf import export_hf
+
+    text = tmp_path / "a.txt"
+    text.write_text(CORPUS, encoding="utf-8")
+    src = tmp_path / "src"
+    minigpt.train(data=str(text), out=str(src), arch="gpt2", optimizer="adamw", max_iters=20,
+                  eval_interval=20, tokenizer=tokenizer, **{**TINY, "progress": False})
+    export_hf(src, tmp_path / "export")
+    minigpt.train(data=str(text), out=str(tmp_path / "ft"), init_from=str(tmp_path / "export"),
+                  max_iters=1, eval_interval=1, seed=1337, **EVAL)
+    first = metrics(tmp_path / "ft")[0]
+    source_last = [r for r in metrics(src) if r["val_loss"] is not None][-1]
+    assert first["iter"] == 0
+    assert first["val_loss"] == pytest.approx(source_last["val_loss"], abs=1e-4)

@@ -1,6 +1,7 @@
 """A Hugging Face GPT-2 directory (transformers' `save_pretrained`, or a Hub snapshot) read into
 minigpt: config.json -> ModelConfig, model.safetensors -> minigpt weights, and tokenizer.json (or
-vocab.json + merges.txt) -> a minigpt BPE tokenizer with `<|endoftext|>` as both BOS and EOS.
+vocab.json + merges.txt) -> a minigpt BPE tokenizer with `<|endoftext|>` as both BOS and EOS (a
+minigpt char export comes back as the char tokenizer it was).
 
 Only what minigpt computes exactly is accepted: GPT-2 as transformers runs it by default. Anything
 else (another architecture, an untied head, GPT-2 variants such as per-layer attention scaling, a
@@ -21,7 +22,8 @@ from ..checkpoint import read_weights
 from ..config import ModelConfig
 from ..errors import CheckpointError, TokenizerError
 from ..fsio import sha256_file
-from ..tokenization import BPETokenizer
+from ..tokenization import BPETokenizer, CharTokenizer
+from ..tokenization.base import BOS, EOS
 from .gpt2_names import expected_names, is_conv1d, minigpt_name
 
 ENDOFTEXT = "<|endoftext|>"
@@ -127,7 +129,23 @@ def read_state(path: Path, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], s
     return state, digest
 
 
-def read_tokenizer(path: Path, special_ids: tuple[int | None, int | None] = (None, None)) -> BPETokenizer:
+def _char_tokenizer(d: dict[str, Any]) -> CharTokenizer | None:
+    """A minigpt char export (interop/hf_tokenizer.py: BPE with no merges, no pre-tokenizer, a
+    Fuse decoder, the characters then BOS and EOS) read back as the char tokenizer it came from."""
+    model = d.get("model") or {}
+    if (model.get("type") != "BPE" or model.get("merges") or d.get("pre_tokenizer") is not None
+            or (d.get("decoder") or {}).get("type") != "Fuse"):
+        return None
+    vocab = model.get("vocab") or {}
+    chars = [c for c, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    specials = {t["content"]: t["id"] for t in d.get("added_tokens", [])}
+    if specials != {BOS: len(chars), EOS: len(chars) + 1} or any(len(c) != 1 for c in chars):
+        return None
+    return CharTokenizer(chars)
+
+
+def read_tokenizer(path: Path, special_ids: tuple[int | None, int | None] = (None, None)
+                   ) -> BPETokenizer | CharTokenizer:
     """GPT-2's byte-level BPE from tokenizer.json, or from vocab.json + merges.txt (built the way
     transformers' GPT2TokenizerFast builds it). BOS and EOS are the tokens config.json's
     bos/eos_token_id name (`special_ids`; a minigpt bpe export has two), else <|endoftext|>."""
@@ -149,6 +167,9 @@ def read_tokenizer(path: Path, special_ids: tuple[int | None, int | None] = (Non
         raise
     except Exception as e:  # the Rust side raises a bare Exception for malformed files
         raise TokenizerError(f"cannot read the tokenizer in {path}: {str(e)[:200]}") from None
+    char = _char_tokenizer(json.loads(hf.to_str()))
+    if char is not None:
+        return char
     bos, eos = (hf.id_to_token(i) if isinstance(i, int) else None for i in special_ids)
     bos, eos = bos or ENDOFTEXT, eos or ENDOFTEXT
     for token in {bos, eos}:
@@ -158,7 +179,8 @@ def read_tokenizer(path: Path, special_ids: tuple[int | None, int | None] = (Non
     return BPETokenizer(hf, json.loads(hf.to_str()), bos=bos, eos=eos)
 
 
-def load_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], BPETokenizer, str]:
+def load_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], BPETokenizer | CharTokenizer,
+                                    str]:
     """(model config, minigpt weights, tokenizer, weights SHA-256) of a GPT-2 directory."""
     hf = read_config_json(path) or {}
     cfg = model_config(path, hf)
