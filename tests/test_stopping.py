@@ -43,6 +43,15 @@ def test_held_text_flushed_at_end_of_stream():
     assert not m.stopped
 
 
+def test_a_longer_stop_that_starts_earlier_is_waited_for():
+    # found by hypothesis: "a" is in "\na", but "\naa" may still follow and starts earlier
+    assert run(["\na", "a"], ["a", "\naa"]) == ("", True)
+    assert run(["\na", "b"], ["a", "\naa"]) == ("\n", True)
+    m = StopMatcher(["a", "\naa"])
+    assert m.feed("\na") == ""  # undecided
+    assert m.flush() == "\n" and m.stopped  # the stream ended: "a" was the stop
+
+
 def test_earliest_of_several_stops_wins():
     assert run(["one two three"], ["three", "two"]) == ("one ", True)
 

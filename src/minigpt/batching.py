@@ -488,9 +488,9 @@ def _cut(r: _Row, event: StreamEvent) -> list[StreamEvent]:
     and no logprob (still counted), the last of them carrying finish_reason "stop"."""
     m = r.stop
     through = len(m.feed(event.text))
+    if event.finish_reason is not None and not m.stopped:
+        through += len(m.flush())  # the row ends: release the held text, or find the stop in it
     finish = "stop" if m.stopped else event.finish_reason
-    if finish is not None and not m.stopped:
-        through += len(m.flush())
     r.held.append((r.produced, event))
     r.produced += len(event.text)
     r.through += through

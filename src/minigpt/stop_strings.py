@@ -20,33 +20,43 @@ class StopMatcher:
         self.stopped = False
 
     def feed(self, text: str) -> str:
-        """Add `text`; return what can be emitted now. After a stop is hit, returns "" forever."""
+        """Add `text`; return what can be emitted now. After a stop is hit, returns "" forever.
+
+        A stop string found is final only once no other stop could still begin before it: with
+        stops "a" and "\naa", the text "\na" waits for the next piece, as cutting the whole text
+        would cut at the earliest stop, "\naa", if it follows."""
         if self.stopped:
             return ""
         if not self.stops:
             return text
         pending = self._held + text
         hits = [i for i in (pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
+        first = min(hits) if hits else len(pending)
+        open_at = self._earliest_open_start(pending, first)
+        if hits and open_at is None:
             self.stopped = True
             self._held = ""
-            return pending[: min(hits)]
-        keep = self._longest_stop_prefix_suffix(pending)
-        self._held = pending[len(pending) - keep :]
-        return pending[: len(pending) - keep]
+            return pending[:first]
+        cut = first if open_at is None else open_at
+        self._held = pending[cut:]
+        return pending[:cut]
 
     def flush(self) -> str:
-        """The stream ended without the held-back text becoming a stop string: release it."""
+        """The stream ended: release the held-back text, up to a stop string found in it."""
         held, self._held = self._held, ""
+        hits = [i for i in (held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            return held[: min(hits)]
         return held
 
-    def _longest_stop_prefix_suffix(self, text: str) -> int:
-        # Every position where a stop string could still start lies in this suffix, so holding it
-        # back is enough: a stop string spanning already-emitted text is impossible.
-        best = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
+    def _earliest_open_start(self, text: str, before: int) -> int | None:
+        """The first position before `before` where a stop string could still begin: the text
+        from there on is a proper prefix of some stop. Held text never needs to reach further
+        back, so a stop string spanning already-emitted text is impossible."""
+        longest = max(len(s) for s in self.stops)
+        for q in range(max(0, len(text) - longest + 1), before):
+            rest = text[q:]
+            if any(len(rest) < len(s) and s.startswith(rest) for s in self.stops):
+                return q
+        return None
