@@ -44,7 +44,15 @@ from .inspect_api import register_inspect
 from .logprobs import Scored
 from .metrics import CONTENT_TYPE, Metrics, StatusCounter
 from .openai_api import APIError, CompletionRequest
-from .slots import Delta, Job, JobFailed, Scheduler, ServerBusy, env_seconds
+from .slots import (
+    Job,
+    JobFailed,
+    Scheduler,
+    ServerBusy,
+    env_seconds,
+    merge_deltas,
+    next_or_500,
+)
 
 DEFAULT_MAX_TOKENS_LIMIT = 1024
 DEFAULT_MAX_CONCURRENCY = 32  # rows in the one decoding batch; a request with n samples takes n
@@ -255,7 +263,7 @@ class _Reply:
         scores: list[list[Scored]] = [[] for _ in range(self.choices)]
         finish: list[str | None] = [None] * self.choices
         tokens = 0
-        while (batch := await _next_or_500(job)) is not None:
+        while (batch := await next_or_500(job)) is not None:
             for d in batch:
                 texts[d.index] += d.text
                 scores[d.index] += d.scores
@@ -279,33 +287,16 @@ class _Reply:
         tokens = 0
         try:
             while (batch := await job.next_batch()) is not None:
-                # Several tokens may be ready at once (the client reads slower than the model
-                # writes): one chunk per choice, not per token, and one write for all of them.
-                merged: dict[int, list[Any]] = {}
-                for d in batch:
-                    entry = merged.setdefault(d.index, ["", None, []])
-                    entry[0] += d.text
-                    entry[2] += d.scores
-                    if d.finish_reason:
-                        entry[1] = d.finish_reason
-                        tokens += d.tokens
+                merged, done = merge_deltas(batch)
+                tokens += done
                 yield "".join(self._chunk([oa.choice(i, text, finish, self._logprobs(scores))])
                               for i, (text, finish, scores) in merged.items())
         except JobFailed as e:
-            # The 200 header is long gone: report in-band, the way OpenAI's stream does.
-            err = oa.error_body(f"generation failed: {e.args[0]}", "server_error")
-            yield f"data: {json.dumps(err)}\n\n"
+            yield oa.stream_error(e.args[0])
             return
         if self.req.include_usage:
             yield self._chunk([], oa.usage(self.prompt_tokens, tokens))
         yield "data: [DONE]\n\n"
-
-
-async def _next_or_500(job: Job) -> list[Delta] | None:
-    try:
-        return await job.next_batch()
-    except JobFailed as e:
-        raise APIError(500, f"generation failed: {e.args[0]}", type="server_error") from None
 
 
 class _GenerationStream(StreamingResponse):

@@ -18,7 +18,7 @@ from . import logprobs as lp
 from . import openai_api as oa
 from .chat import ChatTemplate, parse_messages
 from .openai_api import APIError, CompletionRequest
-from .slots import Job, JobFailed
+from .slots import Job, JobFailed, merge_deltas, next_or_500
 
 DEFAULT_CHAT_MAX_TOKENS = 256  # OpenAI's default is "up to the context"; a reply usually stops first
 
@@ -103,7 +103,7 @@ class ChatReply:
         scores: list[list[lp.Scored]] = [[] for _ in range(self.choices)]
         finish: list[str | None] = [None] * self.choices
         tokens = 0
-        while (batch := await _next_batch(job)) is not None:
+        while (batch := await next_or_500(job)) is not None:
             for d in batch:
                 texts[d.index] += d.text
                 scores[d.index] += d.scores
@@ -131,27 +131,14 @@ class ChatReply:
         tokens = 0
         try:
             while (batch := await job.next_batch()) is not None:
-                merged: dict[int, list[Any]] = {}  # one chunk per choice for what is ready now
-                for d in batch:
-                    entry = merged.setdefault(d.index, ["", None, []])
-                    entry[0] += d.text
-                    entry[2] += d.scores
-                    if d.finish_reason:
-                        entry[1], tokens = d.finish_reason, tokens + d.tokens
+                merged, done = merge_deltas(batch)
+                tokens += done
                 for i, (text, finish, scores) in merged.items():
                     delta = {"content": text} if text else {}
                     yield self._chunk([self._delta(i, delta, finish, self._logprobs(scores))])
         except JobFailed as e:
-            err = oa.error_body(f"generation failed: {e.args[0]}", "server_error")
-            yield f"data: {json.dumps(err)}\n\n"
+            yield oa.stream_error(e.args[0])
             return
         if self.req.include_usage:
             yield self._chunk([], oa.usage(self.prompt_tokens, tokens))
         yield "data: [DONE]\n\n"
-
-
-async def _next_batch(job: Job) -> list[Any] | None:
-    try:
-        return await job.next_batch()
-    except JobFailed as e:
-        raise APIError(500, f"generation failed: {e.args[0]}", type="server_error") from None

@@ -397,3 +397,9 @@ def model_object(model_id: str, created: int) -> dict[str, Any]:
 
 def now() -> int:
     return int(time.time())
+
+
+def stream_error(message: str) -> str:
+    """An error inside a stream whose 200 header is long gone: reported in-band, as OpenAI does."""
+    return f"data: {json.dumps(error_body(f'generation failed: {message}', 'server_error'))}\n\n"
+

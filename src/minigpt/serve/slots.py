@@ -35,6 +35,7 @@ from ..errors import ConfigError
 from ..sampling import SamplingParams
 from ..tokenization import Tokenizer
 from . import logprobs as lp
+from .openai_api import APIError
 
 
 def env_seconds(name: str, default: float | None) -> float | None:
@@ -68,6 +69,30 @@ class Delta:
     finish_reason: str | None = None
     tokens: int = 0
     scores: list[lp.Scored] = field(default_factory=list)  # with logprobs: the tokens of `text`
+
+
+def merge_deltas(batch: list[Delta]) -> tuple[dict[int, tuple[str, str | None, list]], int]:
+    """Deltas that were ready at once -> one (text, finish_reason, scores) per choice, and the
+    completion tokens of the choices that finished: several tokens may be ready when the client
+    reads slower than the model writes, and each choice gets one chunk for them, not one per token."""
+    merged: dict[int, list[Any]] = {}
+    tokens = 0
+    for d in batch:
+        entry = merged.setdefault(d.index, ["", None, []])
+        entry[0] += d.text
+        entry[2] += d.scores
+        if d.finish_reason:
+            entry[1] = d.finish_reason
+            tokens += d.tokens
+    return {i: (text, finish, scores) for i, (text, finish, scores) in merged.items()}, tokens
+
+
+async def next_or_500(job: Job) -> list[Delta] | None:
+    """The job's next batch of deltas; a failed generation is a 500 (the reply has not begun)."""
+    try:
+        return await job.next_batch()
+    except JobFailed as e:
+        raise APIError(500, f"generation failed: {e.args[0]}", type="server_error") from None
 
 
 class Job:
