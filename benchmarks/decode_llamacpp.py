@@ -44,8 +44,8 @@ def timed(fn) -> tuple[float, float, list[int]]:
 
 
 def minigpt_decode(engine, prompt_ids: list[int], n: int) -> list[int]:
-    params = SamplingParams(temperature=0, max_new_tokens=n)
-    return [int(t) for t in engine.generate_ids(prompt_ids, params)]
+    params = SamplingParams(temperature=0, max_new_tokens=n, stop_at_eos=False)
+    return engine.token_ids(prompt_ids, params)[0]
 
 
 def llama_decode(llm, prompt_ids: list[int], n: int) -> list[int]:

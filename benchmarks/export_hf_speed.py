@@ -92,10 +92,10 @@ def compare(args: argparse.Namespace, summary: dict, engine, hf) -> None:
     ids = engine.encode_prompt("ROMEO:")
     if len(ids) + n > engine.block_size:
         raise SystemExit(f"prompt + {n} tokens exceed the context ({engine.block_size})")
-    params = SamplingParams(temperature=0, max_new_tokens=n)
+    params = SamplingParams(temperature=0, max_new_tokens=n, stop_at_eos=False)
 
     def ours() -> list[int]:
-        return [int(t) for t in engine.generate_ids(ids, params)]
+        return engine.token_ids(ids, params)[0]
 
     @torch.inference_mode()
     def theirs() -> list[int]:

@@ -15,10 +15,10 @@ import time
 import torch
 
 from minigpt.config import resolve
-from minigpt.decode import DecodeStep
 from minigpt.kv_cache import KVCache
 from minigpt.model import GPT
-from minigpt.sampling import sample_next_token, token_logprobs
+from minigpt.sampling import RowSettings, SamplingParams, choose_tokens, distribution
+from minigpt.sampling import token_logprobs, uniforms
 from minigpt.tokenization.bytes import ByteTokenizer
 from minigpt.utf8 import Utf8Mask
 
@@ -38,27 +38,31 @@ def main() -> None:
     mcfg = dataclasses.replace(resolve("small")[0], vocab_size=258)
     torch.manual_seed(0)
     model = GPT(mcfg).eval()
-    step, cache = DecodeStep(model), KVCache.for_model(model, 1)
-    token, logits = torch.tensor([65]), torch.randn(1, 258)
+    cache = KVCache.for_model(model, 1)
+    token, logits = torch.tensor([[65]]), torch.randn(1, 258)
+    settings = RowSettings.of([SamplingParams(temperature=0.8)], 258)
     gen = torch.Generator().manual_seed(0)
     mask = Utf8Mask.for_tokenizer(ByteTokenizer(), 1)
+    pos = [0]
 
     def decode() -> None:
-        if cache.pos >= mcfg.block_size - 1:
-            cache.reset()
-        step(token, cache)
+        model(token, cache=cache, pos=pos[0])
+        pos[0] = (pos[0] + 1) % mcfg.block_size
+
+    def sample(x: torch.Tensor) -> torch.Tensor:
+        return choose_tokens(distribution(x, settings), settings, uniforms(gen, 1))
 
     def masked_sample() -> None:
         mask.states = [(2, 0x80, 0xBF)]  # inside a 3-byte character: the mask really applies
-        nxt = sample_next_token(mask.apply(logits), gen, 0.8)
-        mask.advance(nxt.tolist())
+        mask.advance(sample(mask.apply(logits)).tolist())
 
     with torch.inference_mode():
         rows = [
             ("decode step (small, B=1)", cpu_us(decode)),
-            ("sample_next_token", cpu_us(lambda: sample_next_token(logits, gen, 0.8))),
-            ("UTF-8 mask + sample_next_token", cpu_us(masked_sample)),
-            ("token_logprobs, k=5", cpu_us(lambda: token_logprobs(logits, token, 5, 0.8))),
+            ("sample (temperature 0.8)", cpu_us(lambda: sample(logits))),
+            ("UTF-8 mask + sample", cpu_us(masked_sample)),
+            ("token_logprobs, k=5", cpu_us(
+                lambda: token_logprobs(distribution(logits, settings), token[0], 5))),
         ]
     for name, us in rows:
         print(f"{name:32s} {us:8.1f} us/token")

@@ -89,11 +89,10 @@ def test_kv_cache_decoding_equals_full_forward(name):
     idx = torch.randint(0, 23, (3, 16))
     full, _ = model(idx)
     cache = KVCache.for_model(model, batch_size=3)
-    parts = [model(idx[:, :5], kv_cache=cache)[0]]
+    parts = [model(idx[:, :5], cache=cache)[0]]
     for t in range(5, 13):
-        parts.append(model(idx[:, t : t + 1], kv_cache=cache)[0])
-    parts.append(model(idx[:, 13:16], kv_cache=cache)[0])
-    assert cache.pos == 16
+        parts.append(model(idx[:, t : t + 1], cache=cache, pos=t)[0])
+    parts.append(model(idx[:, 13:16], cache=cache, pos=13)[0])
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -106,7 +105,8 @@ def test_engine_past_the_window_matches_recomputing_the_window(name):
     assert tok.vocab_size == model.config.vocab_size
     engine = Engine(model, tok)
     prompt = tok.encode("abcdef")
-    got = torch.stack(list(engine.generate_ids(prompt, SamplingParams(max_new_tokens=40, temperature=0)))).squeeze(-1).tolist()
+    got = engine.token_ids(prompt, SamplingParams(max_new_tokens=40, temperature=0,
+                                                  stop_at_eos=False))[0]
 
     T = model.config.block_size
     keep = T - T // 4

@@ -38,7 +38,8 @@ def test_greedy_decoding_with_cache_matches_recomputing_the_window(engine):
                 start = len(ids) - keep
             logits, _ = engine.model(torch.tensor([ids[start:]]))
             ids.append(int(logits[0, -1].argmax()))
-    got = [int(t) for t in engine.generate_ids(prompt, SamplingParams(max_new_tokens=30, temperature=0))]
+    got = engine.token_ids(prompt, SamplingParams(max_new_tokens=30, temperature=0,
+                                                  stop_at_eos=False))[0]
     assert got == ids[len(prompt) :]
 
 

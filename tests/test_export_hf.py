@@ -185,8 +185,8 @@ def test_greedy_generate_equals_the_engine(trained, transformers, name):
     prompt = "First Citizen:\n"  # 15 characters + 50 new tokens (+ BOS) fit the context of 64
     ids = engine.encode_prompt(prompt)
     assert tok(prompt)["input_ids"] == ids  # the documents run's BOS included
-    params = SamplingParams(temperature=0, max_new_tokens=50)
-    ours = [int(t) for t in engine.generate_ids(ids, params)]
+    params = SamplingParams(temperature=0, max_new_tokens=50, stop_at_eos=False)
+    ours = engine.token_ids(ids, params)[0]
     out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=50,
                       eos_token_id=None)[0, len(ids):].tolist()  # minigpt's ids go past EOS too
     assert out == ours

@@ -59,8 +59,8 @@ def test_attention_with_a_kv_cache_is_refused():
     from minigpt.kv_cache import KVCache
 
     model = random_model("gpt2", vocab=11)
-    with pytest.raises(ValueError, match="kv_cache"):
-        model(torch.zeros(1, 4, dtype=torch.long), kv_cache=KVCache.for_model(model, 1),
+    with pytest.raises(ValueError, match="cache"):
+        model(torch.zeros(1, 4, dtype=torch.long), cache=KVCache.for_model(model, 1),
               return_attention=True)
 
 

@@ -2,7 +2,19 @@ import pytest
 import torch
 
 from minigpt.errors import ConfigError
-from minigpt.sampling import SamplingParams, filter_logits, sample_next_token
+from minigpt.sampling import (
+    RowSettings,
+    SamplingParams,
+    choose_tokens,
+    distribution,
+    sample_next_token,
+)
+
+
+def filter_logits(logits, **settings):
+    """Every row's logits with `settings` at temperature 1: what the filters keep."""
+    params = SamplingParams(temperature=1.0, **settings)
+    return distribution(logits, RowSettings.of([params] * len(logits), logits.size(-1)))
 
 
 def test_temperature_zero_is_argmax():
@@ -49,3 +61,24 @@ def test_one_sampling_default_for_every_entry_point():
     args = build_parser().parse_args(["sample", "run"])
     assert args.temperature is None  # not given: SamplingParams' default applies
     assert CompletionRequest(prompts=[""]).sampling().temperature == SamplingParams().temperature == 0.8
+
+
+def test_rows_with_different_settings_choose_in_one_call_as_each_would_alone():
+    """The batch's per-row settings: each row's token and distribution equal that row sampled on
+    its own with its own settings and uniform."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 40)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=4),
+              SamplingParams(temperature=1.3, top_p=0.6), SamplingParams(temperature=0.9),
+              SamplingParams(temperature=1.0, top_k=10, top_p=0.8)]
+    u = torch.rand(5, 1)
+    together = RowSettings.of(params, 40)
+    x = distribution(logits, together)
+    tokens = choose_tokens(x, together, u)
+    for i, p in enumerate(params):
+        alone = RowSettings.of([p], 40)
+        xi = distribution(logits[i : i + 1], alone)
+        assert torch.equal(x[i : i + 1], xi)
+        assert tokens[i] == choose_tokens(xi, alone, None if alone.all_greedy else u[i : i + 1])[0]
+    assert tokens[0] == logits[0].argmax()
+    assert torch.isfinite(x[1]).sum() == 4 and torch.isfinite(x[0]).all()

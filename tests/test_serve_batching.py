@@ -140,15 +140,15 @@ def test_text_ready_while_the_client_is_not_reading_goes_out_as_one_chunk():
     from minigpt.batching import Batcher
     from minigpt.serve import openai_api as oa
     from minigpt.serve.app import _Reply, _Timer
+    from minigpt.serve.jobs import Job
     from minigpt.serve.metrics import Metrics
-    from minigpt.serve.slots import Job
 
     engine = tiny_engine()
     batcher = Batcher(engine, max_rows=2, start=False)
     req = oa.CompletionRequest(prompts=["the "], max_tokens=10, temperature=0.0, stream=True)
 
     async def scenario():
-        job = Job(asyncio.get_running_loop(), 1)
+        job = Job(asyncio.get_running_loop(), 1, 0.0)
         job.requests.append(batcher.submit(engine.encode_prompt("the "), req.sampling(),
                                            notify=job.notify))
         for _ in range(10):

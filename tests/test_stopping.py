@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minigpt.serve.stop_strings import StopMatcher
+from minigpt.stop_strings import StopMatcher
 
 
 def run(pieces: list[str], stops: list[str]) -> tuple[str, bool]:

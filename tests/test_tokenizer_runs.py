@@ -87,12 +87,13 @@ def test_streaming_never_prints_half_a_character(monkeypatch):
                                     block_size=8)), tok)
     text = "aé中𝄞"
     ids = tok.encode(text)  # 1 + 2 + 3 + 4 byte tokens
-    monkeypatch.setattr(engine, "generate_ids",
-                        lambda *a, **k: (torch.tensor([i]) for i in ids))
+    script = iter(ids)  # the model's choices replaced by the bytes of `text`, one per step
+    monkeypatch.setattr("minigpt.batching.choose_tokens", lambda *a: torch.tensor([next(script)]))
     events = list(engine.stream("", max_new_tokens=len(ids)))
     assert [e.text for e in events] == ["a", "", "é", "", "", "中", "", "", "", "𝄞"]
     assert events[-1].finish_reason == "length"
     # cut off by max_new_tokens in the middle of 𝄞: the partial character is dropped, not "\ufffd"
+    script = iter(ids)
     events = list(engine.stream("", max_new_tokens=len(ids) - 1))
     assert "".join(e.text for e in events) == "aé中" and events[-1].finish_reason == "length"
 
@@ -102,7 +103,8 @@ def test_bpe_streaming_holds_back_a_character_split_across_tokens(monkeypatch):
     ids = tok.encode("speak 𝄞!")  # 𝄞 never occurs in training: its 4 bytes are separate tokens
     engine = Engine(GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_embd=8,
                                     block_size=8)), tok)
-    monkeypatch.setattr(engine, "generate_ids", lambda *a, **k: (torch.tensor([i]) for i in ids))
+    script = iter(ids)
+    monkeypatch.setattr("minigpt.batching.choose_tokens", lambda *a: torch.tensor([next(script)]))
     texts = [e.text for e in engine.stream("", max_new_tokens=len(ids))]
     assert "".join(texts) == "speak 𝄞!"
     assert all("\ufffd" not in t for t in texts)

@@ -1,34 +1,45 @@
-"""Continuous batching: many requests decoded together in one batch that they join and leave at any
-token boundary.
+"""The one generation loop: many requests decoded together in one batch that they join and leave at
+any token boundary. `Engine.stream` drives a batcher of its own synchronously; the server drives one
+from a thread.
 
     batcher = Batcher(minigpt.load("runs/x"), max_rows=32)
     req = batcher.submit("ROMEO:", max_new_tokens=50, seed=1)     # returns at once
-    for event in req: print(event.text, end="")                   # StreamEvents, as Engine.stream
+    for event in req: print(event.text, end="")                   # StreamEvents
     batcher.close()
 
-One thread (the batcher's) owns the model and the batch; `submit` hands it a request through a
-lock-protected line, and events come back through each request's own lock-protected buffer, which a
-reader drains (blocking iteration, or `drain()` after a `notify` callback: the server's way).
+With a thread (`start=True`), that thread owns the model and the batch: `submit` hands it a
+request through a lock-protected line, and events come back through each request's own
+lock-protected buffer, which a reader drains (blocking iteration, or `drain()` after a `notify`
+callback: the server's way). Without one, the caller runs `step()` itself.
 
 Each step: requests waiting in line join while rows are free (a request takes n rows); prompts are
 prefilled, up to `prefill_chunk` tokens per step so a long prompt does not stall the running rows,
 into a one-row scratch cache, with logits for the last position only; a finished prefill is copied
-into its n rows (one prefill for n samples). Then every row decodes one token in one `DecodeStep.rows`
-call, each at its own position. A row leaves at EOS, a stop string, its max_new_tokens or its
-request's cancellation, and its row is reused at once (the last row moves into the hole, so the
-batch stays rows 0..b-1). A row that fills the context window is rebuilt from its last 3/4 window
-exactly as `Engine` does (`engine.py`).
+into its n rows (one prefill for n samples). Then every row decodes one token in one `GPT.forward`,
+each at its own position. A row leaves at EOS, a stop string, its max_new_tokens or its request's
+cancellation, and its row is reused at once (the last row moves into the hole, so the batch stays
+rows 0..b-1). A row that fills the context window goes on from the last 3/4 of it (`_rebuild`):
+cached keys carry their absolute positions, learned or rotary, so they cannot be shifted in place,
+and generation goes on for any length at the cost of one re-prefill every block_size/4 tokens.
 
-Per row, as `Engine.stream`: the UTF-8 mask (`utf8.Utf8Mask`, one per row, from the engine's table)
-applied to the logits before choosing, and with `logprobs` the token's log-probability and top k
-from `sampling.token_logprobs` on those same logits. With stop strings, a row's events wait while
-the matcher holds their text back and leave with the text it lets through (`_cut`), so text and
-logprobs are cut at the same place.
+Per row: the UTF-8 mask (`utf8.Utf8Mask`) applied to the logits before choosing, every row's token
+chosen in one `sampling.choose_tokens` call with per-row settings, and with `logprobs` the token's
+log-probability and top k under the distribution it was drawn from. With stop strings, a row's
+events wait while the matcher holds their text back and leave with the text it lets through
+(`_cut`), so text and logprobs are cut at the same place. Text is decoded incrementally per row
+(a multi-byte character is printed once complete; one cut off by max_new_tokens is dropped).
 
-Each request has its own torch.Generator, seeded as Engine seeds one, and draws its uniforms for all
-of its n rows every step (also for rows that already left), so its random numbers never depend on
-the other requests in the batch. What batching can change is rounding: see docs/server.md,
-"Reproducibility".
+Each request has its own torch.Generator (seeded from its seed, else at random) and draws its
+uniforms for all of its n rows every step (also for rows that already left), so its random numbers
+never depend on the other requests in the batch. What batching can change is rounding: see
+docs/server.md, "Reproducibility".
+
+Threads: the batcher's thread runs torch with `threads` intra-op threads (default: one fewer than
+torch's pool, at least one, which leaves a core to the HTTP side). Why not the whole pool: GNU
+OpenMP counts every OpenMP thread of the process, and the loading thread's pool already holds one
+per core; a second full pool in the batcher's thread makes more OpenMP threads than cores, OpenMP
+then stops spinning between operations, and every matrix product waits for its workers to wake
+through the kernel: a decode step ran 2x slower that way here (docs/speed.md).
 """
 
 from __future__ import annotations
@@ -38,17 +49,40 @@ import dataclasses
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .decode import DecodeStep, prefill
-from .engine import Engine, Prompt, StreamEvent
 from .errors import ConfigError
 from .kv_cache import KVCache
-from .sampling import SamplingParams, choose_tokens, token_logprobs, uniforms
+from .sampling import (
+    RowSettings,
+    SamplingParams,
+    choose_tokens,
+    distribution,
+    token_logprobs,
+    uniforms,
+)
 from .stop_strings import StopMatcher
 from .utf8 import Utf8Mask
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+Prompt = str | Sequence[int]  # text, or token ids that are used as they are
+
+
+@dataclass
+class StreamEvent:
+    index: int  # which of the request's num_samples samples
+    text: str  # newly decodable text ("" while a multi-byte character is incomplete)
+    token: int | None
+    finish_reason: str | None = None  # "stop" (EOS, stop string) or "length" on a sample's last event
+    # with SamplingParams.logprobs: the token's log-probability in the distribution it was sampled
+    # from (sampling.distribution), and the most likely tokens as (id, logprob), descending
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 class BatcherBusy(Exception):
@@ -148,25 +182,27 @@ class _Row:
 
 
 class Batcher:
-    """A thread decoding every admitted request in one batch of up to `max_rows` rows."""
+    """Every admitted request decoded in one batch of up to `max_rows` rows, by its own thread
+    (`start=True`) or by whoever calls `step()`."""
 
     def __init__(self, engine: Engine, max_rows: int = 32, max_queue: int = 64,
-                 prefill_chunk: int = 64, start: bool = True):
-        """`start=False`: no thread; the caller runs `step()` itself (tests use it to decide at
-        which step each request joins)."""
+                 prefill_chunk: int = 64, start: bool = True, threads: int | None = None):
+        """`start=False`: no thread; the caller runs `step()` itself (`Engine.stream`, and tests
+        that decide at which step each request joins). `threads`: torch's intra-op threads in the
+        batcher's thread (see the module docstring)."""
         for name, value, lo in (("max-rows", max_rows, 1), ("max-queue", max_queue, 0),
                                 ("prefill-chunk", prefill_chunk, 1)):
             if value < lo:
                 raise ConfigError(f"{name} must be >= {lo}, got {value}")
         self.engine, self.model = engine, engine.model
         self.max_rows, self.max_queue, self.prefill_chunk = max_rows, max_queue, prefill_chunk
-        T = self.block_size = engine.block_size
-        self.keep = max(1, T - T // 4)
+        self.block_size = engine.block_size
         self.cache = KVCache.for_model(self.model, max_rows)
         self.scratch = KVCache.for_model(self.model, 1)  # one prompt at a time is prefilled here
-        self.decode = DecodeStep(self.model)
+        self.scratch_len = 0
         self._allowed: torch.Tensor | None = None  # the UTF-8 table on the device, made on first use
         self.rows: list[_Row] = []  # rows[s] lives in cache row s
+        self._settings: RowSettings | None = None  # of self.rows, rebuilt when rows join or leave
         self._line: deque[BatchRequest] = deque()  # submitted, not yet holding rows
         self._prefilling: deque[BatchRequest] = deque()  # holding rows, prompt not yet prefilled
         self._active: set[BatchRequest] = set()  # holding rows
@@ -177,6 +213,7 @@ class Batcher:
         self.row_steps = 0
         self.tokens_generated = 0
         self.prompt_tokens_prefilled = 0
+        self.threads = threads if threads is not None else max(1, torch.get_num_threads() - 1)
         self._thread = None
         if start:
             self._thread = threading.Thread(target=self._run, name="minigpt-batcher", daemon=True)
@@ -235,6 +272,12 @@ class Batcher:
     def rows_in_use(self) -> int:
         return self._reserved
 
+    def stats(self) -> dict[str, Any]:
+        """What /metrics shows: requests running and waiting, rows, steps and tokens so far."""
+        return {"running": self.running, "waiting": self.waiting, "rows_in_use": self.rows_in_use,
+                "rows": self.max_rows, "steps": self.steps, "row_steps": self.row_steps,
+                "tokens_generated": self.tokens_generated}
+
     def _withdraw(self, req: BatchRequest) -> None:
         with self._lock:
             try:
@@ -264,6 +307,7 @@ class Batcher:
     # ---- the batcher thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        torch.set_num_threads(self.threads)
         with torch.inference_mode():
             while True:
                 with self._lock:
@@ -296,8 +340,9 @@ class Batcher:
             if error is None:
                 self._line.clear()
             self.rows.clear()
+            self._settings = None
             self._reserved = 0
-            self.scratch.reset()
+            self.scratch_len = 0
         for req in reqs:
             req._emit([], done=True, error=error)
 
@@ -315,7 +360,7 @@ class Batcher:
                 self._remove_row(s)
         for req in [r for r in (*self._active, *self._prefilling) if r.cancelled]:
             if self._prefilling and req is self._prefilling[0]:
-                self.scratch.reset()  # its prompt was half prefilled
+                self.scratch_len = 0  # its prompt was half prefilled
             self._release(req)
 
     def _release(self, req: BatchRequest) -> None:
@@ -335,22 +380,26 @@ class Batcher:
             self.cache.copy_rows(self.cache, len(self.rows), s, last.length)
             self.rows[s] = last
         row.req.live -= 1
+        self._settings = None
+
+    def _prefill(self, ids: list[int], cache: KVCache, pos: int) -> torch.Tensor:
+        """Prompt tokens into a one-row cache at `pos`: the last position's logits (1, vocab)."""
+        chunk = torch.tensor([ids], dtype=torch.long, device=self.engine.device)
+        out, _ = self.model(chunk, cache=cache, pos=pos, last_only=True)
+        return out[:, -1]
 
     def _prefill_some(self, req: BatchRequest, budget: int) -> int:
         """Prefill up to `budget` tokens of the head request's prompt; when done, give it rows."""
         ids = req.prompt_ids
-        start = req.fed
-        take = min(budget, len(ids) - start)
-        chunk = torch.tensor([ids[start : start + take]], dtype=torch.long,
-                             device=self.engine.device)
-        last = start + take == len(ids)
-        logits = prefill(self.model, chunk, self.scratch, logits=last)
+        take = min(budget, len(ids) - req.fed)
+        logits = self._prefill(ids[req.fed : req.fed + take], self.scratch, self.scratch_len)
         req.fed += take
+        self.scratch_len += take
         self.prompt_tokens_prefilled += take
-        if last:
+        if req.fed == len(ids):
             self._prefilling.popleft()
             self._join(req, logits)
-            self.scratch.reset()
+            self.scratch_len = 0
         return take
 
     def _join(self, req: BatchRequest, logits: torch.Tensor) -> None:
@@ -358,60 +407,66 @@ class Batcher:
         rows = []
         masking = self.engine.utf8_masking(req.params)
         for i in range(req.n):
-            self.cache.copy_rows(self.scratch, 0, len(self.rows), self.scratch.pos)
+            self.cache.copy_rows(self.scratch, 0, len(self.rows), self.scratch_len)
             mask = Utf8Mask(self.engine.utf8_table, 1) if masking else None  # states only: CPU
-            row = _Row(req, i, list(req.prompt_ids), self.scratch.pos, mask)
+            row = _Row(req, i, list(req.prompt_ids), self.scratch_len, mask)
             self.rows.append(row)
             rows.append(row)
         req.live = req.n
         with self._lock:
             self._active.add(req)
-        self._choose(logits.expand(req.n, -1), rows)
+        settings = RowSettings.of([req.params] * req.n, logits.size(-1), logits.device)
+        self._choose(logits.expand(req.n, -1), rows, settings)
+        self._settings = None
+
+    def _rebuild(self, s: int, row: _Row) -> None:
+        """The window is full: row s goes on from the last 3/4 of it. All but the newest token are
+        prefilled again at positions 0..; the decode step then adds the newest."""
+        T = self.block_size
+        keep = max(1, T - T // 4)
+        row.length = 0
+        if keep > 1:
+            self._prefill(row.tokens[-keep:-1], self.cache.rows(s), 0)
+            row.length = keep - 1
 
     def _decode_rows(self) -> None:
         for s, row in enumerate(self.rows):
-            if row.length == self.block_size:  # window full: rebuild as Engine.generate_ids does
-                view = self.cache.rows(s)
-                if self.keep > 1:
-                    ids = torch.tensor([row.tokens[-self.keep : -1]], device=self.engine.device)
-                    prefill(self.model, ids, view, logits=False)
-                row.length = view.pos
+            if row.length == self.block_size:
+                self._rebuild(s, row)
         rows = list(self.rows)
-        tokens = torch.tensor([r.tokens[-1] for r in rows], device=self.engine.device)
-        logits = self.decode.rows(tokens, [r.length for r in rows], self.cache)
+        lengths = [r.length for r in rows]
+        tokens = torch.tensor([[r.tokens[-1]] for r in rows], device=self.engine.device)
+        # rows at one length write one span of the cache, without per-row positions or masks
+        pos = lengths[0] if min(lengths) == max(lengths) else lengths
+        logits, _ = self.model(tokens, cache=self.cache, pos=pos)
         for r in rows:
             r.length += 1
         self.steps += 1
         self.row_steps += len(rows)
-        self._choose(logits, rows)
+        if self._settings is None:
+            self._settings = RowSettings.of([r.req.params for r in rows], logits.size(-1),
+                                            logits.device)
+        self._choose(logits[:, -1], rows, self._settings)
 
-    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> None:
-        """Next token of every row (logits[i] is rows[i]'s), all through `choose_tokens`: one call
-        per set of sampling settings, each request's uniforms from its own generator. Rows with a
-        UTF-8 mask choose from masked logits, and logprobs come from those same logits."""
-        logits = self._masked(logits, rows)
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(rows):
-            p = r.req.params
-            groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
-        chosen = [0] * len(rows)
+    def _choose(self, logits: torch.Tensor, rows: list[_Row], settings: RowSettings) -> None:
+        """Next token of every row (logits[i] is rows[i]'s) in one `choose_tokens` call: UTF-8
+        masked rows choose from masked logits, each request's uniforms come from its own generator,
+        and logprobs from the same distribution the tokens were drawn from."""
+        x = distribution(self._masked(logits, rows), settings)
+        u = None if settings.all_greedy else self._uniforms(rows)
+        tokens = choose_tokens(x, settings, u)
+        chosen = tokens.tolist()
         scores: list[tuple[float | None, list | None]] = [(None, None)] * len(rows)
-        for (temperature, top_k, top_p), idx in groups.items():
-            u = None if temperature == 0 else self._uniforms([rows[i] for i in idx])
-            sub = logits if len(idx) == len(rows) else logits[torch.tensor(idx)]
-            tokens = choose_tokens(sub, temperature, top_k, top_p, u)
-            for i, tok in zip(idx, tokens.tolist()):
-                chosen[i] = tok
-            scored = [j for j, i in enumerate(idx) if rows[i].req.params.logprobs is not None]
-            if scored:
-                k = max(rows[idx[j]].req.params.logprobs for j in scored)
-                pick = torch.tensor(scored, device=sub.device)
-                s = token_logprobs(sub[pick], tokens[pick], k, temperature, top_k, top_p)
-                for j, lp, vals, ids in zip(scored, s.logprob.tolist(), s.top_logprobs.tolist(),
-                                            s.top_ids.tolist()):
-                    # as Engine: a token filtered out (-inf) is no alternative
-                    top = list(zip(ids, vals))[: rows[idx[j]].req.params.logprobs]
-                    scores[idx[j]] = (lp, [(t, v) for t, v in top if v != float("-inf")])
+        scored = [i for i, r in enumerate(rows) if r.req.params.logprobs is not None]
+        if scored:
+            k = max(rows[i].req.params.logprobs for i in scored)
+            pick = torch.tensor(scored, device=x.device)
+            s = token_logprobs(x[pick], tokens[pick], k)
+            for i, lp, vals, ids in zip(scored, s.logprob.tolist(), s.top_logprobs.tolist(),
+                                        s.top_ids.tolist()):
+                top = list(zip(ids, vals))[: rows[i].req.params.logprobs]
+                # a token filtered out has probability 0 (-inf): not an alternative, and not JSON
+                scores[i] = (lp, [(t, v) for t, v in top if v != float("-inf")])
         self._advance(rows, chosen, scores)
 
     def _masked(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
@@ -431,7 +486,8 @@ class Batcher:
         return logits.masked_fill(~allowed, float("-inf"))
 
     def _uniforms(self, rows: list[_Row]) -> torch.Tensor:
-        """Every request draws for all n of its rows (as Engine does), then keeps its live ones."""
+        """Every request draws for all n of its rows, also those that left, then keeps its live
+        ones: its draws never depend on the rest of the batch. A greedy request draws nothing."""
         req = rows[0].req
         if req.live == req.n == len(rows) and all(r.req is req and r.index == i
                                                   for i, r in enumerate(rows)):
@@ -439,7 +495,9 @@ class Batcher:
         drawn: dict[BatchRequest, torch.Tensor] = {}
         for r in rows:
             if r.req not in drawn:
-                drawn[r.req] = uniforms(r.req.generator, r.req.n, self.engine.device)
+                drawn[r.req] = (uniforms(r.req.generator, r.req.n, self.engine.device)
+                                if r.req.params.temperature > 0
+                                else torch.zeros(r.req.n, 1, device=self.engine.device))
         return torch.cat([drawn[r.req][r.index] for r in rows]).view(-1, 1)
 
     def _advance(self, rows: list[_Row], chosen: list[int],
@@ -459,7 +517,7 @@ class Batcher:
             finish = None
             if r.req.params.stop_at_eos and tok == eos:
                 text, finish = r.decoder.decode(b"", final=True), "stop"
-            else:  # not final: a character cut off by max_new_tokens is dropped, as in Engine
+            else:  # not final: a character cut off by max_new_tokens is dropped, never U+FFFD
                 text = r.decoder.decode(self.engine.tokenizer.token_bytes(tok))
                 if r.count == r.req.params.max_new_tokens:
                     finish = "length"

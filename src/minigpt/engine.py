@@ -1,18 +1,14 @@
-"""Generation: prompt -> stream of tokens/text, with a preallocated KV cache.
-
-The CLI, the Python API and the server all generate through `Engine.stream`. The prompt is prefilled
-once; then each step feeds one token through `decode.DecodeStep`. When the context window is full the
-cache is rebuilt from the last 3/4 of the window (cached keys carry their absolute positions, learned
-or rotary, so they cannot be shifted in place), so generation can go on for any length at the cost of
-one re-prefill every block_size/4 tokens.
+"""A trained run ready to generate: `load` reads a run directory, and `Engine` holds the model and
+its tokenizer and generates through the one generation loop, `batching.Batcher`: `stream` drives a
+batcher of its own synchronously (the CLI, the Python API, the trainer's samples, the benchmarks),
+and the server drives a shared one from its thread. Seeding, the context-window rule, finish
+reasons, the UTF-8 mask, logprobs and stop strings live there, once.
 """
 
 from __future__ import annotations
 
-import codecs
 import functools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,34 +16,20 @@ import torch
 
 from . import checkpoint as ckpt
 from . import rundir
-from .decode import DecodeStep, prefill
+from .batching import Batcher, BatchRequest, Prompt, StreamEvent
 from .device import resolve_device, resolve_dtype
 from .errors import CheckpointError
-from .kv_cache import KVCache
 from .model import GPT
-from .sampling import SamplingParams, TokenLogprobs, sample_next_token, token_logprobs
+from .sampling import SamplingParams, token_logprobs
 from .tokenization import Tokenizer
-from .utf8 import Utf8Mask, Utf8Table
+from .utf8 import Utf8Table
 
 BYTE_LEVEL = ("bytes", "bpe")  # tokenizers whose tokens can split a character: masked by default
 
 if TYPE_CHECKING:
     from .inspection import Inspection
 
-
-@dataclass
-class StreamEvent:
-    index: int  # which of the num_samples streams
-    text: str  # newly decodable text ("" while a multi-byte character is incomplete)
-    token: int | None
-    finish_reason: str | None = None  # "stop" (EOS) or "length" on the stream's last event
-    # with SamplingParams.logprobs: the token's log-probability in the distribution it was sampled
-    # from (sampling.sampling_logprobs), and the most likely tokens as (id, logprob), descending
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-
-
-Prompt = str | Sequence[int]  # text, or token ids that are used as they are
+__all__ = ["Engine", "Prompt", "StreamEvent", "load"]
 
 
 class Engine:
@@ -87,46 +69,15 @@ class Engine:
             return params.utf8_mask
         return self.tokenizer.kind in BYTE_LEVEL
 
-    def generate_ids(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[torch.Tensor]:
-        """Yield the next token of every stream, (num_samples,) per step, max_new_tokens times."""
-        for tokens, _ in self.generate_steps(prompt_ids, params):
-            yield tokens
-
-    @torch.inference_mode()
-    def generate_steps(self, prompt_ids: Sequence[int], params: SamplingParams
-                       ) -> Iterator[tuple[torch.Tensor, TokenLogprobs | None]]:
-        """Like generate_ids, with each step's log-probabilities when `params.logprobs` is set."""
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(params.seed) if params.seed is not None else gen.seed()
-        T, steps, rows = self.block_size, params.max_new_tokens, params.num_samples
-        keep = max(1, T - T // 4)
-        prompt = torch.tensor(list(prompt_ids)[-T:], dtype=torch.long, device=self.device)
-        tokens = torch.empty(rows, len(prompt) + steps, dtype=torch.long, device=self.device)
-        tokens[:, : len(prompt)] = prompt
-        n = len(prompt)
-        cache = KVCache.for_model(self.model, rows)
-        decode = DecodeStep(self.model)
-        mask = Utf8Mask(self.utf8_table, rows, self.device) if self.utf8_masking(params) else None
-        last = prefill(self.model, tokens[:, :n], cache)  # the prompt, in one forward
-        for i in range(steps):
-            if mask is not None:
-                last = mask.apply(last)
-            nxt = sample_next_token(last, gen, params.temperature, params.top_k, params.top_p)
-            if mask is not None:
-                mask.advance(nxt.tolist())
-            scores = None if params.logprobs is None else token_logprobs(
-                last, nxt, params.logprobs, params.temperature, params.top_k, params.top_p)
-            tokens[:, n] = nxt
-            n += 1
-            yield nxt, scores
-            if i == steps - 1:
-                return  # no forward for a token nobody will sample
-            if cache.pos == T:  # window full: rebuild the cache from the most recent tokens
-                # (all but the newest, which the decode step then adds: batching.py does the same)
-                cache.reset()
-                if keep > 1:
-                    prefill(self.model, tokens[:, n - keep : n - 1], cache, logits=False)
-            last = decode(tokens[:, n - 1], cache)
+    def token_ids(self, prompt: Prompt, params: SamplingParams | None = None,
+                  **settings: Any) -> list[list[int]]:
+        """The token ids of each of the `num_samples` samples (EOS included when it ends one)."""
+        params = (params or SamplingParams()).replace(**settings)
+        ids: list[list[int]] = [[] for _ in range(params.num_samples)]
+        for ev in self.stream(prompt, params):
+            if ev.token is not None:
+                ids[ev.index].append(ev.token)
+        return ids
 
     @torch.inference_mode()
     def score(self, prompt_ids: Sequence[int], k: int) -> list[tuple[float | None, list]]:
@@ -140,46 +91,25 @@ class Engine:
             return out[: len(ids)]
         x = torch.tensor([window], dtype=torch.long, device=self.device)
         logits, _ = self.model(x[:, :-1])
-        s = token_logprobs(logits[0], x[0, 1:], k, temperature=0)  # temperature 0: the raw softmax
+        s = token_logprobs(logits[0], x[0, 1:], k)  # the raw softmax
         for lp, vals, top in zip(s.logprob.tolist(), s.top_logprobs.tolist(), s.top_ids.tolist()):
             out.append((lp, list(zip(top, vals))))
         return out
 
     def stream(self, prompt: Prompt = "", params: SamplingParams | None = None,
-               **settings: Any) -> Iterator[StreamEvent]:
-        """Text as it is generated; every stream ends with an event carrying its finish_reason.
+               stop: Sequence[str] = (), **settings: Any) -> Iterator[StreamEvent]:
+        """Text as it is generated; every sample ends with an event carrying its finish_reason.
 
         `params` (default: SamplingParams()) with any field overridden by keyword, e.g.
-        `stream("ROMEO:", max_new_tokens=50, seed=1)`. Bad settings and a prompt the tokenizer
-        cannot encode raise here, before anything is generated.
+        `stream("ROMEO:", max_new_tokens=50, seed=1)`; `stop`: strings that end a sample (not
+        included). Bad settings and a prompt the tokenizer cannot encode raise here, before
+        anything is generated.
         """
         params = (params or SamplingParams()).replace(**settings)
-        return self._events(self.encode_prompt(prompt), params)
-
-    def _events(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StreamEvent]:
-        rows, last_step = params.num_samples, params.max_new_tokens - 1
-        decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(rows)]
-        done = [False] * rows
-        # without logprobs through generate_ids, the seam tests and other decoding loops replace
-        steps = self.generate_steps(prompt_ids, params) if params.logprobs is not None else (
-            (nxt, None) for nxt in self.generate_ids(prompt_ids, params))
-        for step, (nxt, scores) in enumerate(steps):
-            last = step == last_step
-            for i, tok in enumerate(nxt.tolist()):
-                if done[i]:
-                    continue
-                lp, top = _row_logprobs(scores, i)
-                if params.stop_at_eos and tok == self.tokenizer.eos_id:
-                    done[i] = True
-                    yield StreamEvent(i, decoders[i].decode(b"", final=True), tok, "stop", lp, top)
-                    continue
-                # Not final even on the last step: a character cut off by max_new_tokens is dropped,
-                # never printed as a replacement character.
-                text = decoders[i].decode(self.tokenizer.token_bytes(tok))
-                done[i] = last
-                yield StreamEvent(i, text, tok, "length" if last else None, lp, top)
-            if all(done):
-                return
+        # a batcher of its own, one prompt: its rows, and the whole prompt prefilled in one forward
+        batcher = Batcher(self, max_rows=params.num_samples, max_queue=0,
+                          prefill_chunk=self.block_size, start=False)
+        return _drive(batcher, batcher.submit(prompt, params, stop=stop))
 
     def generate(self, prompt: Prompt = "", params: SamplingParams | None = None,
                  **settings: Any) -> str:
@@ -191,7 +121,7 @@ class Engine:
         """`num_samples` completions of `prompt` (default: params.num_samples), in one batch."""
         params = (params or SamplingParams()).replace(num_samples=num_samples, **settings)
         parts: list[list[str]] = [[] for _ in range(params.num_samples)]
-        for ev in self._events(self.encode_prompt(prompt), params):
+        for ev in self.stream(prompt, params):
             parts[ev.index].append(ev.text)
         return ["".join(p) for p in parts]
 
@@ -203,13 +133,17 @@ class Engine:
         return inspect(self, text, top_k)
 
 
-def _row_logprobs(scores: TokenLogprobs | None, row: int
-                  ) -> tuple[float | None, list[tuple[int, float]] | None]:
-    if scores is None:
-        return None, None
-    top = zip(scores.top_ids[row].tolist(), scores.top_logprobs[row].tolist())
-    # a token top-k/top-p filtered out has probability 0 (-inf): not an alternative, and not JSON
-    return float(scores.logprob[row]), [(t, v) for t, v in top if v != float("-inf")]
+def _drive(batcher: Batcher, req: BatchRequest) -> Iterator[StreamEvent]:
+    """Step a thread-less batcher until its one request ends, yielding its events."""
+    try:
+        while True:
+            batcher.step()
+            events, done = req.drain()
+            yield from events
+            if done:
+                return
+    finally:
+        batcher.close()
 
 
 def load(run_dir: str | Path, checkpoint: str = "best", device: str = "auto",

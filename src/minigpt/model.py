@@ -1,20 +1,33 @@
-"""The GPT: token embeddings, pre-norm transformer blocks, LM head; one class for every layout.
+"""The GPT: token embeddings, pre-norm transformer blocks, LM head; one class for every layout, and
+the only place its arithmetic is written.
 
-ModelConfig's switches pick the layout. `arch="gpt2"` is GPT-2's: learned position embeddings
-(wpe), LayerNorm, tanh-GELU, biases, LM head tied to wte. `arch="modern"`: rotary position
-embeddings, ReLU^2 MLP, QK-norm (queries and keys normalised per head with the model's norm, before
-the rotary rotation: qk_norm_order before_rope; after_rope, the order of runs made before the
-switch existed, normalises the rotated ones). Parameter names follow GPT-2 in every
-layout (wte, wpe, h, ln_f, lm_head; c_attn, c_proj, c_fc) so checkpoints read like the papers and
-other tools; a layout only adds or drops tensors, it never renames one. `forward` returns
-(logits, loss); loss is None without targets. `forward(..., return_attention=True)` also returns
-every head's attention weights, computed as an explicit softmax(QK^T / sqrt(d) + causal mask) that
-only this option pays for: training and generation keep the fused scaled_dot_product_attention.
+ModelConfig's switches pick the layout, and this file is where they are read. `arch="gpt2"` is
+GPT-2's: learned position embeddings (wpe), LayerNorm, tanh-GELU, biases, LM head tied to wte.
+`arch="modern"`: rotary position embeddings, ReLU^2 MLP, QK-norm (queries and keys normalised per
+head with the model's norm, before the rotary rotation: qk_norm_order before_rope; after_rope, the
+order of runs made before the switch existed, normalises the rotated ones). Parameter names follow
+GPT-2 in every layout (wte, wpe, h, ln_f, lm_head; c_attn, c_proj, c_fc) so checkpoints read like
+the papers and other tools; a layout only adds or drops tensors, it never renames one.
+
+One `forward` serves every use (litgpt's `forward(idx, input_pos)` is the model of it):
+- training: whole sequences, no cache, causal attention; `(logits, loss)` against targets;
+- prefill: a prompt (or a chunk of one) written into a preallocated `KVCache` at position `pos`,
+  with `last_only=True` the LM head on the last position only (the only one anybody samples);
+- decode: one new token per row, each row at its own position (`pos` a list): the rows of a
+  continuous batch, each masked to its own keys.
+The blocks compute through torch.nn.functional on their own parameters rather than through a
+module call per norm and projection: decoding a token is a few dozen small operations, where the
+call overhead of ~40 modules would cost as much as the arithmetic (docs/speed.md).
+
+`forward(..., return_attention=True)` also returns every head's attention weights, computed as an
+explicit softmax(QK^T / sqrt(d) + causal mask) that only this option pays for.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -26,10 +39,34 @@ from .kv_cache import KVCache
 ROPE_BASE = 10000.0
 
 
-def make_dropout(p: float) -> nn.Module:
-    """Dropout, or nothing at p = 0: an eval-mode Dropout still costs an operation per call, which
-    shows in per-token decoding."""
-    return nn.Dropout(p) if p > 0 else nn.Identity()
+def rotary_tables(block_size: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (block_size, head_dim) for `apply_rotary`: each position's angle of each
+    pair of dimensions (i, i + head_dim / 2), written for both halves, sin negated in the first."""
+    inv_freq = 1.0 / ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x1[i], x2[i]) of the two halves of each head by each position's angle:
+    (x1 cos - x2 sin, x2 cos + x1 sin), as x * cos + swap_halves(x) * sin with `rotary_tables`.
+
+    x: (..., head_dim); cos, sin broadcast against it. Dot products of rotated queries and keys
+    depend only on the distance between their positions.
+    """
+    out = x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
+    return out if out.dtype == x.dtype else out.to(x.dtype)  # fp32 tables under autocast
+
+
+def norm(x: torch.Tensor, layer: nn.LayerNorm | nn.RMSNorm | None) -> torch.Tensor:
+    """The model's norm over the last dimension with `layer`'s parameters; no layer: the QK-norm,
+    which has no weights (bounded attention logits: higher learning rates stay stable)."""
+    if layer is None:
+        return x
+    if isinstance(layer, nn.RMSNorm):
+        return F.rms_norm(x, layer.normalized_shape, layer.weight, layer.eps)
+    return F.layer_norm(x, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -38,89 +75,77 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
 
 
-def rotary_tables(block_size: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (block_size, head_dim / 2): rotation angle of each position and pair."""
-    inv_freq = 1.0 / ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+@dataclass
+class Positions:
+    """Where a forward's T new tokens sit, worked out once for every layer: a span from `start`
+    for every row, or (`rows`) one position per row. `length` keys are visible after the write;
+    `mask` / `causal` are what attention needs to see only a token's own past."""
 
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x1[i], x2[i]) of the two halves of each head by each position's angle.
-
-    x: (B, T, ..., head_dim); cos, sin broadcast against x's halves, (T, 1, ..., head_dim / 2).
-    Dot products of rotated queries and keys depend only on the distance between their positions.
-    """
-    x1, x2 = x.chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out if out.dtype == x.dtype else out.to(x.dtype)  # fp32 tables under autocast
+    start: int
+    length: int
+    rows: torch.Tensor | None = None  # (B,) each row's position, T = 1
+    index: torch.Tensor | None = None  # rows as a KV-cache write index, (B, n_head, 1, head_dim)
+    mask: torch.Tensor | None = None
+    causal: bool = True
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head = cfg.n_head
-        self.qk_norm = cfg.norm if cfg.qk_norm else None
+        # the QK-norm is the model's norm without weights: a parameterless module of that kind
+        self.qk_norm = (nn.RMSNorm(cfg.head_dim, eps=None, elementwise_affine=False)
+                        if cfg.norm == "rmsnorm" else
+                        nn.LayerNorm(cfg.head_dim, elementwise_affine=False)) if cfg.qk_norm else None
         self.norm_first = bool(cfg.qk_norm) and cfg.qk_norm_order == "before_rope"
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in that order
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
-        self.resid_drop = make_dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                layer: int = 0, kv_cache: KVCache | None = None,
-                attention: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                at: Positions, layer: int, cache: KVCache | None,
+                attention: list[torch.Tensor] | None) -> torch.Tensor:
         """Self-attention of x (B, T, C); given a list, appends its weights (B, n_head, T, T)."""
         B, T, C = x.shape
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        qkv = F.linear(x, self.c_attn.weight, self.c_attn.bias).view(B, T, 3, self.n_head, -1)
         # split, not indexing: its backward is one concatenation instead of zero-filled copies
         qk, v = qkv.split((2, 1), dim=2)  # (B, T, 2, n_head, head_dim), (B, T, 1, n_head, head_dim)
         if self.norm_first:  # qk_norm_order before_rope: a norm does not commute with a rotation
-            qk = self._qk_norm(qk)
+            qk = norm(qk, self.qk_norm)
         if rope is not None:  # queries and keys together: one set of operations instead of two
             qk = apply_rotary(qk, *rope)
         if not self.norm_first:
-            qk = self._qk_norm(qk)
+            qk = norm(qk, self.qk_norm)
         q, k = qk.unbind(2)
         # (B, T, n_head, head_dim) -> (B, n_head, T, head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)
-        mask, causal = None, True
-        if kv_cache is not None:
-            start = kv_cache.pos
-            k, v = kv_cache.update(layer, k, v)  # (B, n_head, start + T, head_dim)
-            if start > 0:
-                causal = False
-                if T > 1:  # new query i may see cached keys and new keys up to itself
-                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+        if cache is not None:
+            k, v = cache.write(layer, k, v, at)  # (B, n_head, at.length, head_dim)
+        dropout = self.dropout if self.training else 0.0
         if attention is not None:  # same q, k, v (rotary, QK-norm) as below, weights kept
-            y = self._explicit_attention(q, k, v, attention)
+            y = _explicit_attention(q, k, v, attention, dropout)
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal,
-                dropout_p=self.dropout if self.training else 0.0,
-            )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads
-        return self.resid_drop(self.c_proj(y))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=at.mask, is_causal=at.causal,
+                                               dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble heads
+        return _dropout(F.linear(y, self.c_proj.weight, self.c_proj.bias), dropout)
 
-    def _qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
-        """Queries and keys normalised per head, no weights (bounded attention logits: higher
-        learning rates stay stable); unchanged without QK-norm."""
-        if self.qk_norm == "rmsnorm":
-            return F.rms_norm(qk, (qk.size(-1),))
-        if self.qk_norm == "layernorm":
-            return F.layer_norm(qk, (qk.size(-1),))
-        return qk
 
-    def _explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            attention: list[torch.Tensor]) -> torch.Tensor:
-        """softmax(q k^T / sqrt(head_dim), future masked) @ v, written out so the weights can be
-        kept; what scaled_dot_product_attention computes with is_causal=True."""
-        T = q.size(-2)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, n_head, T, T)
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-        weights = scores.float().masked_fill(future, float("-inf")).softmax(dim=-1)
-        attention.append(weights)
-        return F.dropout(weights, self.dropout, self.training).to(v.dtype) @ v
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        attention: list[torch.Tensor], dropout: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim), future masked) @ v, written out so the weights can be kept;
+    what scaled_dot_product_attention computes with is_causal=True."""
+    T = q.size(-2)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, n_head, T, T)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    weights = scores.float().masked_fill(future, float("-inf")).softmax(dim=-1)
+    attention.append(weights)
+    return _dropout(weights, dropout).to(v.dtype) @ v
+
+
+def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout at p > 0 only: even a no-op dropout costs an operation per call in decoding."""
+    return F.dropout(x, p) if p > 0 else x
 
 
 class MLP(nn.Module):
@@ -129,17 +154,18 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.activation = cfg.activation
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.drop = make_dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)
+        h = F.linear(x, self.c_fc.weight, self.c_fc.bias)
         if self.activation == "relu2":
             h = F.relu(h).square()
         elif self.activation == "gelu":
             h = F.gelu(h)
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
-        return self.drop(self.c_proj(h))
+        h = F.linear(h, self.c_proj.weight, self.c_proj.bias)
+        return _dropout(h, self.dropout if self.training else 0.0)
 
 
 class Block(nn.Module):
@@ -150,10 +176,11 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None, layer: int = 0, kv_cache: KVCache | None = None,
-                attention: list[torch.Tensor] | None = None):
-        x = x + self.attn(self.ln_1(x), rope, layer, kv_cache, attention)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                at: Positions, layer: int, cache: KVCache | None = None,
+                attention: list[torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(norm(x, self.ln_1), rope, at, layer, cache, attention)
+        return x + self.mlp(norm(x, self.ln_2))
 
 
 class GPT(nn.Module):
@@ -168,7 +195,6 @@ class GPT(nn.Module):
             cos, sin = rotary_tables(cfg.block_size, cfg.head_dim)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.drop = make_dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -196,40 +222,73 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        cache: KVCache | None = None,
+        pos: int | Sequence[int] = 0,
+        last_only: bool = False,
         return_attention: bool = False,
     ) -> tuple[torch.Tensor, ...]:
-        """idx (B, T) token ids -> logits (B, T, vocab); loss is mean cross-entropy vs targets.
+        """idx (B, T) token ids -> (logits (B, T, vocab), loss); loss is mean cross-entropy vs
+        targets, None without them.
 
-        With return_attention, -> (logits, loss, attention (n_layer, B, n_head, T, T)): row i of a
-        head's map is how token i weighs tokens 0..i (each row sums to 1). Not with a KV cache.
+        cache / pos: the tokens continue a sequence whose keys and values are in `cache` (their own
+        are written there): at position `pos` for every row, or, with a list of B positions, one
+        token per row (T = 1) each at its own position (rows of a continuous batch). The caller
+        keeps the lengths: the cache holds no position. last_only: logits (B, 1, vocab) of the last
+        position alone (prefill). With return_attention, -> (logits, loss, attention (n_layer, B,
+        n_head, T, T)): row i of a head's map is how token i weighs tokens 0..i. Not with a cache.
         """
         B, T = idx.shape
-        if return_attention and kv_cache is not None:
-            raise ValueError("return_attention reads a whole sequence; it takes no kv_cache")
+        if return_attention and cache is not None:
+            raise ValueError("return_attention reads a whole sequence; it takes no cache")
+        at = self._positions(pos, B, T, idx.device, cache is not None)
         attention: list[torch.Tensor] | None = [] if return_attention else None
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} exceeds block_size {self.config.block_size}")
-        x = self.wte(idx)  # (B, T, C)
+        x = F.embedding(idx, self.wte.weight)  # (B, T, C)
         rope = None
         if self.config.pos_emb == "learned":
-            x = x + self.wpe.weight[start : start + T]  # a slice: no index tensor, cheap backward
-        else:  # positions come from the cache: a decoded token is rotated by its true position
-            rope = (self.rope_cos[start : start + T, None, None],  # (T, 1, 1, head_dim / 2)
-                    self.rope_sin[start : start + T, None, None])
-        x = self.drop(x)
+            # a slice where every row shares the span: no index tensor, cheap backward
+            x = x + (self.wpe.weight[at.rows].unsqueeze(1) if at.rows is not None
+                     else self.wpe.weight[at.start : at.start + T])
+        elif at.rows is not None:  # positions come from the caller: each token at its true position
+            rope = (self.rope_cos[at.rows].view(B, 1, 1, 1, -1),  # (B, 1, 1, 1, head_dim)
+                    self.rope_sin[at.rows].view(B, 1, 1, 1, -1))
+        else:
+            rope = (self.rope_cos[at.start : at.start + T, None, None],  # (T, 1, 1, head_dim)
+                    self.rope_sin[at.start : at.start + T, None, None])
+        x = _dropout(x, self.config.dropout if self.training else 0.0)
         for i, block in enumerate(self.h):
-            x = block(x, rope, i, kv_cache, attention)
-        if kv_cache is not None:
-            kv_cache.advance(T)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+            x = block(x, rope, at, i, cache, attention)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(norm(x, self.ln_f))  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         if attention is not None:
             return logits, loss, torch.stack(attention)
         return logits, loss
+
+    def _positions(self, pos: int | Sequence[int], B: int, T: int, device: torch.device,
+                   cached: bool) -> Positions:
+        """The span or the rows a forward writes, its visible keys and its attention mask."""
+        if isinstance(pos, int):
+            end = pos + T
+            mask = None
+            if cached and pos > 0 and T > 1:  # query i sees the cached keys and new keys to itself
+                mask = torch.ones(T, end, dtype=torch.bool, device=device).tril(pos)
+            at = Positions(pos, end, mask=mask, causal=pos == 0)
+        else:
+            if T != 1 or len(pos) != B or not cached:
+                raise ValueError("per-row positions take one token per row and a cache")
+            end = max(pos) + 1
+            rows = torch.tensor(pos, device=device)
+            mask = None
+            if min(pos) != end - 1:  # shorter rows must not see the stale keys past their length
+                mask = (torch.arange(end, device=device) <= rows.view(B, 1)).view(B, 1, 1, end)
+            index = rows.view(B, 1, 1, 1).expand(B, self.config.n_head, 1, self.config.head_dim)
+            at = Positions(end - 1, end, rows, index, mask, causal=False)
+        if end > self.config.block_size:
+            raise ValueError(f"sequence of {end} exceeds block_size {self.config.block_size}")
+        return at
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (a tied head counts once); optionally without position embeddings."""

@@ -1,49 +1,77 @@
-"""Choosing the next token: pure functions that apply the sampling settings to logits
-(temperature, top-k, top-p) with an explicit RNG, and the log-probabilities of the distribution a
-token was drawn from. The settings themselves are `config.SamplingParams` (re-exported here), the
-one place sampling defaults live.
+"""Choosing the next token of every row of a batch at once: temperature, top-k and top-p applied to
+the whole (rows, vocab) logits with each row's own settings as tensors (`RowSettings`), an explicit
+uniform per row, and the log-probabilities of the distribution each token was drawn from. The
+settings themselves are `config.SamplingParams` (re-exported here), the one place sampling defaults
+live.
+
+Each row's result depends only on its own logits, settings and uniform, so rows of different
+requests (each with its own generator) are chosen in one call and a request's tokens never depend
+on the rest of the batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .config import SamplingParams
 
-__all__ = ["SamplingParams", "TokenLogprobs", "choose_tokens", "filter_logits", "sample_next_token",
-           "sampling_logprobs", "token_logprobs", "uniforms"]
+__all__ = ["RowSettings", "SamplingParams", "TokenLogprobs", "choose_tokens", "distribution",
+           "sample_next_token", "token_logprobs", "uniforms"]
 
 
-def filter_logits(logits: torch.Tensor, top_k: int | None = None,
-                  top_p: float | None = None) -> torch.Tensor:
-    """Set logits outside the top-k / nucleus (top-p) to -inf. logits: (B, V)."""
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+@dataclass
+class RowSettings:
+    """The sampling settings of B rows as tensors. A greedy row (temperature 0) is computed at
+    temperature 1 with no filter: its argmax is the greedy token and its log-probabilities are the
+    model's own, which is what greedy decoding reports."""
+
+    temperature: torch.Tensor  # (B, 1) float32; 1 for greedy rows
+    greedy: torch.Tensor | None  # (B,) bool; None when no row is greedy
+    all_greedy: bool
+    top_k: torch.Tensor | None  # (B, 1) keep the k largest (vocab: keep all); None: no row filters
+    top_p: torch.Tensor | None  # (B, 1) nucleus mass (inf: keep all); None: no row filters
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams], vocab: int,
+           device: torch.device | str = "cpu") -> RowSettings:
+        greedy = [p.temperature == 0 for p in params]
+        top_k = [p.top_k if p.top_k and p.top_k < vocab and not g else vocab
+                 for p, g in zip(params, greedy)]
+        top_p = [p.top_p if p.top_p is not None and p.top_p < 1.0 and not g else float("inf")
+                 for p, g in zip(params, greedy)]
+        column = dict(device=device, dtype=torch.float32)
+        return cls(
+            temperature=torch.tensor([[1.0 if g else p.temperature]
+                                      for p, g in zip(params, greedy)], **column),
+            greedy=torch.tensor(greedy, device=device) if any(greedy) else None,
+            all_greedy=all(greedy),
+            top_k=torch.tensor(top_k, device=device).view(-1, 1) if min(top_k) < vocab else None,
+            top_p=torch.tensor(top_p, **column).view(-1, 1) if min(top_p) < 1.0 else None,
+        )
+
+
+def distribution(logits: torch.Tensor, s: RowSettings) -> torch.Tensor:
+    """logits (B, V) -> the logits each row samples from, float32: divided by the row's
+    temperature, tokens outside its top-k / nucleus (top-p) at -inf."""
+    x = logits.float() / s.temperature
+    if s.top_k is None and s.top_p is None:
+        return x
+    ranked = torch.sort(x, dim=-1, descending=True)
+    drop = torch.zeros_like(x, dtype=torch.bool)
+    if s.top_k is not None:  # ties with the k-th value stay
+        drop |= x < ranked.values.gather(-1, s.top_k - 1)
+    if s.top_p is not None:
+        values = ranked.values
+        if s.top_k is not None:
+            values = values.masked_fill(values < values.gather(-1, s.top_k - 1), float("-inf"))
+        probs = values.softmax(dim=-1)
         # drop a token when the tokens ranked above it already reach top_p (the first always stays)
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def sample_next_token(
-    logits: torch.Tensor,
-    generator: torch.Generator | None,
-    temperature: float = SamplingParams.temperature,
-    top_k: int | None = None,
-    top_p: float | None = None,
-) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,). temperature 0 is greedy (argmax)."""
-    if temperature == 0:
-        return choose_tokens(logits, 0, None, None, None)
-    return choose_tokens(logits, temperature, top_k, top_p, uniforms(generator, logits.size(0),
-                                                                     logits.device))
+        drop_ranked = (probs.cumsum(dim=-1) - probs) >= s.top_p
+        drop |= drop_ranked.scatter(-1, ranked.indices, drop_ranked)
+    return x.masked_fill(drop, float("-inf"))
 
 
 def uniforms(generator: torch.Generator | None, rows: int, device: torch.device | str = "cpu"
@@ -52,50 +80,41 @@ def uniforms(generator: torch.Generator | None, rows: int, device: torch.device 
     return torch.rand(rows, 1, generator=generator, device=device, dtype=torch.float32)
 
 
-def choose_tokens(logits: torch.Tensor, temperature: float, top_k: int | None,
-                  top_p: float | None, u: torch.Tensor | None) -> torch.Tensor:
-    """The one place a next token is chosen, for a single stream and for a batch alike: logits
-    (B, V) and the rows' uniforms u (B, 1) (from `uniforms`, None when greedy) -> token ids (B,).
-
-    Each row's result depends only on its own logits and its own uniform, so rows of different
-    requests (each with its own generator) can be chosen in one call."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+def choose_tokens(x: torch.Tensor, s: RowSettings, u: torch.Tensor | None) -> torch.Tensor:
+    """The one place a next token is chosen: `distribution` logits x (B, V) and the rows'
+    uniforms u (B, 1) (None when every row is greedy) -> token ids (B,)."""
+    if s.all_greedy:
+        return x.argmax(dim=-1)
     # inverse-CDF sampling: one uniform per row, the token whose cumulative-probability interval
     # holds it. Same distribution as torch.multinomial at half its cost per decoded token on CPU.
-    cdf = logits.softmax(dim=-1).cumsum_(dim=-1)
-    return (cdf < u.to(cdf.device) * cdf[:, -1:]).sum(dim=-1)
+    cdf = x.softmax(dim=-1).cumsum_(dim=-1)
+    tokens = (cdf < u.to(cdf.device) * cdf[:, -1:]).sum(dim=-1)
+    return tokens if s.greedy is None else torch.where(s.greedy, x.argmax(dim=-1), tokens)
+
+
+def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None,
+                      temperature: float = SamplingParams.temperature, top_k: int | None = None,
+                      top_p: float | None = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,), every row with the same settings."""
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p).validate()
+    s = RowSettings.of([params] * logits.size(0), logits.size(-1), logits.device)
+    u = None if s.all_greedy else uniforms(generator, logits.size(0), logits.device)
+    return choose_tokens(distribution(logits, s), s, u)
 
 
 @dataclass
 class TokenLogprobs:
-    """What `token_logprobs` returns for one step of B streams."""
+    """What `token_logprobs` returns for one step of B rows."""
 
-    logprob: torch.Tensor  # (B,) log-probability of the token each stream sampled
+    logprob: torch.Tensor  # (B,) log-probability of the token each row sampled
     top_logprobs: torch.Tensor  # (B, k) the k largest log-probabilities, descending
     top_ids: torch.Tensor  # (B, k) their token ids
 
 
-def sampling_logprobs(logits: torch.Tensor, temperature: float = SamplingParams.temperature,
-                      top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """logits (B, V) -> log-probabilities (B, V) of the distribution `sample_next_token` draws from:
-    log_softmax(filter(logits / temperature)), -inf for filtered tokens. Greedy (temperature 0)
-    draws from no distribution; it reports the model's own, log_softmax(logits) at temperature 1
-    with no top-k/top-p filter (its argmax is the greedy token)."""
-    logits = logits.float()
-    if temperature == 0:
-        return logits.log_softmax(dim=-1)
-    return filter_logits(logits / temperature, top_k, top_p).log_softmax(dim=-1)
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int,
-                   temperature: float = SamplingParams.temperature, top_k: int | None = None,
-                   top_p: float | None = None) -> TokenLogprobs:
-    """The sampled `tokens` (B,)' log-probabilities and the top `k` of each row, from the same
-    logits (B, V) and settings the tokens were sampled with. The engine calls this, and so must any
-    other decoding loop, so that every path reports the same numbers."""
-    logp = sampling_logprobs(logits, temperature, top_k, top_p)
+def token_logprobs(x: torch.Tensor, tokens: torch.Tensor, k: int) -> TokenLogprobs:
+    """The `tokens` (B,)' log-probabilities and the top `k` of each row under the logits x (B, V)
+    they were drawn from (`distribution`'s; a token filtered out has -inf)."""
+    logp = x.float().log_softmax(dim=-1)
     chosen = logp.gather(-1, tokens.view(-1, 1).to(logp.device)).squeeze(-1)
     top = torch.topk(logp, min(k, logp.size(-1)), dim=-1)
     return TokenLogprobs(chosen, top.values, top.indices)

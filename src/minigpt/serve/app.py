@@ -5,7 +5,7 @@ Endpoints: `GET /` (playground page), `GET /health`, `GET /metrics` (Prometheus)
 `POST /v1/chat/completions` (Chat Completions, through the plain-text template of `chat`; request
 and reply shapes in `chat_api`). With an API key set, every `/v1/*` request needs
 `Authorization: Bearer KEY`. Requests are checked in `openai_api`; generation runs in one
-continuous batch on the batcher's thread (`slots`, over `minigpt.batching`), never on the event
+continuous batch on the batcher's thread (`jobs`, over `minigpt.batching`), never on the event
 loop; stop strings end a row there too, and its logprobs stop with its text.
 
     app = create_app(minigpt.load("runs/x"), api_key="secret")   # in-process, e.g. for tests
@@ -33,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..batching import Batcher, BatcherBusy
 from ..engine import Engine
 from ..errors import ConfigError, TokenizerError
 from . import logprobs as lp
@@ -41,18 +42,10 @@ from .chat import DEFAULT as DEFAULT_TEMPLATE
 from .chat import ChatTemplate, load_template
 from .chat_api import ChatReply, parse_chat_request
 from .inspect_api import register_inspect
+from .jobs import Job, JobFailed, env_seconds, merge_deltas, next_or_500, submit_job
 from .logprobs import Scored
 from .metrics import CONTENT_TYPE, Metrics, StatusCounter
 from .openai_api import APIError, CompletionRequest
-from .slots import (
-    Job,
-    JobFailed,
-    Scheduler,
-    ServerBusy,
-    env_seconds,
-    merge_deltas,
-    next_or_500,
-)
 
 DEFAULT_MAX_TOKENS_LIMIT = 1024
 DEFAULT_MAX_CONCURRENCY = 32  # rows in the one decoding batch; a request with n samples takes n
@@ -85,19 +78,20 @@ def create_app(
     ):
         if value < lo:
             raise ConfigError(f"{name} must be >= {lo}, got {value}")
-    scheduler = Scheduler(engine, max_concurrency, max_queue)
-    metrics = Metrics(scheduler.stats)
+    stream_interval = env_seconds("MINIGPT_STREAM_INTERVAL", 0.005)  # before the thread starts
+    batcher = Batcher(engine, max_rows=max_concurrency, max_queue=max_queue)
+    metrics = Metrics(batcher.stats)
     created = oa.now()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        scheduler.close()
+        batcher.close()
 
     app = FastAPI(
         title="minigpt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
-    app.state.scheduler = scheduler
+    app.state.batcher = batcher
     app.add_middleware(StatusCounter, metrics=metrics)
     _install_error_handlers(app)
 
@@ -116,8 +110,8 @@ def create_app(
             "max_tokens_limit": max_tokens_limit,
             "max_concurrency": max_concurrency,
             "max_queue": max_queue,
-            "running": scheduler.running,
-            "waiting": scheduler.waiting,
+            "running": batcher.running,
+            "waiting": batcher.waiting,
         }
 
     @app.get("/metrics", include_in_schema=False)
@@ -150,7 +144,7 @@ def create_app(
         # keep it off the event loop too.
         prompt_ids = await asyncio.to_thread(_encode_prompts, engine, req.prompts, param)
         echoed = await asyncio.to_thread(_echo_scores, engine, req, prompt_ids)
-        job = _submit(scheduler, prompt_ids, req, echoed)
+        job = _submit(batcher, prompt_ids, req, stream_interval, echoed)
         job.timer = _Timer(metrics, received)
         reply = make_reply(sum(len(ids) for ids in prompt_ids))
         if req.stream:
@@ -194,15 +188,12 @@ def _echo_scores(engine: Engine, req: CompletionRequest,
     return [lp.prompt_scores(engine, ids, req.logprobs) for ids in prompt_ids]
 
 
-def _submit(scheduler: Scheduler, prompt_ids: list[list[int]], req: CompletionRequest,
-            echoed: list[list[Scored]] | None = None) -> Job:
+def _submit(batcher: Batcher, prompt_ids: list[list[int]], req: CompletionRequest,
+            stream_interval: float, echoed: list[list[Scored]] | None = None) -> Job:
     # text_offset counts an echoed prompt
     bases = [len(p) if req.echo else 0 for p in req.prompts]
-    try:
-        return scheduler.submit(prompt_ids, req.sampling(), req.stop, bases=bases,
-                                echoed=echoed)
-    except ServerBusy as e:
-        raise APIError(429, str(e), code="server_busy", type="server_busy") from None
+    return submit_job(batcher, prompt_ids, req.sampling(), stream_interval, req.stop, bases=bases,
+                      echoed=echoed)
 
 
 class _Timer:
@@ -401,11 +392,14 @@ def _install_error_handlers(app: FastAPI) -> None:
     def reply(status: int, body: dict[str, Any], headers: dict[str, str] | None = None):
         return JSONResponse(body, status_code=status, headers=headers)
 
+    @app.exception_handler(BatcherBusy)
+    async def busy(_: Request, e: BatcherBusy) -> JSONResponse:  # every row and the line taken
+        return reply(429, APIError(429, str(e), code="server_busy", type="server_busy").body(),
+                     {"Retry-After": "1"})
+
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        if e.status == 429:
-            headers = {"Retry-After": "1"}
         return reply(e.status, e.body(), headers)
 
     @app.exception_handler(StarletteHTTPException)

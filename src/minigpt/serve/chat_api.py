@@ -17,8 +17,8 @@ from typing import Any
 from . import logprobs as lp
 from . import openai_api as oa
 from .chat import ChatTemplate, parse_messages
+from .jobs import Job, JobFailed, merge_deltas, next_or_500
 from .openai_api import APIError, CompletionRequest
-from .slots import Job, JobFailed, merge_deltas, next_or_500
 
 DEFAULT_CHAT_MAX_TOKENS = 256  # OpenAI's default is "up to the context"; a reply usually stops first
 

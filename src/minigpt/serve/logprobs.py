@@ -3,7 +3,7 @@
 The numbers come from the engine (`StreamEvent.logprob` / `top_logprobs`, computed by
 `sampling.token_logprobs`, in the batcher as in `Engine.stream`); this module only names tokens
 and shapes the completions and chat forms. Where each token's text starts is counted in
-`slots.Job`; the tokens a stop string cut off the batcher has already dropped (`batching._cut`).
+`jobs.Job`; the tokens a stop string cut off the batcher has already dropped (`batching._cut`).
 
 A token's name is its text when its bytes are whole UTF-8 characters, else OpenAI's
 `bytes:\\xNN...` form (one byte of a multi-byte character from a byte-level model); special tokens are

@@ -1,11 +1,12 @@
-"""The server's side of continuous batching: requests become `Job`s on one `batching.Batcher`.
+"""The server's side of continuous batching: an HTTP request becomes a `Job`, one batcher request
+per prompt on the server's one `batching.Batcher`.
 
 Generation is synchronous PyTorch code, so it never runs on the event loop: the batcher's thread
 decodes every admitted request in one batch of `max_concurrency` rows. Up to `max_queue` more
-requests wait in line (FIFO); beyond that, `submit` raises `ServerBusy` at once (the server answers
-429) instead of letting latency grow without bound. Cancelling a job (its client disconnected)
-takes it out of the line at once if it is waiting, and frees its rows before the next step if it is
-generating.
+requests wait in line (FIFO); beyond that, `submit_job` raises the batcher's `BatcherBusy` at once
+(the server answers 429) instead of letting latency grow without bound. Cancelling a job (its
+client disconnected) takes it out of the line at once if it is waiting, and frees its rows before
+the next step if it is generating.
 
 Results come back without a wake-up per token: the batcher calls a job's `notify` once, when the
 job has new events and none was pending, which sets an asyncio.Event through
@@ -30,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..batching import Batcher, BatcherBusy, BatchRequest
-from ..engine import Engine
 from ..errors import ConfigError
 from ..sampling import SamplingParams
 from ..tokenization import Tokenizer
@@ -50,10 +50,6 @@ def env_seconds(name: str, default: float | None) -> float | None:
     if not value >= 0 or value == float("inf"):
         raise ConfigError(f"{name} must be a number of seconds >= 0, got {raw!r}")
     return value
-
-
-class ServerBusy(Exception):
-    """Every row is generating and the waiting line is full."""
 
 
 class JobFailed(Exception):
@@ -103,7 +99,7 @@ class Job:
     text starts (after `bases[p]` characters of echoed prompt); the batcher has already cut text
     and scores at the stop strings. `echoed[p]`, the scored prompt, comes first in each choice."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, n: int, stream_interval: float = 0.0,
+    def __init__(self, loop: asyncio.AbstractEventLoop, n: int, stream_interval: float,
                  tokenizer: Tokenizer | None = None, bases: Sequence[int] = (),
                  echoed: list[list[lp.Scored]] | None = None):
         self._loop = loop
@@ -112,8 +108,7 @@ class Job:
         self._chars: dict[int, int] = {}  # characters of each choice's text so far
         self._echoed = echoed
         self.timer: Any = None  # text() at the first text, end() at the end (the /metrics timer)
-        self.stream_interval = (env_seconds("MINIGPT_STREAM_INTERVAL", 0.005)
-                                if stream_interval is None else stream_interval)
+        self.stream_interval = stream_interval
         self._last_take: float | None = None
         self.requests: list[BatchRequest] = []
         self._wake = asyncio.Event()
@@ -188,45 +183,18 @@ class Job:
         return None
 
 
-class Scheduler:
-    """Admits jobs onto one Batcher of `max_concurrency` rows with a line of `max_queue`."""
-
-    def __init__(self, engine: Engine, max_concurrency: int, max_queue: int,
-                 stream_interval: float | None = None):
-        self.stream_interval = (env_seconds("MINIGPT_STREAM_INTERVAL", 0.005)
-                                if stream_interval is None else stream_interval)
-        self.batcher = Batcher(engine, max_rows=max_concurrency, max_queue=max_queue)
-        self.max_concurrency, self.max_queue = max_concurrency, max_queue
-
-    @property
-    def running(self) -> int:
-        return self.batcher.running
-
-    @property
-    def waiting(self) -> int:
-        return self.batcher.waiting
-
-    def submit(self, prompt_ids: list[list[int]], params: SamplingParams,
-               stop: Sequence[str] = (), bases: Sequence[int] = (),
+def submit_job(batcher: Batcher, prompt_ids: list[list[int]], params: SamplingParams,
+               stream_interval: float, stop: Sequence[str] = (), bases: Sequence[int] = (),
                echoed: list[list[lp.Scored]] | None = None) -> Job:
-        """Admit a job (or raise ServerBusy). Must be called from the event loop's thread.
-        `bases`/`echoed`: each prompt's echoed length and scored tokens (see `Job`)."""
-        job = Job(asyncio.get_running_loop(), params.num_samples, self.stream_interval,
-                  self.batcher.engine.tokenizer, bases, echoed)
-        try:
-            for ids in prompt_ids:
-                job.requests.append(self.batcher.submit(ids, params, stop=stop,
-                                                        notify=job.notify))
-        except BatcherBusy as e:
-            job.cancel()  # the prompts admitted before this one give their places back
-            raise ServerBusy(str(e)) from None
-        return job
-
-    def stats(self) -> dict[str, Any]:
-        b = self.batcher
-        return {"running": b.running, "waiting": b.waiting, "rows_in_use": b.rows_in_use,
-                "rows": b.max_rows, "steps": b.steps, "row_steps": b.row_steps,
-                "tokens_generated": b.tokens_generated}
-
-    def close(self) -> None:
-        self.batcher.close()
+    """A job of one batcher request per prompt, or BatcherBusy with none of them left queued.
+    Must be called from the event loop's thread. `bases`/`echoed`: each prompt's echoed length
+    and scored tokens (see `Job`)."""
+    job = Job(asyncio.get_running_loop(), params.num_samples, stream_interval,
+              batcher.engine.tokenizer, bases, echoed)
+    try:
+        for ids in prompt_ids:
+            job.requests.append(batcher.submit(ids, params, stop=stop, notify=job.notify))
+    except BatcherBusy:
+        job.cancel()  # the prompts admitted before this one give their places back
+        raise
+    return job
