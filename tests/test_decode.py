@@ -71,3 +71,19 @@ def test_per_row_positions_take_one_token_per_row():
     cache = KVCache.for_model(model, 2)
     with pytest.raises(ValueError, match="one token per row"):
         model(torch.zeros(2, 2, dtype=torch.long), cache=cache, pos=[0, 1])
+
+
+def test_decoding_sees_weights_changed_in_place_after_the_first_forward():
+    """Outside training the blocks' tensors are gathered once; an optimizer step (or a load)
+    updates those same tensors in place, and .to() gathers them again."""
+    model = random_model("modern")
+    tokens = torch.tensor([[3, 1, 4]])
+    with torch.inference_mode():
+        before, _ = model(tokens)
+        model.h[0].mlp.c_fc.weight.add_(1.0)
+        after, _ = model(tokens)
+        assert not torch.equal(before, after)
+        model.to(torch.float64)
+        again, _ = model(tokens)
+    assert again.dtype == torch.float64
+    torch.testing.assert_close(again.float(), after, rtol=1e-4, atol=1e-4)

@@ -15,9 +15,10 @@ One `forward` serves every use (litgpt's `forward(idx, input_pos)` is the model 
   with `last_only=True` the LM head on the last position only (the only one anybody samples);
 - decode: one new token per row, each row at its own position (`pos` a list): the rows of a
   continuous batch, each masked to its own keys.
-The blocks compute through torch.nn.functional on their own parameters rather than through a
-module call per norm and projection: decoding a token is a few dozen small operations, where the
-call overhead of ~40 modules would cost as much as the arithmetic (docs/speed.md).
+The modules only hold the parameters under their names; `_layer` computes a block through
+torch.nn.functional on the block's tensors, gathered once outside training: decoding a token is a
+few dozen small operations, and a module call per norm and projection (plus an attribute lookup per
+weight) cost as much again (docs/speed.md).
 
 `forward(..., return_attention=True)` also returns every head's attention weights, computed as an
 explicit softmax(QK^T / sqrt(d) + causal mask) that only this option pays for.
@@ -37,6 +38,8 @@ from .config import ModelConfig
 from .kv_cache import KVCache
 
 ROPE_BASE = 10000.0
+LAYER_NORM_EPS = 1e-5  # torch's LayerNorm default
+RMS_NORM_EPS = 1e-6
 
 
 def rotary_tables(block_size: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,20 +62,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out if out.dtype == x.dtype else out.to(x.dtype)  # fp32 tables under autocast
 
 
-def norm(x: torch.Tensor, layer: nn.LayerNorm | nn.RMSNorm | None) -> torch.Tensor:
-    """The model's norm over the last dimension with `layer`'s parameters; no layer: the QK-norm,
-    which has no weights (bounded attention logits: higher learning rates stay stable)."""
-    if layer is None:
-        return x
-    if isinstance(layer, nn.RMSNorm):
-        return F.rms_norm(x, layer.normalized_shape, layer.weight, layer.eps)
-    return F.layer_norm(x, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
+def norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, rms: bool
+         ) -> torch.Tensor:
+    """The model's norm over the last dimension: RMSNorm (eps 1e-6) or LayerNorm (torch's eps,
+    1e-5). Without weights it is the QK-norm (RMSNorm then at torch's default eps)."""
+    if rms:
+        return F.rms_norm(x, x.shape[-1:], weight, RMS_NORM_EPS if weight is not None else None)
+    return F.layer_norm(x, x.shape[-1:], weight, bias, LAYER_NORM_EPS)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.n_embd, eps=1e-6)
-    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        return nn.RMSNorm(cfg.n_embd, eps=RMS_NORM_EPS)
+    return nn.LayerNorm(cfg.n_embd, eps=LAYER_NORM_EPS, bias=cfg.bias)
 
 
 @dataclass
@@ -89,46 +91,35 @@ class Positions:
     causal: bool = True
 
 
+# The modules hold the parameters under GPT-2's names; `GPT._layer` computes with them.
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head = cfg.n_head
-        # the QK-norm is the model's norm without weights: a parameterless module of that kind
-        self.qk_norm = (nn.RMSNorm(cfg.head_dim, eps=None, elementwise_affine=False)
-                        if cfg.norm == "rmsnorm" else
-                        nn.LayerNorm(cfg.head_dim, elementwise_affine=False)) if cfg.qk_norm else None
-        self.norm_first = bool(cfg.qk_norm) and cfg.qk_norm_order == "before_rope"
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in that order
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                at: Positions, layer: int, cache: KVCache | None,
-                attention: list[torch.Tensor] | None) -> torch.Tensor:
-        """Self-attention of x (B, T, C); given a list, appends its weights (B, n_head, T, T)."""
-        B, T, C = x.shape
-        qkv = F.linear(x, self.c_attn.weight, self.c_attn.bias).view(B, T, 3, self.n_head, -1)
-        # split, not indexing: its backward is one concatenation instead of zero-filled copies
-        qk, v = qkv.split((2, 1), dim=2)  # (B, T, 2, n_head, head_dim), (B, T, 1, n_head, head_dim)
-        if self.norm_first:  # qk_norm_order before_rope: a norm does not commute with a rotation
-            qk = norm(qk, self.qk_norm)
-        if rope is not None:  # queries and keys together: one set of operations instead of two
-            qk = apply_rotary(qk, *rope)
-        if not self.norm_first:
-            qk = norm(qk, self.qk_norm)
-        q, k = qk.unbind(2)
-        # (B, T, n_head, head_dim) -> (B, n_head, T, head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.write(layer, k, v, at)  # (B, n_head, at.length, head_dim)
-        dropout = self.dropout if self.training else 0.0
-        if attention is not None:  # same q, k, v (rotary, QK-norm) as below, weights kept
-            y = _explicit_attention(q, k, v, attention, dropout)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=at.mask, is_causal=at.causal,
-                                               dropout_p=dropout)
-        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble heads
-        return _dropout(F.linear(y, self.c_proj.weight, self.c_proj.bias), dropout)
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """The block's parameters in the order `GPT._layer` takes them (None: a bias it lacks)."""
+        a, m = self.attn, self.mlp
+        return (self.ln_1.weight, getattr(self.ln_1, "bias", None), a.c_attn.weight, a.c_attn.bias,
+                a.c_proj.weight, a.c_proj.bias, self.ln_2.weight, getattr(self.ln_2, "bias", None),
+                m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias)
 
 
 def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -146,41 +137,6 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Dropout at p > 0 only: even a no-op dropout costs an operation per call in decoding."""
     return F.dropout(x, p) if p > 0 else x
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.activation = cfg.activation
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = cfg.dropout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, self.c_fc.weight, self.c_fc.bias)
-        if self.activation == "relu2":
-            h = F.relu(h).square()
-        elif self.activation == "gelu":
-            h = F.gelu(h)
-        else:
-            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
-        h = F.linear(h, self.c_proj.weight, self.c_proj.bias)
-        return _dropout(h, self.dropout if self.training else 0.0)
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.ln_1 = make_norm(cfg)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                at: Positions, layer: int, cache: KVCache | None = None,
-                attention: list[torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(norm(x, self.ln_1), rope, at, layer, cache, attention)
-        return x + self.mlp(norm(x, self.ln_2))
 
 
 class GPT(nn.Module):
@@ -201,6 +157,15 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # one matrix embeds and un-embeds
         self.init_weights()
+        # the layout's switches, read once
+        self._rms = cfg.norm == "rmsnorm"
+        self._qk_norm = bool(cfg.qk_norm)
+        self._qk_norm_first = self._qk_norm and cfg.qk_norm_order == "before_rope"
+        self._tensors: list[tuple[torch.Tensor | None, ...]] | None = None
+
+    def _apply(self, fn, recurse=True):
+        self._tensors = None  # .to() / .half() may give parameters new tensors: gather them again
+        return super()._apply(fn, recurse)
 
     def init_weights(self) -> None:
         """GPT-2 init: N(0, 0.02), zero biases, residual projections scaled by 1/sqrt(2 * n_layer).
@@ -248,24 +213,68 @@ class GPT(nn.Module):
             # a slice where every row shares the span: no index tensor, cheap backward
             x = x + (self.wpe.weight[at.rows].unsqueeze(1) if at.rows is not None
                      else self.wpe.weight[at.start : at.start + T])
-        elif at.rows is not None:  # positions come from the caller: each token at its true position
-            rope = (self.rope_cos[at.rows].view(B, 1, 1, 1, -1),  # (B, 1, 1, 1, head_dim)
-                    self.rope_sin[at.rows].view(B, 1, 1, 1, -1))
+        elif at.rows is not None:  # each row's token rotated by its own position
+            rope = (self.rope_cos[at.rows].view(B, 1, 1, -1),  # (B, 1, 1, head_dim)
+                    self.rope_sin[at.rows].view(B, 1, 1, -1))
         else:
-            rope = (self.rope_cos[at.start : at.start + T, None, None],  # (T, 1, 1, head_dim)
-                    self.rope_sin[at.start : at.start + T, None, None])
-        x = _dropout(x, self.config.dropout if self.training else 0.0)
-        for i, block in enumerate(self.h):
-            x = block(x, rope, at, i, cache, attention)
+            rope = (self.rope_cos[at.start : at.start + T],  # (T, head_dim)
+                    self.rope_sin[at.start : at.start + T])
+        dropout = self.config.dropout if self.training else 0.0
+        x = _dropout(x, dropout)
+        layers = self._tensors
+        if layers is None or self.training:  # training gathers them each step: nothing is kept
+            layers = [block.tensors() for block in self.h]
+            if not self.training:
+                self._tensors = layers
+        for i, tensors in enumerate(layers):
+            x = self._layer(x, tensors, rope, at, i, cache, attention, dropout)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(norm(x, self.ln_f))  # (B, T, vocab)
+        x = norm(x, self.ln_f.weight, getattr(self.ln_f, "bias", None), self._rms)
+        logits = F.linear(x, self.lm_head.weight)  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         if attention is not None:
             return logits, loss, torch.stack(attention)
         return logits, loss
+
+    def _layer(self, x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...],
+               rope: tuple[torch.Tensor, torch.Tensor] | None, at: Positions, i: int,
+               cache: KVCache | None, attention: list[torch.Tensor] | None, dropout: float
+               ) -> torch.Tensor:
+        """Block i: x + attention(ln_1(x)), then + MLP(ln_2(x)); x (B, T, C)."""
+        w1, b1, wa, ba, wp, bp, w2, b2, wf, bf, wo, bo = tensors
+        B, T, C = x.shape
+        qkv = F.linear(norm(x, w1, b1, self._rms), wa, ba)
+        qkv = qkv.view(B, T, 3, self.config.n_head, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+        # split, not indexing: its backward is one concatenation instead of zero-filled copies
+        qk, v = qkv.split((2, 1))  # queries and keys together: one set of operations, not two
+        if self._qk_norm_first:  # qk_norm_order before_rope: a norm does not commute with a rotation
+            qk = norm(qk, None, None, self._rms)
+        if rope is not None:
+            qk = apply_rotary(qk, *rope)
+        if self._qk_norm and not self._qk_norm_first:
+            qk = norm(qk, None, None, self._rms)
+        q, k = qk.unbind(0)
+        v = v.squeeze(0)
+        if cache is not None:
+            k, v = cache.write(i, k, v, at)  # (B, H, at.length, D)
+        if attention is not None:  # same q, k, v (rotary, QK-norm) as below, weights kept
+            y = _explicit_attention(q, k, v, attention, dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=at.mask, is_causal=at.causal,
+                                               dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble heads
+        x = x + _dropout(F.linear(y, wp, bp), dropout)
+        h = F.linear(norm(x, w2, b2, self._rms), wf, bf)
+        if self.config.activation == "relu2":
+            h = F.relu(h).square()
+        elif self.config.activation == "gelu":
+            h = F.gelu(h)
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+        return x + _dropout(F.linear(h, wo, bo), dropout)
 
     def _positions(self, pos: int | Sequence[int], B: int, T: int, device: torch.device,
                    cached: bool) -> Positions:
