@@ -14,8 +14,9 @@ callback: the server's way). Without one, the caller runs `step()` itself.
 
 Each step: requests waiting in line join while rows are free (a request takes n rows); prompts are
 prefilled, up to `prefill_chunk` tokens per step so a long prompt does not stall the running rows,
-into a one-row scratch cache, with logits for the last position only; a finished prefill is copied
-into its n rows (one prefill for n samples). Then every row decodes one token in one `GPT.forward`,
+into a scratch cache (whole prompts that fit together in one forward, one row each; a long one
+alone, chunk by chunk, with logits for the last position only); a finished prefill is copied into
+its n rows (one prefill for n samples). Then every row decodes one token in one `GPT.forward`,
 each at its own position. A row leaves at EOS, a stop string, its max_new_tokens or its request's
 cancellation, and its row is reused at once (the last row moves into the hole, so the batch stays
 rows 0..b-1). A row that fills the context window goes on from the last 3/4 of it (`_rebuild`):
@@ -198,8 +199,8 @@ class Batcher:
         self.max_rows, self.max_queue, self.prefill_chunk = max_rows, max_queue, prefill_chunk
         self.block_size = engine.block_size
         self.cache = KVCache.for_model(self.model, max_rows)
-        self.scratch = KVCache.for_model(self.model, 1)  # one prompt at a time is prefilled here
-        self.scratch_len = 0
+        self.scratch = KVCache.for_model(self.model, max_rows)  # prompts are prefilled here
+        self.scratch_len = 0  # of a long prompt prefilled over several steps, in scratch row 0
         self._allowed: torch.Tensor | None = None  # the UTF-8 table on the device, made on first use
         self.rows: list[_Row] = []  # rows[s] lives in cache row s
         self._settings: RowSettings | None = None  # of self.rows, rebuilt when rows join or leave
@@ -352,7 +353,11 @@ class Batcher:
             self._decode_rows()
         budget = self.prefill_chunk
         while self._prefilling and budget > 0:
-            budget -= self._prefill_some(self._prefilling[0], budget)
+            group = self._whole_prompts(budget)
+            if len(group) > 1:
+                budget -= self._prefill_together(group)
+            else:
+                budget -= self._prefill_some(self._prefilling[0], budget)
 
     def _drop_cancelled(self) -> None:
         for s in range(len(self.rows) - 1, -1, -1):
@@ -388,6 +393,32 @@ class Batcher:
         out, _ = self.model(chunk, cache=cache, pos=pos, last_only=True)
         return out[:, -1]
 
+    def _whole_prompts(self, budget: int) -> list[BatchRequest]:
+        """The requests at the head of the line whose whole prompts fit in `budget` tokens."""
+        group, total = [], 0
+        for req in self._prefilling:
+            total += len(req.prompt_ids)
+            if req.fed or total > budget:
+                break
+            group.append(req)
+        return group
+
+    def _prefill_together(self, group: list[BatchRequest]) -> int:
+        """Several whole prompts in one forward, one scratch row each, right-padded: a causal
+        row's last real position sees none of the padding after it, and the padding's keys lie
+        past the row's length, never copied. Each request then joins."""
+        lengths = [len(req.prompt_ids) for req in group]
+        T = max(lengths)
+        tokens = torch.tensor([req.prompt_ids + [0] * (T - n) for req, n in zip(group, lengths)],
+                              device=self.engine.device)
+        logits, _ = self.model(tokens, cache=self.scratch, pos=0)
+        for r, (req, n) in enumerate(zip(group, lengths)):
+            self._prefilling.popleft()
+            req.fed = n
+            self._join(req, logits[r : r + 1, n - 1], r, n)
+        self.prompt_tokens_prefilled += sum(lengths)
+        return sum(lengths)
+
     def _prefill_some(self, req: BatchRequest, budget: int) -> int:
         """Prefill up to `budget` tokens of the head request's prompt; when done, give it rows."""
         ids = req.prompt_ids
@@ -398,18 +429,19 @@ class Batcher:
         self.prompt_tokens_prefilled += take
         if req.fed == len(ids):
             self._prefilling.popleft()
-            self._join(req, logits)
+            self._join(req, logits, 0, self.scratch_len)
             self.scratch_len = 0
         return take
 
-    def _join(self, req: BatchRequest, logits: torch.Tensor) -> None:
-        """The prompt is in the scratch cache: copy it into n rows and choose their first tokens."""
+    def _join(self, req: BatchRequest, logits: torch.Tensor, scratch_row: int, length: int
+              ) -> None:
+        """The prompt is in a scratch row: copy it into n rows and choose their first tokens."""
         rows = []
         masking = self.engine.utf8_masking(req.params)
         for i in range(req.n):
-            self.cache.copy_rows(self.scratch, 0, len(self.rows), self.scratch_len)
+            self.cache.copy_rows(self.scratch, scratch_row, len(self.rows), length)
             mask = Utf8Mask(self.engine.utf8_table, 1) if masking else None  # states only: CPU
-            row = _Row(req, i, list(req.prompt_ids), self.scratch_len, mask)
+            row = _Row(req, i, list(req.prompt_ids), length, mask)
             self.rows.append(row)
             rows.append(row)
         req.live = req.n
