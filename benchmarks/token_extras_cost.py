@@ -17,8 +17,14 @@ import torch
 from minigpt.config import resolve
 from minigpt.kv_cache import KVCache
 from minigpt.model import GPT
-from minigpt.sampling import RowSettings, SamplingParams, choose_tokens, distribution
-from minigpt.sampling import token_logprobs, uniforms
+from minigpt.sampling import (
+    RowSettings,
+    SamplingParams,
+    choose_tokens,
+    distribution,
+    token_logprobs,
+    uniforms,
+)
 from minigpt.tokenization.bytes import ByteTokenizer
 from minigpt.utf8 import Utf8Mask
 
