@@ -359,6 +359,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .cpu import configure_cpu
     from .engine import load
+    from .inspection import LN2
     from .tools.inspect_report import check_choice, write_report
 
     configure_cpu()
@@ -369,7 +370,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     worst = sorted(((s.surprise, s.text) for s in result.segments if s.surprise == s.surprise),
                    reverse=True)[:5]
     print(f"{len(result.tokens)} tokens, mean surprise {result.mean_surprise:.2f} bits/token "
-          f"({result.mean_surprise * 0.6931471805599453:.4f} nats, the loss on this text)")
+          f"({result.mean_surprise * LN2:.4f} nats, the loss on this text)")
     print("most surprising: " + ", ".join(f"{t!r} {b:.1f} bits" for b, t in worst))
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
