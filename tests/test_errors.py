@@ -214,8 +214,8 @@ CASES = [
          "eval run --compare notes",
          "minigpt: error: notes is not a minigpt run directory (no config.json)"),
     Case("log-unknown-backend", "an unknown --log backend", "train --data corpus.txt --out new-run "
-         "--log csv,tensorbored", "minigpt: error: unknown --log backend 'tensorbored'; choose from "
-         "jsonl, tensorboard, wandb, csv"),
+         "--log csv,tensorbored", "minigpt: error: --log must be one of jsonl, tensorboard, wandb, "
+         "csv; got 'tensorbored'"),
     # --- train --init-from (docs/finetune.md) -------------------------------------------------------
     Case("init-from-missing", "--init-from: a path that does not exist",
          "train --data corpus.txt --out new-run --init-from ./nowhere",

@@ -61,6 +61,20 @@ def option(default: Any, help: str, choices: tuple[str, ...] | None = None, **ex
     return field(default=default, metadata={"help": help, "choices": choices, **extra})
 
 
+def check_choices(settings: Any) -> None:
+    """Each field of a settings dataclass that declares `choices` holds one of them (each item,
+    for a `multiple` field; None where None is the field's default, "not set")."""
+    for f in fields(settings):
+        choices = f.metadata.get("choices")
+        if not choices:
+            continue
+        value = getattr(settings, f.name)
+        for item in value if f.metadata.get("multiple") else (value,):
+            if item not in choices and not (item is None and f.default is None):
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be one of "
+                                  f"{', '.join(choices)}; got {item!r}")
+
+
 @dataclass
 class ModelConfig:
     """Architecture. Everything needed to rebuild the network from config.json alone.
@@ -98,12 +112,7 @@ class ModelConfig:
                 setattr(self, name, value)
 
     def validate(self) -> None:
-        if self.arch not in ARCHS:
-            raise ConfigError(f"unknown arch {self.arch!r}; choose from {', '.join(ARCHS)}")
-        for name, choices in LAYOUT_CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"{name.replace('_', '-')} must be one of {', '.join(choices)}; "
-                                  f"got {getattr(self, name)!r}")
+        check_choices(self)  # arch first: an unknown one leaves its switches None
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -189,10 +198,7 @@ class TrainConfig:
         self.log = log_backends(self.log)
 
     def validate(self) -> None:
-        unknown = [name for name in self.log if name not in LOG_BACKENDS]
-        if unknown:
-            raise ConfigError(f"unknown --log backend {unknown[0]!r}; choose from "
-                              f"{', '.join(LOG_BACKENDS)}")
+        check_choices(self)
         positive = ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters",
                     "log_interval")
         for name in positive:
@@ -206,8 +212,6 @@ class TrainConfig:
             raise ConfigError(f"lr-decay-iters must be >= 1, got {self.lr_decay_iters}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
-        if self.docs is not None and self.docs not in DOC_MODES:
-            raise ConfigError(f"docs must be one of {', '.join(DOC_MODES)}; got {self.docs!r}")
         if not self.text_field:
             raise ConfigError("text-field must not be empty")
         if self.tokenizer not in kinds():
@@ -224,16 +228,10 @@ class TrainConfig:
             raise ConfigError(f"max-bad-steps must be >= 1, got {self.max_bad_steps}")
         if self.sample_tokens < 0:
             raise ConfigError("sample-tokens must be >= 0")
-        if self.dtype not in DTYPE_CHOICES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}; got {self.dtype!r}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0 = auto), got {self.threads}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.muon_lr <= 0:
             raise ConfigError(f"muon-lr must be > 0, got {self.muon_lr}")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend must be torch or reference, got {self.backend!r}")
         if self.init_checkpoint is not None and self.init_from is None:
             raise ConfigError("--init-checkpoint picks a checkpoint of --init-from RUN; give --init-from")
 
