@@ -1,7 +1,8 @@
 """Configuration: model and training dataclasses, presets, TOML files and flag overrides.
 
 Precedence, lowest to highest: dataclass defaults < preset < backend defaults < TOML file < explicit
-flags/kwargs. Each field carries its help text and choices (`option`), from which the CLI builds
+flags/kwargs; the last two are merged in one place (`given_settings`) for new, resumed and
+fine-tuning runs alike. Each field carries its help text and choices (`option`), from which the CLI builds
 its flags, so a new setting is added in one place.
 Every key is checked: an unknown key is an error, never silently ignored. Nothing is exec'd.
 """
@@ -352,23 +353,48 @@ def _typed(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class Given:
+    """The settings given explicitly: a TOML file's, under flags/keyword overrides (None = not given).
+
+    `preset` is the one named by the `preset` argument (the --preset flag) or else by the file or
+    the overrides; a new run layers these over its preset (`resolve`), a resumed run over its own
+    config.json (training/setup.py), a fine-tuning run over FINETUNE_DEFAULTS (`resolve_finetune`).
+    """
+
+    preset: str | None
+    model: dict[str, Any]
+    train: dict[str, Any]
+
+
+def given_settings(preset: str | None = None, config_file: str | Path | None = None,
+                   overrides: dict[str, Any] | None = None) -> Given:
+    """TOML file < overrides, split into model and train keys; unknown keys are an error."""
+    values: dict[str, Any] = load_toml(config_file) if config_file else {}
+    values.update(renamed({k: v for k, v in (overrides or {}).items() if v is not None}))
+    named = values.pop("preset", None)
+    model, train = split_overrides(values)
+    return Given(preset or named, model, train)
+
+
+def preset_named(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
 def resolve(
     preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> tuple[ModelConfig, TrainConfig]:
-    """Build (ModelConfig, TrainConfig) from defaults < preset < engine < TOML file < overrides."""
-    values: dict[str, Any] = load_toml(config_file) if config_file else {}
-    values.update(renamed({k: v for k, v in (overrides or {}).items() if v is not None}))
-    preset = values.pop("preset", None) or preset or DEFAULT_PRESET
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    model_over, train_over = split_overrides(values)
-    p = PRESETS[preset]
-    backend = train_over.get("backend") or p.train.get("backend") or "torch"
+    """Build (ModelConfig, TrainConfig) from defaults < preset < backend < TOML file < overrides."""
+    given = given_settings(preset, config_file, overrides)
+    p = preset_named(given.preset or DEFAULT_PRESET)
+    backend = given.train.get("backend") or p.train.get("backend") or "torch"
     backend_model, backend_train = split_overrides(BACKEND_DEFAULTS.get(backend, {}))
-    mcfg = ModelConfig(**_typed(ModelConfig, {**p.model, **backend_model, **model_over}))
-    tcfg = TrainConfig(**_typed(TrainConfig, {**p.train, **backend_train, **train_over}))
+    mcfg = ModelConfig(**_typed(ModelConfig, {**p.model, **backend_model, **given.model}))
+    tcfg = TrainConfig(**_typed(TrainConfig, {**p.train, **backend_train, **given.train}))
     mcfg.validate()
     tcfg.validate()
     return mcfg, tcfg
@@ -379,17 +405,15 @@ def resolve_finetune(config_file: str | Path | None = None,
     """(the model settings given explicitly, TrainConfig) for a run with --init-from: dataclass
     defaults < FINETUNE_DEFAULTS < TOML file < flags. The model itself comes from the source, so
     the model settings are returned for the caller to check against it, and a preset is refused."""
-    values: dict[str, Any] = load_toml(config_file) if config_file else {}
-    values.update(renamed({k: v for k, v in (overrides or {}).items() if v is not None}))
-    if values.pop("preset", None):
+    given = given_settings(None, config_file, overrides)
+    if given.preset:
         raise ConfigError("--init-from takes the model from its source; a preset picks a model "
                           "size: drop --preset")
-    model_over, train_over = split_overrides(values)
-    if "tokenizer" in train_over or "tokenizer_vocab_size" in train_over:
+    if "tokenizer" in given.train or "tokenizer_vocab_size" in given.train:
         raise ConfigError("--init-from brings its model's tokenizer; drop --tokenizer/--vocab-size")
-    tcfg = TrainConfig(**_typed(TrainConfig, {**FINETUNE_DEFAULTS, **train_over}))
+    tcfg = TrainConfig(**_typed(TrainConfig, {**FINETUNE_DEFAULTS, **given.train}))
     tcfg.validate()
-    return _typed(ModelConfig, model_over), tcfg
+    return _typed(ModelConfig, given.model), tcfg
 
 
 def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
