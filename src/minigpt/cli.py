@@ -95,6 +95,23 @@ def _add_tokenizer_flags(p: argparse.ArgumentParser, default: str | None) -> Non
                    help="bpe vocabulary size, including the 256 bytes, BOS and EOS (default 1024)")
 
 
+# Which weights of a run to load, on which device, in which precision: declared once, taken by
+# every command that loads a run (sample, inspect, serve, bench generate, export, eval).
+LOAD_FLAGS: dict[str, dict[str, Any]] = {
+    "checkpoint": dict(default="best", help="best | last | a step number"),
+    "device": dict(default="auto", help="auto | cpu | cuda | cuda:N | mps"),
+    "dtype": dict(default="auto", help="weights' precision: auto | float32 | bfloat16 | float16 "
+                                       "(auto: bf16 on GPUs, fp32 on CPU)"),
+}
+
+
+def _add_load_flags(p: argparse.ArgumentParser, *names: str, **defaults: str) -> None:
+    """--checkpoint / --device / --dtype, those `names`; `defaults` where a command differs."""
+    for name in names:
+        spec = LOAD_FLAGS[name]
+        p.add_argument(f"--{name}", default=defaults.get(name, spec["default"]), help=spec["help"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minigpt", formatter_class=_Help, description="Train a small GPT on your text and sample from it.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,10 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     _add_sampling_flags(p)
-    p.add_argument("--checkpoint", default="best", help="best | last | a step number")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="auto",
-                   help="auto | float32 | bfloat16 | float16 weights (auto: bf16 on GPUs, fp32 on CPU)")
+    _add_load_flags(p, "checkpoint", "device", "dtype")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("inspect", formatter_class=_Help,
@@ -163,8 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=None,
                    help="heatmap of this layer only, and the page opens on it (default: all)")
     p.add_argument("--head", type=int, default=None, help="head the page opens on (default: 0)")
-    p.add_argument("--checkpoint", default="best", help="best | last | a step number")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    _add_load_flags(p, "checkpoint", "device")  # float32 always: the surprise is exact
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("serve", formatter_class=_Help, help="serve a trained run over an OpenAI-compatible HTTP API")
@@ -173,10 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="0 = any free port")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: env MINIGPT_API_KEY)")
-    p.add_argument("--checkpoint", default="best", help="best | last | a step number")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="auto",
-                   help="auto | float32 | bfloat16 | float16 weights (auto: bf16 on GPUs, fp32 on CPU)")
+    _add_load_flags(p, "checkpoint", "device", "dtype")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens accepted")
     p.add_argument("--max-concurrency", type=int, default=32,
                    help="rows in the one decoding batch (a request with n samples takes n)")
@@ -203,13 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("generate", formatter_class=_Help, help="time to first token, decode latency, tokens/s by batch")
     b.add_argument("run_dir", nargs="?", help="trained run (default: a fresh model of --preset)")
     b.add_argument("--preset", help="model when no run is given (default: small)")
-    b.add_argument("--checkpoint", default="best")
+    _add_load_flags(b, "checkpoint")
     b.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for time to first token")
     b.add_argument("--new-tokens", type=int, default=50)
     b.add_argument("--batch-sizes", default="1,8,32", help="streams per batch, comma-separated")
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--threads", type=int, default=0, help="CPU threads (0 = auto)")
-    b.add_argument("--device", default="auto")
+    _add_load_flags(b, "device")
     _add_config_flags(b.add_argument_group("model settings when no run is given"), (ModelConfig,))
     b.set_defaults(func=cmd_bench_generate)
 
@@ -231,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: a directory AutoModelForCausalLM / AutoTokenizer load, no custom code; "
                         "gguf: FILE.gguf for llama.cpp, Ollama, LM Studio (float32, exact)")
     p.add_argument("--out", required=True, help="the directory (hf) or file (gguf) to write")
-    p.add_argument("--checkpoint", default="best", help="best | last | a step number")
+    _add_load_flags(p, "checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     p.set_defaults(func=cmd_export)
 
@@ -243,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(default: the run's own --split)")
     what.add_argument("--split", choices=("val", "train"), default="val",
                       help="a split of the run's prepared data")
-    p.add_argument("--checkpoint", default="best", help="best | last | a step number")
+    _add_load_flags(p, "checkpoint")
     p.add_argument("--stride", type=int, default=None, metavar="N",
                    help="tokens the window moves: each token is scored with at least context - "
                         "stride + 1 tokens before it; context = non-overlapping windows, 1 = the "
@@ -253,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="+", metavar="RUN", default=None,
                    help="more runs scored on the same text, shown as a table")
     p.add_argument("--json", action="store_true", help="one JSON object (a list with --compare)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 weights")
+    # float32 unless asked: scores of runs compared on different machines stay comparable
+    _add_load_flags(p, "device", "dtype", dtype="float32")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plot", formatter_class=_Help,
