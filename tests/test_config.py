@@ -10,6 +10,7 @@ import pytest
 from minigpt import rundir
 from minigpt.config import (
     ModelConfig,
+    ServeConfig,
     TrainConfig,
     resolve,
     resolve_finetune,
@@ -79,3 +80,31 @@ def test_none_is_a_choice_only_where_it_is_the_default():
     with pytest.raises(ConfigError, match="--dtype must be one of"):
         dataclasses.replace(TrainConfig(), dtype=None).validate()
 
+
+
+def test_serve_settings_are_checked_once_with_the_flag_names():
+    assert ServeConfig().validate() == ServeConfig()
+    for bad, message in ((dict(max_concurrency=0), "--max-concurrency must be >= 1, got 0"),
+                         (dict(max_queue=-1), "--max-queue must be >= 0, got -1"),
+                         (dict(port=70000), "--port must be between 0 and 65535, got 70000"),
+                         (dict(stream_interval=-1.0), "--stream-interval must be >= 0, got -1.0"),
+                         (dict(api_key=""), "the API key must not be empty")):
+        with pytest.raises(ConfigError) as e:
+            ServeConfig(**bad).validate()
+        assert str(e.value) == message
+
+
+def test_the_serve_flags_are_the_serve_configs_fields():
+    from minigpt.cli import _config_overrides, build_parser
+
+    args = build_parser().parse_args(["serve", "run"])
+    assert ServeConfig(**_config_overrides(args, (ServeConfig,))) == ServeConfig()
+    args = build_parser().parse_args(
+        ["serve", "run", "--host", "0.0.0.0", "--port", "0", "--max-queue", "5",
+         "--stream-interval", "0.01", "--max-body-bytes", "99", "--no-utf8-mask",
+         "--chat-template", "t.json", "--max-tokens-limit", "8", "--max-concurrency", "2",
+         "--api-key", "k"])
+    assert ServeConfig(**_config_overrides(args, (ServeConfig,))) == ServeConfig(
+        host="0.0.0.0", port=0, max_queue=5, stream_interval=0.01, max_body_bytes=99,
+        utf8_mask=False, chat_template="t.json", max_tokens_limit=8, max_concurrency=2,
+        api_key="k")

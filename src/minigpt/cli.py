@@ -13,7 +13,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import BACKENDS, DOC_MODES, ModelConfig, SamplingParams, TrainConfig, resolve
+from .config import (
+    BACKENDS,
+    DOC_MODES,
+    ModelConfig,
+    SamplingParams,
+    ServeConfig,
+    TrainConfig,
+    resolve,
+)
 from .errors import ConfigError, MiniGPTError
 from .tokenization import kinds
 
@@ -64,7 +72,8 @@ def _add_fields(p: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
         typ = {"int": int, "float": float}.get(kind, str)
         # choices are shown, not enforced here: validate() gives the one-line error for every
         # entry point alike (flags, TOML files, keyword arguments)
-        p.add_argument(flag, type=typ, default=None, metavar=kind.upper(), help=help_text)
+        p.add_argument(flag, type=typ, default=None, metavar=f.metadata.get("metavar", kind.upper()),
+                       help=help_text)
 
 
 def _add_config_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup,
@@ -182,22 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", formatter_class=_Help, help="serve a trained run over an OpenAI-compatible HTTP API")
     p.add_argument("run_dir")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="0 = any free port")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: env MINIGPT_API_KEY)")
     _add_load_flags(p, "checkpoint", "device", "dtype")
-    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens accepted")
-    p.add_argument("--max-concurrency", type=int, default=32,
-                   help="rows in the one decoding batch (a request with n samples takes n)")
-    p.add_argument("--max-queue", type=int, default=64,
-                   help="requests waiting for rows; beyond that the server answers 429")
-    p.add_argument("--chat-template", default=None, metavar="FILE",
-                   help="JSON chat template for /v1/chat/completions (default: the run's "
-                        "chat_template.json, else 'System:/User:/Assistant:' lines; docs/server.md)")
-    p.add_argument("--no-utf8-mask", dest="utf8_mask", action="store_false", default=None,
-                   help="let byte-level models sample tokens that make invalid UTF-8 "
-                        "(masked by default for bytes/bpe tokenizers)")
+    _add_fields(p, ServeConfig, ServeConfig())
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", formatter_class=_Help, help="measure training or generation speed (last line: JSON)")
@@ -392,12 +387,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ConfigError(f"serving needs the 'serve' extra ({e.name} is missing): "
                           "pip install 'minigpt[serve]'") from None
-    api_key = args.api_key if args.api_key is not None else os.environ.get("MINIGPT_API_KEY") or None
-    serve(args.run_dir, host=args.host, port=args.port, api_key=api_key,
-          checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
-          max_tokens_limit=args.max_tokens_limit,
-          max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-          chat_template=args.chat_template, utf8_mask=args.utf8_mask)
+    given = _config_overrides(args, (ServeConfig,))
+    if "api_key" not in given and os.environ.get("MINIGPT_API_KEY"):
+        given["api_key"] = os.environ["MINIGPT_API_KEY"]
+    serve(args.run_dir, ServeConfig(**given), checkpoint=args.checkpoint, device=args.device,
+          dtype=args.dtype)
     return 0
 
 

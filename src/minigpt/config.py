@@ -492,3 +492,50 @@ class SamplingParams:
             raise ConfigError(f"unknown sampling setting(s): {', '.join(unknown)}")
         given = {k: v for k, v in changes.items() if v is not None}
         return dataclasses.replace(self, **given).validate()
+
+
+# --- serving -------------------------------------------------------------------------------------
+
+
+# `ServeConfig` is the one place the server's settings and their defaults live: `minigpt serve`
+# builds its flags from it, `serve.app.serve` and `create_app` take one. Like SamplingParams it
+# lives here, so that building the CLI needs no FastAPI.
+@dataclass(frozen=True)
+class ServeConfig:
+    """How a run is served over HTTP. `validate()` is the only check."""
+
+    host: str = option("127.0.0.1", "address to bind (127.0.0.1: this machine only)",
+                       metavar="ADDRESS")
+    port: int = option(8000, "port to listen on (0 = any free port)")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1/*",
+                                 metavar="KEY", shown="env MINIGPT_API_KEY, else no key")
+    max_tokens_limit: int = option(1024, "largest max_tokens a request may ask for")
+    max_concurrency: int = option(32, "rows in the one decoding batch (a request with n samples "
+                                  "takes n)")
+    max_queue: int = option(64, "requests waiting for rows; beyond that the server answers 429")
+    max_body_bytes: int = option(1 << 20, "largest request body; a larger one is answered 413")
+    # None: the batcher's own default (serve/slots.py), which MINIGPT_STREAM_INTERVAL can set
+    stream_interval: float | None = option(
+        None, "seconds a stream gathers new text into one chunk (a stream's first text is never "
+        "held back)", metavar="SECONDS", shown="env MINIGPT_STREAM_INTERVAL, else 0.005")
+    chat_template: str | None = option(
+        None, "JSON chat template for /v1/chat/completions (docs/server.md)", metavar="FILE",
+        shown="the run's chat_template.json, else 'System:/User:/Assistant:' lines")
+    utf8_mask: bool | None = option(None, "never sample a token that would make the output "
+                                    "invalid UTF-8", shown="on for bytes/bpe tokenizers, off for "
+                                    "char")
+
+    def validate(self) -> ServeConfig:
+        check_choices(self)
+        if self.api_key == "":
+            raise ConfigError("the API key must not be empty")
+        for name, lowest in (("max_tokens_limit", 1), ("max_concurrency", 1), ("max_queue", 0),
+                             ("max_body_bytes", 1)):
+            if getattr(self, name) < lowest:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= {lowest}, got "
+                                  f"{getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be between 0 and 65535, got {self.port}")
+        if self.stream_interval is not None and not self.stream_interval >= 0:
+            raise ConfigError(f"--stream-interval must be >= 0, got {self.stream_interval}")
+        return self
