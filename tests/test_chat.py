@@ -137,7 +137,7 @@ def test_chat_template_from_the_run_directory_and_from_a_file(run_dir, tmp_path,
 
 def test_a_custom_template_is_what_the_model_sees(engine):
     template = ChatTemplate(user="User: {content}\n", generation="Assistant: hi", stop=("\n",))
-    app = create_app(engine, model_id="chat", chat_template=template)
+    app = create_app(engine, model_id="chat", template=template)
     with serving(app) as base:
         r = httpx.post(f"{base}/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "hello 2"}], "max_tokens": 20,

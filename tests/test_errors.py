@@ -214,8 +214,8 @@ CASES = [
          "eval run --compare notes",
          "minigpt: error: notes is not a minigpt run directory (no config.json)"),
     Case("log-unknown-backend", "an unknown --log backend", "train --data corpus.txt --out new-run "
-         "--log csv,tensorbored", "minigpt: error: unknown --log backend 'tensorbored'; choose from "
-         "jsonl, tensorboard, wandb, csv"),
+         "--log csv,tensorbored", "minigpt: error: --log must be one of jsonl, tensorboard, wandb, "
+         "csv; got 'tensorbored'"),
     # --- train --init-from (docs/finetune.md) -------------------------------------------------------
     Case("init-from-missing", "--init-from: a path that does not exist",
          "train --data corpus.txt --out new-run --init-from ./nowhere",
@@ -313,11 +313,17 @@ CASES = [
          "minigpt: error: notes is not a model directory (no config.json); --overwrite replaces only "
          "an earlier export, choose another --out"),
     # --- export --------------------------------------------------------------------------------------
-    Case("export-gguf-qk-norm", "GGUF export of the default layout (QK-norm after rotary)",
+    Case("export-gguf-qk-norm", "GGUF export of the default layout (QK-norm before rotary)",
          "export run --to gguf --out run.gguf",
-         "minigpt: error: cannot export to GGUF: qk_norm (a per-head LayerNorm of queries and keys "
-         "after rotary) has no llama.cpp equivalent; runs trained with --arch gpt2, or --arch modern "
-         "--no-qk-norm export exactly"),
+         "minigpt: error: cannot export to GGUF: qk_norm before rotary (--qk-norm-order before_rope) "
+         "is Persimmon's order, and llama.cpp removed its Persimmon architecture (--to hf exports "
+         "this run as Persimmon); runs trained with --arch gpt2, or --arch modern --no-qk-norm "
+         "export exactly"),
+    Case("export-gguf-qk-norm-after-rope", "GGUF export of QK-norm after rotary (every run made "
+         "before --qk-norm-order existed)", "export run-after-rope --to gguf --out run.gguf",
+         "minigpt: error: cannot export to GGUF: qk_norm after rotary (--qk-norm-order after_rope) "
+         "is a LayerNorm of the rotated queries and keys, which no llama.cpp architecture computes; "
+         "runs trained with --arch gpt2, or --arch modern --no-qk-norm export exactly"),
     Case("export-out-exists", "an export --out that already exists",
          "export run-no-qk --to gguf --out corpus.txt",
          "minigpt: error: --out corpus.txt already exists; pass --overwrite to replace it"),

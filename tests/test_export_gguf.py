@@ -151,7 +151,13 @@ def test_checkpoint_step_and_last_choose_what_is_exported(runs, tmp_path):
 # --- refusals: one line, nothing written ----------------------------------------------------------
 
 REFUSED = {  # config.json change -> the words the one line must contain
-    "qk-norm": ({"qk_norm": True}, "qk_norm"),
+    "qk-norm": ({"qk_norm": True}, "qk_norm before rotary (--qk-norm-order before_rope) is "
+                "Persimmon's order"),
+    "qk-norm-after-rope": ({"qk_norm": True, "qk_norm_order": "after_rope"},
+                           "qk_norm after rotary (--qk-norm-order after_rope)"),
+    "qk-norm-learned": ({"qk_norm": True, "pos_emb": "learned", "activation": "gelu_tanh"},
+                        "qk_norm (a per-head LayerNorm of queries and keys) is in no llama.cpp "
+                        "architecture with learned positions"),
     "rmsnorm": ({"norm": "rmsnorm"}, "norm rmsnorm"),
     "erf-gelu": ({"activation": "gelu", "pos_emb": "learned"}, "activation gelu (the exact, erf"),
     "rope-gelu": ({"activation": "gelu_tanh"}, "pos_emb rope with activation gelu_tanh"),

@@ -3,6 +3,7 @@ client, raw HTTP (httpx), the CLI, and the playground page in a real Chromium (P
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -22,6 +23,9 @@ import uvicorn
 
 from minigpt import load, train
 from minigpt.cli import main
+from minigpt.config import ServeConfig
+from minigpt.errors import ConfigError
+from minigpt.serve import openai_api as oa
 from minigpt.serve.app import bind_socket, create_app
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -339,7 +343,7 @@ def test_unknown_route_gets_openai_error(url):
     assert r.status_code == 404 and "error" in r.json()
 
 
-# ---- slots: bounded concurrency, disconnects free their slot --------------------------------------
+# ---- rows: bounded concurrency, disconnects free their rows - --------------------------------------
 
 
 def wait_for(url, predicate, timeout=15.0) -> dict:
@@ -473,3 +477,30 @@ def test_playground_streams_a_completion_in_the_browser(gated, client):
     expected = complete(client, max_tokens=40, temperature=0)
     assert shown == expected.choices[0].text and len(shown) == 40
     assert chunks >= 2  # it arrived as a stream, not in one piece
+
+
+def test_the_serve_config_reaches_the_batcher_and_health(engine):
+    app = create_app(engine, ServeConfig(max_concurrency=3, max_queue=2), stream_interval=0.25)
+    batcher = app.state.batcher
+    try:
+        assert (batcher.max_rows, batcher.max_queue) == (3, 2)
+        assert app.state.stream_interval == 0.25
+    finally:
+        batcher.close()
+    with pytest.raises(ConfigError, match="unknown serve setting.s.: max_tokens"):
+        create_app(engine, max_tokens=3)
+    with pytest.raises(ConfigError, match="--max-queue must be >= 0, got -1"):
+        create_app(engine, max_queue=-1)
+
+
+def test_a_parsed_request_is_what_the_client_sent_bounded_by_the_servers_limit():
+    req = oa.parse_completion_request({"prompt": "a"}, "m", 1024)
+    assert req.max_tokens == oa.DEFAULT_MAX_TOKENS
+    with pytest.raises(dataclasses.FrozenInstanceError):  # nothing writes server settings into it
+        req.max_tokens = 3
+    # the default a request gets fits the server's limit too, as chat's always did
+    assert oa.parse_completion_request({"prompt": "a"}, "m", 4).max_tokens == 4
+    with pytest.raises(oa.APIError, match="max_tokens must be between 1 and 4, got 5"):
+        oa.parse_completion_request({"prompt": "a", "max_tokens": 5}, "m", 4)
+    # the server's UTF-8 mask joins only in the engine's settings
+    assert req.sampling(False).utf8_mask is False and req.sampling().utf8_mask is None

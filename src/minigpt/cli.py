@@ -13,7 +13,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import BACKENDS, DOC_MODES, ModelConfig, SamplingParams, TrainConfig, resolve
+from .config import (
+    BACKENDS,
+    DOC_MODES,
+    ModelConfig,
+    SamplingParams,
+    ServeConfig,
+    TrainConfig,
+    resolve,
+)
 from .errors import ConfigError, MiniGPTError
 from .tokenization import kinds
 
@@ -64,7 +72,8 @@ def _add_fields(p: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
         typ = {"int": int, "float": float}.get(kind, str)
         # choices are shown, not enforced here: validate() gives the one-line error for every
         # entry point alike (flags, TOML files, keyword arguments)
-        p.add_argument(flag, type=typ, default=None, metavar=kind.upper(), help=help_text)
+        p.add_argument(flag, type=typ, default=None, metavar=f.metadata.get("metavar", kind.upper()),
+                       help=help_text)
 
 
 def _add_config_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup,
@@ -93,6 +102,23 @@ def _add_tokenizer_flags(p: argparse.ArgumentParser, default: str | None) -> Non
                         "any language | bpe: byte-level BPE learnt from your corpus")
     p.add_argument("--vocab-size", dest="tokenizer_vocab_size", type=int, default=None, metavar="N",
                    help="bpe vocabulary size, including the 256 bytes, BOS and EOS (default 1024)")
+
+
+# Which weights of a run to load, on which device, in which precision: declared once, taken by
+# every command that loads a run (sample, inspect, serve, bench generate, export, eval).
+LOAD_FLAGS: dict[str, dict[str, Any]] = {
+    "checkpoint": dict(default="best", help="best | last | a step number"),
+    "device": dict(default="auto", help="auto | cpu | cuda | cuda:N | mps"),
+    "dtype": dict(default="auto", help="weights' precision: auto | float32 | bfloat16 | float16 "
+                                       "(auto: bf16 on GPUs, fp32 on CPU)"),
+}
+
+
+def _add_load_flags(p: argparse.ArgumentParser, *names: str, **defaults: str) -> None:
+    """--checkpoint / --device / --dtype, those `names`; `defaults` where a command differs."""
+    for name in names:
+        spec = LOAD_FLAGS[name]
+        p.add_argument(f"--{name}", default=defaults.get(name, spec["default"]), help=spec["help"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,10 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     _add_sampling_flags(p)
-    p.add_argument("--checkpoint", default="best", help="best | last | a step number")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="auto",
-                   help="auto | float32 | bfloat16 | float16 weights (auto: bf16 on GPUs, fp32 on CPU)")
+    _add_load_flags(p, "checkpoint", "device", "dtype")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("inspect", formatter_class=_Help,
@@ -163,31 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=None,
                    help="heatmap of this layer only, and the page opens on it (default: all)")
     p.add_argument("--head", type=int, default=None, help="head the page opens on (default: 0)")
-    p.add_argument("--checkpoint", default="best", help="best | last | a step number")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    _add_load_flags(p, "checkpoint", "device")  # float32 always: the surprise is exact
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("serve", formatter_class=_Help, help="serve a trained run over an OpenAI-compatible HTTP API")
     p.add_argument("run_dir")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="0 = any free port")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: env MINIGPT_API_KEY)")
-    p.add_argument("--checkpoint", default="best", help="best | last | a step number")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="auto",
-                   help="auto | float32 | bfloat16 | float16 weights (auto: bf16 on GPUs, fp32 on CPU)")
-    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens accepted")
-    p.add_argument("--max-concurrency", type=int, default=32,
-                   help="rows in the one decoding batch (a request with n samples takes n)")
-    p.add_argument("--max-queue", type=int, default=64,
-                   help="requests waiting for rows; beyond that the server answers 429")
-    p.add_argument("--chat-template", default=None, metavar="FILE",
-                   help="JSON chat template for /v1/chat/completions (default: the run's "
-                        "chat_template.json, else 'System:/User:/Assistant:' lines; docs/server.md)")
-    p.add_argument("--no-utf8-mask", dest="utf8_mask", action="store_false", default=None,
-                   help="let byte-level models sample tokens that make invalid UTF-8 "
-                        "(masked by default for bytes/bpe tokenizers)")
+    _add_load_flags(p, "checkpoint", "device", "dtype")
+    _add_fields(p, ServeConfig, ServeConfig())
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", formatter_class=_Help, help="measure training or generation speed (last line: JSON)")
@@ -203,13 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("generate", formatter_class=_Help, help="time to first token, decode latency, tokens/s by batch")
     b.add_argument("run_dir", nargs="?", help="trained run (default: a fresh model of --preset)")
     b.add_argument("--preset", help="model when no run is given (default: small)")
-    b.add_argument("--checkpoint", default="best")
+    _add_load_flags(b, "checkpoint")
     b.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for time to first token")
     b.add_argument("--new-tokens", type=int, default=50)
     b.add_argument("--batch-sizes", default="1,8,32", help="streams per batch, comma-separated")
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--threads", type=int, default=0, help="CPU threads (0 = auto)")
-    b.add_argument("--device", default="auto")
+    _add_load_flags(b, "device")
     _add_config_flags(b.add_argument_group("model settings when no run is given"), (ModelConfig,))
     b.set_defaults(func=cmd_bench_generate)
 
@@ -231,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: a directory AutoModelForCausalLM / AutoTokenizer load, no custom code; "
                         "gguf: FILE.gguf for llama.cpp, Ollama, LM Studio (float32, exact)")
     p.add_argument("--out", required=True, help="the directory (hf) or file (gguf) to write")
-    p.add_argument("--checkpoint", default="best", help="best | last | a step number")
+    _add_load_flags(p, "checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     p.set_defaults(func=cmd_export)
 
@@ -243,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(default: the run's own --split)")
     what.add_argument("--split", choices=("val", "train"), default="val",
                       help="a split of the run's prepared data")
-    p.add_argument("--checkpoint", default="best", help="best | last | a step number")
+    _add_load_flags(p, "checkpoint")
     p.add_argument("--stride", type=int, default=None, metavar="N",
                    help="tokens the window moves: each token is scored with at least context - "
                         "stride + 1 tokens before it; context = non-overlapping windows, 1 = the "
@@ -253,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="+", metavar="RUN", default=None,
                    help="more runs scored on the same text, shown as a table")
     p.add_argument("--json", action="store_true", help="one JSON object (a list with --compare)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 weights")
+    # float32 unless asked: scores of runs compared on different machines stay comparable
+    _add_load_flags(p, "device", "dtype", dtype="float32")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plot", formatter_class=_Help,
@@ -359,6 +364,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .cpu import configure_cpu
     from .engine import load
+    from .inspection import LN2
     from .tools.inspect_report import check_choice, write_report
 
     configure_cpu()
@@ -369,7 +375,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     worst = sorted(((s.surprise, s.text) for s in result.segments if s.surprise == s.surprise),
                    reverse=True)[:5]
     print(f"{len(result.tokens)} tokens, mean surprise {result.mean_surprise:.2f} bits/token "
-          f"({result.mean_surprise * 0.6931471805599453:.4f} nats, the loss on this text)")
+          f"({result.mean_surprise * LN2:.4f} nats, the loss on this text)")
     print("most surprising: " + ", ".join(f"{t!r} {b:.1f} bits" for b, t in worst))
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
@@ -381,12 +387,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ConfigError(f"serving needs the 'serve' extra ({e.name} is missing): "
                           "pip install 'minigpt[serve]'") from None
-    api_key = args.api_key if args.api_key is not None else os.environ.get("MINIGPT_API_KEY") or None
-    serve(args.run_dir, host=args.host, port=args.port, api_key=api_key,
-          checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
-          max_tokens_limit=args.max_tokens_limit,
-          max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-          chat_template=args.chat_template, utf8_mask=args.utf8_mask)
+    given = _config_overrides(args, (ServeConfig,))
+    if "api_key" not in given and os.environ.get("MINIGPT_API_KEY"):
+        given["api_key"] = os.environ["MINIGPT_API_KEY"]
+    serve(args.run_dir, ServeConfig(**given), checkpoint=args.checkpoint, device=args.device,
+          dtype=args.dtype)
     return 0
 
 

@@ -1,7 +1,8 @@
 """Configuration: model and training dataclasses, presets, TOML files and flag overrides.
 
 Precedence, lowest to highest: dataclass defaults < preset < backend defaults < TOML file < explicit
-flags/kwargs. Each field carries its help text and choices (`option`), from which the CLI builds
+flags/kwargs; the last two are merged in one place (`given_settings`) for new, resumed and
+fine-tuning runs alike. Each field carries its help text and choices (`option`), from which the CLI builds
 its flags, so a new setting is added in one place.
 Every key is checked: an unknown key is an error, never silently ignored. Nothing is exec'd.
 """
@@ -61,6 +62,20 @@ def option(default: Any, help: str, choices: tuple[str, ...] | None = None, **ex
     return field(default=default, metadata={"help": help, "choices": choices, **extra})
 
 
+def check_choices(settings: Any) -> None:
+    """Each field of a settings dataclass that declares `choices` holds one of them (each item,
+    for a `multiple` field; None where None is the field's default, "not set")."""
+    for f in fields(settings):
+        choices = f.metadata.get("choices")
+        if not choices:
+            continue
+        value = getattr(settings, f.name)
+        for item in value if f.metadata.get("multiple") else (value,):
+            if item not in choices and not (item is None and f.default is None):
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be one of "
+                                  f"{', '.join(choices)}; got {item!r}")
+
+
 @dataclass
 class ModelConfig:
     """Architecture. Everything needed to rebuild the network from config.json alone.
@@ -98,12 +113,7 @@ class ModelConfig:
                 setattr(self, name, value)
 
     def validate(self) -> None:
-        if self.arch not in ARCHS:
-            raise ConfigError(f"unknown arch {self.arch!r}; choose from {', '.join(ARCHS)}")
-        for name, choices in LAYOUT_CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"{name.replace('_', '-')} must be one of {', '.join(choices)}; "
-                                  f"got {getattr(self, name)!r}")
+        check_choices(self)  # arch first: an unknown one leaves its switches None
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -189,10 +199,7 @@ class TrainConfig:
         self.log = log_backends(self.log)
 
     def validate(self) -> None:
-        unknown = [name for name in self.log if name not in LOG_BACKENDS]
-        if unknown:
-            raise ConfigError(f"unknown --log backend {unknown[0]!r}; choose from "
-                              f"{', '.join(LOG_BACKENDS)}")
+        check_choices(self)
         positive = ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters",
                     "log_interval")
         for name in positive:
@@ -206,8 +213,6 @@ class TrainConfig:
             raise ConfigError(f"lr-decay-iters must be >= 1, got {self.lr_decay_iters}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
-        if self.docs is not None and self.docs not in DOC_MODES:
-            raise ConfigError(f"docs must be one of {', '.join(DOC_MODES)}; got {self.docs!r}")
         if not self.text_field:
             raise ConfigError("text-field must not be empty")
         if self.tokenizer not in kinds():
@@ -224,16 +229,10 @@ class TrainConfig:
             raise ConfigError(f"max-bad-steps must be >= 1, got {self.max_bad_steps}")
         if self.sample_tokens < 0:
             raise ConfigError("sample-tokens must be >= 0")
-        if self.dtype not in DTYPE_CHOICES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}; got {self.dtype!r}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0 = auto), got {self.threads}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.muon_lr <= 0:
             raise ConfigError(f"muon-lr must be > 0, got {self.muon_lr}")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend must be torch or reference, got {self.backend!r}")
         if self.init_checkpoint is not None and self.init_from is None:
             raise ConfigError("--init-checkpoint picks a checkpoint of --init-from RUN; give --init-from")
 
@@ -354,23 +353,48 @@ def _typed(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class Given:
+    """The settings given explicitly: a TOML file's, under flags/keyword overrides (None = not given).
+
+    `preset` is the one named by the `preset` argument (the --preset flag) or else by the file or
+    the overrides; a new run layers these over its preset (`resolve`), a resumed run over its own
+    config.json (training/setup.py), a fine-tuning run over FINETUNE_DEFAULTS (`resolve_finetune`).
+    """
+
+    preset: str | None
+    model: dict[str, Any]
+    train: dict[str, Any]
+
+
+def given_settings(preset: str | None = None, config_file: str | Path | None = None,
+                   overrides: dict[str, Any] | None = None) -> Given:
+    """TOML file < overrides, split into model and train keys; unknown keys are an error."""
+    values: dict[str, Any] = load_toml(config_file) if config_file else {}
+    values.update(renamed({k: v for k, v in (overrides or {}).items() if v is not None}))
+    named = values.pop("preset", None)
+    model, train = split_overrides(values)
+    return Given(preset or named, model, train)
+
+
+def preset_named(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
 def resolve(
     preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> tuple[ModelConfig, TrainConfig]:
-    """Build (ModelConfig, TrainConfig) from defaults < preset < engine < TOML file < overrides."""
-    values: dict[str, Any] = load_toml(config_file) if config_file else {}
-    values.update(renamed({k: v for k, v in (overrides or {}).items() if v is not None}))
-    preset = values.pop("preset", None) or preset or DEFAULT_PRESET
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    model_over, train_over = split_overrides(values)
-    p = PRESETS[preset]
-    backend = train_over.get("backend") or p.train.get("backend") or "torch"
+    """Build (ModelConfig, TrainConfig) from defaults < preset < backend < TOML file < overrides."""
+    given = given_settings(preset, config_file, overrides)
+    p = preset_named(given.preset or DEFAULT_PRESET)
+    backend = given.train.get("backend") or p.train.get("backend") or "torch"
     backend_model, backend_train = split_overrides(BACKEND_DEFAULTS.get(backend, {}))
-    mcfg = ModelConfig(**_typed(ModelConfig, {**p.model, **backend_model, **model_over}))
-    tcfg = TrainConfig(**_typed(TrainConfig, {**p.train, **backend_train, **train_over}))
+    mcfg = ModelConfig(**_typed(ModelConfig, {**p.model, **backend_model, **given.model}))
+    tcfg = TrainConfig(**_typed(TrainConfig, {**p.train, **backend_train, **given.train}))
     mcfg.validate()
     tcfg.validate()
     return mcfg, tcfg
@@ -381,17 +405,15 @@ def resolve_finetune(config_file: str | Path | None = None,
     """(the model settings given explicitly, TrainConfig) for a run with --init-from: dataclass
     defaults < FINETUNE_DEFAULTS < TOML file < flags. The model itself comes from the source, so
     the model settings are returned for the caller to check against it, and a preset is refused."""
-    values: dict[str, Any] = load_toml(config_file) if config_file else {}
-    values.update(renamed({k: v for k, v in (overrides or {}).items() if v is not None}))
-    if values.pop("preset", None):
+    given = given_settings(None, config_file, overrides)
+    if given.preset:
         raise ConfigError("--init-from takes the model from its source; a preset picks a model "
                           "size: drop --preset")
-    model_over, train_over = split_overrides(values)
-    if "tokenizer" in train_over or "tokenizer_vocab_size" in train_over:
+    if "tokenizer" in given.train or "tokenizer_vocab_size" in given.train:
         raise ConfigError("--init-from brings its model's tokenizer; drop --tokenizer/--vocab-size")
-    tcfg = TrainConfig(**_typed(TrainConfig, {**FINETUNE_DEFAULTS, **train_over}))
+    tcfg = TrainConfig(**_typed(TrainConfig, {**FINETUNE_DEFAULTS, **given.train}))
     tcfg.validate()
-    return _typed(ModelConfig, model_over), tcfg
+    return _typed(ModelConfig, given.model), tcfg
 
 
 def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
@@ -470,3 +492,50 @@ class SamplingParams:
             raise ConfigError(f"unknown sampling setting(s): {', '.join(unknown)}")
         given = {k: v for k, v in changes.items() if v is not None}
         return dataclasses.replace(self, **given).validate()
+
+
+# --- serving -------------------------------------------------------------------------------------
+
+
+# `ServeConfig` is the one place the server's settings and their defaults live: `minigpt serve`
+# builds its flags from it, `serve.app.serve` and `create_app` take one. Like SamplingParams it
+# lives here, so that building the CLI needs no FastAPI.
+@dataclass(frozen=True)
+class ServeConfig:
+    """How a run is served over HTTP. `validate()` is the only check."""
+
+    host: str = option("127.0.0.1", "address to bind (127.0.0.1: this machine only)",
+                       metavar="ADDRESS")
+    port: int = option(8000, "port to listen on (0 = any free port)")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1/*",
+                                 metavar="KEY", shown="env MINIGPT_API_KEY, else no key")
+    max_tokens_limit: int = option(1024, "largest max_tokens a request may ask for")
+    max_concurrency: int = option(32, "rows in the one decoding batch (a request with n samples "
+                                  "takes n)")
+    max_queue: int = option(64, "requests waiting for rows; beyond that the server answers 429")
+    max_body_bytes: int = option(1 << 20, "largest request body; a larger one is answered 413")
+    # None: the batcher's own default (serve/app.py: 5 ms), which MINIGPT_STREAM_INTERVAL can set
+    stream_interval: float | None = option(
+        None, "seconds a stream gathers new text into one chunk (a stream's first text is never "
+        "held back)", metavar="SECONDS", shown="env MINIGPT_STREAM_INTERVAL, else 0.005")
+    chat_template: str | None = option(
+        None, "JSON chat template for /v1/chat/completions (docs/server.md)", metavar="FILE",
+        shown="the run's chat_template.json, else 'System:/User:/Assistant:' lines")
+    utf8_mask: bool | None = option(None, "never sample a token that would make the output "
+                                    "invalid UTF-8", shown="on for bytes/bpe tokenizers, off for "
+                                    "char")
+
+    def validate(self) -> ServeConfig:
+        check_choices(self)
+        if self.api_key == "":
+            raise ConfigError("the API key must not be empty")
+        for name, lowest in (("max_tokens_limit", 1), ("max_concurrency", 1), ("max_queue", 0),
+                             ("max_body_bytes", 1)):
+            if getattr(self, name) < lowest:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= {lowest}, got "
+                                  f"{getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be between 0 and 65535, got {self.port}")
+        if self.stream_interval is not None and not self.stream_interval >= 0:
+            raise ConfigError(f"--stream-interval must be >= 0, got {self.stream_interval}")
+        return self

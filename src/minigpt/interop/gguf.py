@@ -52,13 +52,7 @@ def architecture_for(cfg: ModelConfig) -> str:
         raise _refuse(f"norm {cfg.norm} has no llama.cpp architecture with this layout's other "
                       "choices")
     if cfg.qk_norm:
-        # minigpt normalises each head's queries and keys *after* rotary, with a parameter-free
-        # LayerNorm, which does not commute with a rotation. llama.cpp's per-head QK norms come
-        # before rotary (qwen3, olmo2, ...) or, after it, are RMS norms in RMSNorm + SwiGLU models
-        # (hunyuan, maincoder, talkie): none matches.
-        where = " after rotary" if cfg.pos_emb == "rope" else ""
-        raise _refuse(f"qk_norm (a per-head LayerNorm of queries and keys{where}) has no "
-                      "llama.cpp equivalent")
+        raise _refuse(_qk_norm_reason(cfg))
     if cfg.activation == "gelu":
         raise _refuse("activation gelu (the exact, erf GELU) is not llama.cpp gpt2's tanh "
                       "approximation, gelu_tanh")
@@ -67,6 +61,24 @@ def architecture_for(cfg: ModelConfig) -> str:
             return arch
     raise _refuse(f"no llama.cpp architecture combines pos_emb {cfg.pos_emb} with activation "
                   f"{cfg.activation} (gpt2: learned + gelu_tanh; jais2: rope + relu2)")
+
+
+def _qk_norm_reason(cfg: ModelConfig) -> str:
+    """Why this run's QK-norm (a parameter-free per-head LayerNorm here: norm is layernorm) has no
+    llama.cpp architecture, for the order it sits in."""
+    if cfg.pos_emb != "rope":
+        return ("qk_norm (a per-head LayerNorm of queries and keys) is in no llama.cpp architecture "
+                "with learned positions")
+    if cfg.qk_norm_order == "before_rope":
+        # Persimmon's order, which export_hf writes as PersimmonForCausalLM; llama.cpp removed its
+        # persimmon architecture (ggml-org/llama.cpp#7408; the gguf package has no PERSIMMON), and
+        # its other per-head QK LayerNorms before rotary come with SwiGLU MLPs (command-r, stablelm)
+        return ("qk_norm before rotary (--qk-norm-order before_rope) is Persimmon's order, and "
+                "llama.cpp removed its Persimmon architecture (--to hf exports this run as Persimmon)")
+    # a LayerNorm does not commute with a rotation, and llama.cpp's per-head norms after rotary are
+    # RMS norms in RMSNorm + SwiGLU models (hunyuan, maincoder, talkie)
+    return ("qk_norm after rotary (--qk-norm-order after_rope) is a LayerNorm of the rotated "
+            "queries and keys, which no llama.cpp architecture computes")
 
 
 # --- tokenizer ------------------------------------------------------------------------------------

@@ -9,13 +9,17 @@ continuous batch on the batcher's thread (`jobs`, over `minigpt.batching`), neve
 loop; stop strings end a row there too, and its logprobs stop with its text.
 
     app = create_app(minigpt.load("runs/x"), api_key="secret")   # in-process, e.g. for tests
-    serve("runs/x", port=8000)                                    # what the CLI runs
+    serve("runs/x", ServeConfig(port=8000))                       # what the CLI runs
+
+Every setting (host, port, limits, stream interval, template, UTF-8 mask) is a field of
+config.ServeConfig, with its default and its one check.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import socket
@@ -34,11 +38,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..batching import Batcher, BatcherBusy
+from ..config import ServeConfig
 from ..engine import Engine
 from ..errors import ConfigError, TokenizerError
 from . import logprobs as lp
 from . import openai_api as oa
-from .chat import DEFAULT as DEFAULT_TEMPLATE
 from .chat import ChatTemplate, load_template
 from .chat_api import ChatReply, parse_chat_request
 from .inspect_api import register_inspect
@@ -47,39 +51,26 @@ from .logprobs import Scored
 from .metrics import CONTENT_TYPE, Metrics, StatusCounter
 from .openai_api import APIError, CompletionRequest
 
-DEFAULT_MAX_TOKENS_LIMIT = 1024
-DEFAULT_MAX_CONCURRENCY = 32  # rows in the one decoding batch; a request with n samples takes n
-DEFAULT_MAX_QUEUE = 64
-DEFAULT_MAX_BODY_BYTES = 1 << 20
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
 def create_app(
     engine: Engine,
+    config: ServeConfig | None = None,
     *,
     model_id: str = "minigpt",
-    api_key: str | None = None,
-    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-    max_queue: int = DEFAULT_MAX_QUEUE,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    chat_template: ChatTemplate = DEFAULT_TEMPLATE,
-    utf8_mask: bool | None = None,
+    template: ChatTemplate | None = None,
+    **settings: Any,
 ) -> FastAPI:
-    """The ASGI app serving `engine` under the name `model_id`. `utf8_mask` None: the engine's
-    default (on for byte-level tokenizers); False: off (serve --no-utf8-mask)."""
-    if api_key == "":
-        raise ConfigError("the API key must not be empty")
-    for name, value, lo in (
-        ("max-tokens-limit", max_tokens_limit, 1),
-        ("max-concurrency", max_concurrency, 1),
-        ("max-queue", max_queue, 0),
-        ("max-body-bytes", max_body_bytes, 1),
-    ):
-        if value < lo:
-            raise ConfigError(f"{name} must be >= {lo}, got {value}")
-    stream_interval = env_seconds("MINIGPT_STREAM_INTERVAL", 0.005)  # before the thread starts
-    batcher = Batcher(engine, max_rows=max_concurrency, max_queue=max_queue)
+    """The ASGI app serving `engine` under the name `model_id`, as `config` says; `settings` are
+    ServeConfig fields by name over it (`create_app(engine, max_queue=8)`). `template`: the chat
+    template already loaded (serve's, from the run), else config.chat_template's file, else the
+    default."""
+    config = _with(config, settings)
+    template = template or load_template(None, config.chat_template)
+    stream_interval = (config.stream_interval if config.stream_interval is not None
+                       else env_seconds("MINIGPT_STREAM_INTERVAL", 0.005))  # before the thread
+    batcher = Batcher(engine, max_rows=config.max_concurrency, max_queue=config.max_queue)
     metrics = Metrics(batcher.stats)
     created = oa.now()
 
@@ -91,7 +82,7 @@ def create_app(
     app = FastAPI(
         title="minigpt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
-    app.state.batcher = batcher
+    app.state.batcher, app.state.stream_interval = batcher, stream_interval
     app.add_middleware(StatusCounter, metrics=metrics)
     _install_error_handlers(app)
 
@@ -106,10 +97,10 @@ def create_app(
         return {
             "status": "ok",
             "model": model_id,
-            "auth": api_key is not None,
-            "max_tokens_limit": max_tokens_limit,
-            "max_concurrency": max_concurrency,
-            "max_queue": max_queue,
+            "auth": config.api_key is not None,
+            "max_tokens_limit": config.max_tokens_limit,
+            "max_concurrency": config.max_concurrency,
+            "max_queue": config.max_queue,
             "running": batcher.running,
             "waiting": batcher.waiting,
         }
@@ -118,7 +109,9 @@ def create_app(
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_bearer_auth(api_key))])
+    auth = _bearer_auth(config.api_key)
+    read_body = partial(_read_body, limit=config.max_body_bytes)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
 
     @v1.get("/models")
     async def list_models() -> dict[str, Any]:
@@ -138,13 +131,12 @@ def create_app(
     async def generate(request: Request, req: CompletionRequest, param: str,
                        make_reply: Callable[[int], Any]) -> Response:
         received = time.perf_counter()
-        req.utf8_mask = utf8_mask
-        _check_fits(req.n, max_concurrency)
+        _check_fits(req.n, config.max_concurrency)
         # Encoding (and scoring an echoed prompt) is synchronous work proportional to the prompt:
         # keep it off the event loop too.
         prompt_ids = await asyncio.to_thread(_encode_prompts, engine, req.prompts, param)
         echoed = await asyncio.to_thread(_echo_scores, engine, req, prompt_ids)
-        job = _submit(batcher, prompt_ids, req, stream_interval, echoed)
+        job = _submit(batcher, prompt_ids, req, stream_interval, echoed, config.utf8_mask)
         job.timer = _Timer(metrics, received)
         reply = make_reply(sum(len(ids) for ids in prompt_ids))
         if req.stream:
@@ -154,21 +146,29 @@ def create_app(
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
-        data = oa.parse_json(await _read_body(request, max_body_bytes))
-        req = oa.parse_completion_request(data, model_id, max_tokens_limit)
+        data = oa.parse_json(await read_body(request))
+        req = oa.parse_completion_request(data, model_id, config.max_tokens_limit)
         return await generate(request, req, "prompt", lambda prompt_tokens: _Reply(
             oa.new_completion_id(), oa.now(), model_id, req, prompt_tokens))
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        data = oa.parse_json(await _read_body(request, max_body_bytes))
-        chat = parse_chat_request(data, model_id, max_tokens_limit, chat_template)
+        data = oa.parse_json(await read_body(request))
+        chat = parse_chat_request(data, model_id, config.max_tokens_limit, template)
         return await generate(request, chat.completion, "messages",
                               partial(ChatReply, chat, model_id))
 
     app.include_router(v1)
-    register_inspect(app, engine, _bearer_auth(api_key), partial(_read_body, limit=max_body_bytes))
+    register_inspect(app, engine, auth, read_body)
     return app
+
+
+def _with(config: ServeConfig | None, settings: dict[str, Any]) -> ServeConfig:
+    """`config` (default: ServeConfig()) with `settings` by field name, validated."""
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(ServeConfig)})
+    if unknown:
+        raise ConfigError(f"unknown serve setting(s): {', '.join(unknown)}")
+    return dataclasses.replace(config or ServeConfig(), **settings).validate()
 
 
 # ---- generation (runs on the batcher's thread) ---------------------------------------------------
@@ -189,11 +189,12 @@ def _echo_scores(engine: Engine, req: CompletionRequest,
 
 
 def _submit(batcher: Batcher, prompt_ids: list[list[int]], req: CompletionRequest,
-            stream_interval: float, echoed: list[list[Scored]] | None = None) -> Job:
+            stream_interval: float, echoed: list[list[Scored]] | None = None,
+            utf8_mask: bool | None = None) -> Job:
     # text_offset counts an echoed prompt
     bases = [len(p) if req.echo else 0 for p in req.prompts]
-    return submit_job(batcher, prompt_ids, req.sampling(), stream_interval, req.stop, bases=bases,
-                      echoed=echoed)
+    return submit_job(batcher, prompt_ids, req.sampling(utf8_mask), stream_interval, req.stop,
+                      bases=bases, echoed=echoed)
 
 
 class _Timer:
@@ -455,49 +456,36 @@ def _announce(sock: socket.socket, host: str, model_id: str, step: int | None,
 
 def serve(
     run_dir: str | Path,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
+    config: ServeConfig | None = None,
+    *,
     checkpoint: str = "best",
     device: str = "auto",
     dtype: str = "auto",
-    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-    max_queue: int = DEFAULT_MAX_QUEUE,
     log_level: str = "info",
-    chat_template: str | Path | None = None,
-    utf8_mask: bool | None = None,
+    **settings: Any,
 ) -> None:
-    """Load a run and serve it until Ctrl-C (or SIGTERM), which stops it cleanly. `chat_template`:
-    a template file (default: the run's chat_template.json, else serve/chat.py's DEFAULT)."""
+    """Load a run and serve it until Ctrl-C (or SIGTERM), which stops it cleanly. `config` and
+    `settings` as for create_app; the chat template defaults to the run's chat_template.json."""
     import uvicorn
 
     from ..engine import load
 
-    template = load_template(run_dir, chat_template)  # a bad template fails before the model loads
+    config = _with(config, settings)  # bad settings fail before the model loads
+    template = load_template(run_dir, config.chat_template)  # and so does a bad template
     engine = load(run_dir, checkpoint=checkpoint, device=device, dtype=dtype)
     model_id = Path(run_dir).resolve().name
-    app = create_app(
-        engine,
-        model_id=model_id,
-        api_key=api_key,
-        max_tokens_limit=max_tokens_limit,
-        max_concurrency=max_concurrency,
-        max_queue=max_queue,
-        chat_template=template,
-        utf8_mask=utf8_mask,
-    )
-    sock = bind_socket(host, port)
-    _announce(sock, host, model_id, engine.step, api_key)
+    app = create_app(engine, config, model_id=model_id, template=template)
+    sock = bind_socket(config.host, config.port)
+    _announce(sock, config.host, model_id, engine.step, config.api_key)
     # The batcher thread and the event loop take turns on the GIL. A shorter switch interval than
     # Python's 5 ms was a suspect for the per-token cost, but measured on a loaded 2-core machine
     # it did not help (docs/server.md), so it is only an option.
     switch = env_seconds("MINIGPT_SWITCH_INTERVAL", None)
     if switch:
         sys.setswitchinterval(switch)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal stop
         pass
     print("minigpt: server stopped", flush=True)

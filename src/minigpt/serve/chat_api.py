@@ -29,7 +29,7 @@ CHAT_FIELDS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChatRequest:
     completion: CompletionRequest  # what the engine runs: the rendered prompt and the settings
     logprobs: bool = False
@@ -40,25 +40,26 @@ def parse_chat_request(data: dict[str, Any], model_id: str, max_tokens_limit: in
     """Check every field of a /v1/chat/completions body; raise APIError(4xx) on the first problem."""
     oa._check_known(data, CHAT_FIELDS)
     oa._check_model(data.get("model"), model_id)
-    messages = parse_messages(data.get("messages"))
-    req = CompletionRequest(prompts=[template.render(messages)])
-    sampling = {k: v for k, v in data.items() if k not in ("max_completion_tokens", "logprobs")}
-    sampling["max_tokens"] = _max_tokens(data, max_tokens_limit)
-    oa._parse_sampling(req, sampling, max_tokens_limit)
-    oa._parse_streaming(req, {k: data[k] for k in ("stream", "stream_options") if k in data})
-    req.stop = [*req.stop, *(s for s in template.stop if s not in req.stop)]
-    chat = ChatRequest(req, oa._bool("logprobs", data.get("logprobs"), False))
+    prompt = template.render(parse_messages(data.get("messages")))
+    max_tokens = _max_tokens(data, max_tokens_limit)
+    sampling = oa._sampling(data, 1)
+    streaming = oa._streaming({k: data[k] for k in ("stream", "stream_options") if k in data})
+    stop = sampling.pop("stop")
+    stop = (*stop, *(s for s in template.stop if s not in stop))
+    logprobs = oa._bool("logprobs", data.get("logprobs"), False)
     top = data.get("top_logprobs")
+    top_k_logprobs = None
     if top is not None:
-        k = oa._int("top_logprobs", top, 0, 0, oa.MAX_LOGPROBS)
-        if not chat.logprobs:
+        top_k_logprobs = oa._int("top_logprobs", top, 0, 0, oa.MAX_LOGPROBS)
+        if not logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true",
                            param="top_logprobs", code="invalid_value")
-        req.logprobs = k
-    elif chat.logprobs:
-        req.logprobs = 0
+    elif logprobs:
+        top_k_logprobs = 0
     oa._check_unsupported({k: v for k, v in data.items() if k != "logprobs"})
-    return chat
+    req = CompletionRequest((prompt,), max_tokens, **sampling, stop=stop, **streaming,
+                            logprobs=top_k_logprobs)
+    return ChatRequest(req, logprobs)
 
 
 def _max_tokens(data: dict[str, Any], limit: int) -> int:

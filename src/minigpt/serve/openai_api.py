@@ -11,7 +11,7 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..sampling import SamplingParams
@@ -53,28 +53,32 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-@dataclass
+@dataclass(frozen=True)
 class CompletionRequest:
-    prompts: list[str]
+    """What a client asked for, as checked: built once by the parser, never written to after, so
+    no server setting or default lands in it later (the server's own settings, such as the UTF-8
+    mask, join only when `sampling` builds the engine's settings)."""
+
+    prompts: tuple[str, ...]
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = SamplingParams.temperature  # the project's default, not OpenAI's 1.0
     top_p: float | None = None
     top_k: int | None = None
     n: int = 1
-    stop: list[str] = field(default_factory=list)
+    stop: tuple[str, ...] = ()
     seed: int | None = None
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage counts
     echo: bool = False
     logprobs: int | None = None  # the k of `logprobs: k` (chat: top_logprobs); None = not asked
-    utf8_mask: bool | None = None  # the server's setting (serve --no-utf8-mask), not the client's
 
-    def sampling(self) -> SamplingParams:
-        """The engine's settings for one prompt's `n` choices (each prompt starts afresh)."""
+    def sampling(self, utf8_mask: bool | None = None) -> SamplingParams:
+        """The engine's settings for one prompt's `n` choices (each prompt starts afresh);
+        `utf8_mask` is the server's setting (serve --no-utf8-mask), not the client's."""
         return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature,
                               top_k=self.top_k, top_p=self.top_p, seed=self.seed,
                               num_samples=self.n, logprobs=self.logprobs,
-                              utf8_mask=self.utf8_mask).validate()
+                              utf8_mask=utf8_mask).validate()
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
@@ -111,17 +115,22 @@ COMPLETION_FIELDS = {
 def parse_completion_request(
     data: dict[str, Any], model_id: str, max_tokens_limit: int
 ) -> CompletionRequest:
-    """Check every field of a /v1/completions body; raise APIError(4xx) on the first problem."""
+    """Check every field of a /v1/completions body; raise APIError(4xx) on the first problem.
+
+    The server's `max_tokens_limit` bounds max_tokens here, where it is checked, and caps the
+    default a request that names none gets (OpenAI's 16)."""
     _check_known(data, COMPLETION_FIELDS)
     _check_model(data.get("model"), model_id)
-    req = CompletionRequest(prompts=_prompts(data.get("prompt", "")))
-    _parse_sampling(req, data, max_tokens_limit)
-    _parse_streaming(req, data)
+    prompts = _prompts(data.get("prompt", ""))
+    max_tokens = _int("max_tokens", data.get("max_tokens"),
+                      min(DEFAULT_MAX_TOKENS, max_tokens_limit), 1, max_tokens_limit)
+    sampling = _sampling(data, len(prompts))
+    streaming = _streaming(data)
     logprobs = data.get("logprobs")
     if logprobs is not None:
-        req.logprobs = _int("logprobs", logprobs, 0, 0, MAX_LOGPROBS)
+        logprobs = _int("logprobs", logprobs, 0, 0, MAX_LOGPROBS)
     _check_unsupported(data)
-    return req
+    return CompletionRequest(prompts, max_tokens, **sampling, **streaming, logprobs=logprobs)
 
 
 def _check_known(data: dict[str, Any], known: set[str]) -> None:
@@ -147,12 +156,10 @@ def _check_model(model: Any, model_id: str) -> None:
             )
 
 
-def _parse_sampling(req: CompletionRequest, data: dict[str, Any], max_tokens_limit: int) -> None:
-    """max_tokens, temperature, top_p, top_k, n, best_of, stop and seed."""
-    req.max_tokens = _int(
-        "max_tokens", data.get("max_tokens"), DEFAULT_MAX_TOKENS, 1, max_tokens_limit
-    )
-    req.temperature = _number(
+def _sampling(data: dict[str, Any], prompts: int) -> dict[str, Any]:
+    """temperature, top_p, top_k, n, best_of, stop and seed, checked (max_tokens is each
+    endpoint's own: their defaults differ)."""
+    temperature = _number(
         "temperature", data.get("temperature"), SamplingParams.temperature, 0.0, 2.0
     )
     top_p = _number("top_p", data.get("top_p"), 1.0, 0.0, 1.0)
@@ -160,39 +167,40 @@ def _parse_sampling(req: CompletionRequest, data: dict[str, Any], max_tokens_lim
         raise APIError(
             400, f"top_p must be > 0 and <= 1, got {top_p}", param="top_p", code="invalid_value"
         )
-    req.top_p = None if top_p == 1.0 else top_p
-    req.top_k = _int("top_k", data.get("top_k"), 0, 0, None) or None
-    req.n = _int("n", data.get("n"), 1, 1, MAX_CHOICES)
-    if req.n * len(req.prompts) > MAX_CHOICES:
+    top_k = _int("top_k", data.get("top_k"), 0, 0, None) or None
+    n = _int("n", data.get("n"), 1, 1, MAX_CHOICES)
+    if n * prompts > MAX_CHOICES:
         raise APIError(
             400,
-            f"n x number of prompts must be <= {MAX_CHOICES}, got {req.n} x {len(req.prompts)}",
+            f"n x number of prompts must be <= {MAX_CHOICES}, got {n} x {prompts}",
             param="n",
             code="invalid_value",
         )
     best_of = data.get("best_of")
-    if best_of is not None and _int("best_of", best_of, 1, 1, None) != req.n:
+    if best_of is not None and _int("best_of", best_of, 1, 1, None) != n:
         raise APIError(
             400,
             "best_of is not supported (it may only equal n)",
             param="best_of",
             code="unsupported_value",
         )
-    req.stop = _stops(data.get("stop"))
+    stop = _stops(data.get("stop"))
     seed = data.get("seed")
     if seed is not None:
-        req.seed = _int("seed", seed, 0, 0, 2**63 - 1)
+        seed = _int("seed", seed, 0, 0, 2**63 - 1)
+    return dict(temperature=temperature, top_p=None if top_p == 1.0 else top_p, top_k=top_k, n=n,
+                stop=stop, seed=seed)
 
 
-def _parse_streaming(req: CompletionRequest, data: dict[str, Any]) -> None:
-    """stream, echo and stream_options."""
-    req.stream = _bool("stream", data.get("stream"), False)
-    req.echo = _bool("echo", data.get("echo"), False)
+def _streaming(data: dict[str, Any]) -> dict[str, bool]:
+    """stream, echo and stream_options, checked."""
+    stream = _bool("stream", data.get("stream"), False)
+    echo = _bool("echo", data.get("echo"), False)
     options = data.get("stream_options")
     if options is None:
-        return
+        return dict(stream=stream, echo=echo)
     _check_type("stream_options", options, dict)
-    if not req.stream:
+    if not stream:
         raise APIError(
             400,
             "stream_options is only allowed when stream is true",
@@ -207,7 +215,8 @@ def _parse_streaming(req: CompletionRequest, data: dict[str, Any]) -> None:
             param="stream_options",
             code="unknown_parameter",
         )
-    req.include_usage = _bool("stream_options.include_usage", options.get("include_usage"), False)
+    include_usage = _bool("stream_options.include_usage", options.get("include_usage"), False)
+    return dict(stream=stream, echo=echo, include_usage=include_usage)
 
 
 def _check_unsupported(data: dict[str, Any]) -> None:
@@ -231,9 +240,9 @@ def _check_unsupported(data: dict[str, Any]) -> None:
             )
 
 
-def _prompts(prompt: Any) -> list[str]:
+def _prompts(prompt: Any) -> tuple[str, ...]:
     if isinstance(prompt, str):
-        return [prompt]
+        return (prompt,)
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         if len(prompt) > MAX_CHOICES:
             raise APIError(
@@ -242,7 +251,7 @@ def _prompts(prompt: Any) -> list[str]:
                 param="prompt",
                 code="invalid_value",
             )
-        return prompt
+        return tuple(prompt)
     if isinstance(prompt, list) and prompt and all(isinstance(p, (int, list)) for p in prompt):
         raise APIError(
             400,
@@ -258,9 +267,9 @@ def _prompts(prompt: Any) -> list[str]:
     )
 
 
-def _stops(stop: Any) -> list[str]:
+def _stops(stop: Any) -> tuple[str, ...]:
     if stop is None:
-        return []
+        return ()
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise APIError(
@@ -278,7 +287,7 @@ def _stops(stop: Any) -> list[str]:
         )
     if any(s == "" for s in stops):
         raise APIError(400, "stop strings must not be empty", param="stop", code="invalid_value")
-    return stops
+    return tuple(stops)
 
 
 def _check_type(name: str, value: Any, kind: type) -> None:

@@ -19,8 +19,8 @@ from ..errors import ConfigError
 from ..interop.init_from import init_config, model_for_run, source_again
 from ..reference.trainer import ReferenceTrainer, check_reference_config
 from . import distributed
-from .logging import check_backends
 from .setup import resume_config, set_up_run
+from .tracking import check_backends
 from .trainer import Trainer
 
 

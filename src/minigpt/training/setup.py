@@ -18,13 +18,11 @@ from typing import Any
 
 from .. import rundir
 from ..config import (
-    PRESETS,
     ModelConfig,
     TrainConfig,
-    load_toml,
+    given_settings,
     model_config_from_dict,
-    renamed,
-    split_overrides,
+    preset_named,
 )
 from ..data.corpus import bundled_corpus
 from ..data.dataset import PreparedData, check_split_length, is_prepared, load_prepared
@@ -62,18 +60,14 @@ def set_up_run(mcfg: ModelConfig, tcfg: TrainConfig, run_dir: Path, resume: bool
 
 def resume_config(preset, config_file, overrides) -> tuple[ModelConfig, TrainConfig]:
     """The run's own config, plus explicit train overrides; model changes are refused."""
-    out = overrides.get("out") or (load_toml(config_file).get("out") if config_file else None)
+    given = given_settings(preset, config_file, overrides)
+    out = given.train.get("out")
     if not out:
         raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
     mcfg, tcfg = rundir.read_config(Path(out))
-    given = load_toml(config_file) if config_file else {}
-    given.update(renamed({k: v for k, v in overrides.items() if v is not None}))
-    model_over, train_over = split_overrides(given)
-    if preset or given.get("preset"):
-        name = preset or given["preset"]
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-        model_over = {**PRESETS[name].model, **model_over}
+    model_over = ({**preset_named(given.preset).model, **given.model} if given.preset
+                  else given.model)
+    train_over = given.train
     stored = dataclasses.asdict(mcfg)
     wanted = model_config_from_dict({**stored, **model_over})
     diffs = [f"{k} {stored[k]} -> {v}" for k, v in dataclasses.asdict(wanted).items() if stored[k] != v]

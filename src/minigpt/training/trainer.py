@@ -44,10 +44,10 @@ from ..errors import CheckpointError
 from ..model import GPT
 from ..sampling import SamplingParams
 from .distributed import DistContext, dropout_seed
-from .logging import MetricsLog
 from .nonfinite import NonFiniteGuard, bad_step, grad_norm, step_unless_bad
 from .optim import lr_at, make_optimizer, set_lr
 from .signals import stop_on_signal
+from .tracking import MetricsLog
 
 # The sample printed at each evaluation: the project's default sampling, from the start of a text.
 EVAL_SAMPLE = SamplingParams()
