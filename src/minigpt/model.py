@@ -66,9 +66,10 @@ def norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
          ) -> torch.Tensor:
     """The model's norm over the last dimension: RMSNorm (eps 1e-6) or LayerNorm (torch's eps,
     1e-5). Without weights it is the QK-norm (RMSNorm then at torch's default eps)."""
+    shape = (x.size(-1),)
     if rms:
-        return F.rms_norm(x, x.shape[-1:], weight, RMS_NORM_EPS if weight is not None else None)
-    return F.layer_norm(x, x.shape[-1:], weight, bias, LAYER_NORM_EPS)
+        return F.rms_norm(x, shape, weight, RMS_NORM_EPS if weight is not None else None)
+    return F.layer_norm(x, shape, weight, bias, LAYER_NORM_EPS)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -220,18 +221,18 @@ class GPT(nn.Module):
             rope = (self.rope_cos[at.start : at.start + T],  # (T, head_dim)
                     self.rope_sin[at.start : at.start + T])
         dropout = self.config.dropout if self.training else 0.0
-        x = _dropout(x, dropout)
+        x = _dropout(x, dropout).view(B * T, -1)  # 2-D through the blocks: the projections' shape
         layers = self._tensors
         if layers is None or self.training:  # training gathers them each step: nothing is kept
             layers = [block.tensors() for block in self.h]
             if not self.training:
                 self._tensors = layers
         for i, tensors in enumerate(layers):
-            x = self._layer(x, tensors, rope, at, i, cache, attention, dropout)
+            x = self._layer(x, B, T, tensors, rope, at, i, cache, attention, dropout)
         if last_only:
-            x = x[:, -1:]
+            x, T = x.view(B, T, -1)[:, -1], 1
         x = norm(x, self.ln_f.weight, getattr(self.ln_f, "bias", None), self._rms)
-        logits = F.linear(x, self.lm_head.weight)  # (B, T, vocab)
+        logits = F.linear(x, self.lm_head.weight).view(B, T, -1)  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
@@ -239,17 +240,16 @@ class GPT(nn.Module):
             return logits, loss, torch.stack(attention)
         return logits, loss
 
-    def _layer(self, x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...],
+    def _layer(self, x: torch.Tensor, B: int, T: int, tensors: tuple[torch.Tensor | None, ...],
                rope: tuple[torch.Tensor, torch.Tensor] | None, at: Positions, i: int,
                cache: KVCache | None, attention: list[torch.Tensor] | None, dropout: float
                ) -> torch.Tensor:
-        """Block i: x + attention(ln_1(x)), then + MLP(ln_2(x)); x (B, T, C)."""
+        """Block i: x + attention(ln_1(x)), then + MLP(ln_2(x)); x (B * T, C)."""
         w1, b1, wa, ba, wp, bp, w2, b2, wf, bf, wo, bo = tensors
-        B, T, C = x.shape
         qkv = F.linear(norm(x, w1, b1, self._rms), wa, ba)
         qkv = qkv.view(B, T, 3, self.config.n_head, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         # split, not indexing: its backward is one concatenation instead of zero-filled copies
-        qk, v = qkv.split((2, 1))  # queries and keys together: one set of operations, not two
+        qk, v = qkv.split_with_sizes((2, 1))  # queries and keys together: one set of operations
         if self._qk_norm_first:  # qk_norm_order before_rope: a norm does not commute with a rotation
             qk = norm(qk, None, None, self._rms)
         if rope is not None:
@@ -265,7 +265,7 @@ class GPT(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=at.mask, is_causal=at.causal,
                                                dropout_p=dropout)
-        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble heads
+        y = y.transpose(1, 2).reshape(B * T, -1)  # re-assemble heads
         x = x + _dropout(F.linear(y, wp, bp), dropout)
         h = F.linear(norm(x, w2, b2, self._rms), wf, bf)
         if self.config.activation == "relu2":
