@@ -269,7 +269,8 @@ class GPT(nn.Module):
         x = x + _dropout(F.linear(y, wp, bp), dropout)
         h = F.linear(norm(x, w2, b2, self._rms), wf, bf)
         if self.config.activation == "relu2":
-            h = F.relu(h).square()
+            # in place where no graph is recorded: two allocations fewer per decoded token
+            h = F.relu(h).square() if torch.is_grad_enabled() else h.relu_().square_()
         elif self.config.activation == "gelu":
             h = F.gelu(h)
         else:
