@@ -388,7 +388,8 @@ class Batcher:
         self._settings = None
 
     def _prefill(self, ids: list[int], cache: KVCache, pos: int) -> torch.Tensor:
-        """Prompt tokens into a one-row cache at `pos`: the last position's logits (1, vocab)."""
+        """Prompt tokens into the first row of `cache` at `pos` -> the last position's logits
+        (1, vocab)."""
         chunk = torch.tensor([ids], dtype=torch.long, device=self.engine.device)
         out, _ = self.model(chunk, cache=cache, pos=pos, last_only=True)
         return out[:, -1]
