@@ -201,7 +201,6 @@ class Batcher:
         self.cache = KVCache.for_model(self.model, max_rows)
         self.scratch = KVCache.for_model(self.model, max_rows)  # prompts are prefilled here
         self.scratch_len = 0  # of a long prompt prefilled over several steps, in scratch row 0
-        self._allowed: torch.Tensor | None = None  # the UTF-8 table on the device, made on first use
         self.rows: list[_Row] = []  # rows[s] lives in cache row s
         self._settings: RowSettings | None = None  # of self.rows, rebuilt when rows join or leave
         self._line: deque[BatchRequest] = deque()  # submitted, not yet holding rows
@@ -504,19 +503,10 @@ class Batcher:
 
     def _masked(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         """logits with each masked row's tokens that would break its UTF-8 set to -inf."""
-        masked = [i for i, r in enumerate(rows) if r.mask is not None]
-        if not masked:
-            return logits
-        table = self.engine.utf8_table
-        states = [table.index[rows[i].mask.states[0]] for i in masked]
-        if table.start_allows_all and not any(states):
-            return logits  # every masked row is between characters and nothing is disallowed there
-        if self._allowed is None:
-            self._allowed = table.allowed.to(logits.device)
-        allowed = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
-        allowed[torch.tensor(masked, device=logits.device)] = self._allowed[
-            torch.tensor(states, device=logits.device)]
-        return logits.masked_fill(~allowed, float("-inf"))
+        if all(r.mask is None for r in rows):
+            return logits  # no table needed (it is built on first use)
+        return self.engine.utf8_table.mask(
+            logits, [None if r.mask is None else r.mask.states[0] for r in rows])
 
     def _uniforms(self, rows: list[_Row]) -> torch.Tensor:
         """Every request draws for all n of its rows, also those that left, then keeps its live

@@ -61,12 +61,13 @@ def distribution(logits: torch.Tensor, s: RowSettings) -> torch.Tensor:
         return x
     ranked = torch.sort(x, dim=-1, descending=True)
     drop = torch.zeros_like(x, dtype=torch.bool)
+    values = ranked.values
     if s.top_k is not None:  # ties with the k-th value stay
-        drop |= x < ranked.values.gather(-1, s.top_k - 1)
+        kth = values.gather(-1, s.top_k - 1)
+        drop |= x < kth
+        if s.top_p is not None:  # top-p ranks what top-k kept
+            values = values.masked_fill(values < kth, float("-inf"))
     if s.top_p is not None:
-        values = ranked.values
-        if s.top_k is not None:
-            values = values.masked_fill(values < values.gather(-1, s.top_k - 1), float("-inf"))
         probs = values.softmax(dim=-1)
         # drop a token when the tokens ranked above it already reach top_p (the first always stays)
         drop_ranked = (probs.cumsum(dim=-1) - probs) >= s.top_p

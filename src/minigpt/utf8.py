@@ -14,6 +14,8 @@ eight, so the mask of every token in every state is computed once per tokenizer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 State = tuple[int, int, int]  # (continuation bytes needed, lo, hi of the next byte)
@@ -64,32 +66,43 @@ class Utf8Table:
         self.allowed = allowed
         self.index = {state: i for i, state in enumerate(STATES)}
         self.start_allows_all = bool(allowed[0].all())
+        self._on_device: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
     def for_tokenizer(cls, tokenizer) -> Utf8Table:
         return cls([tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)],
                    tokenizer.eos_id)
 
+    def mask(self, logits: torch.Tensor, states: Sequence[State | None]) -> torch.Tensor:
+        """logits (B, V) with every token that would break row i's UTF-8 (its state states[i];
+        None: the row is not masked) set to -inf."""
+        masked = [i for i, state in enumerate(states) if state is not None]
+        index = [self.index[states[i]] for i in masked]
+        if not masked or (self.start_allows_all and not any(index)):
+            return logits  # e.g. a char tokenizer between characters: nothing to mask
+        table = self._on_device.get(logits.device)
+        if table is None:
+            table = self._on_device[logits.device] = self.allowed.to(logits.device)
+        allowed = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+        allowed[torch.tensor(masked, device=logits.device)] = table[
+            torch.tensor(index, device=logits.device)]
+        return logits.masked_fill(~allowed, float("-inf"))
+
 
 class Utf8Mask:
     """Per-stream UTF-8 states for a batch, and the (B, V) mask of tokens each stream may take."""
 
-    def __init__(self, table: Utf8Table, rows: int, device: torch.device | str = "cpu"):
+    def __init__(self, table: Utf8Table, rows: int):
         self.table = table
         self.states: list[State] = [START] * rows
-        self._allowed = table.allowed.to(device)
 
     @classmethod
-    def for_tokenizer(cls, tokenizer, rows: int, device: torch.device | str = "cpu") -> Utf8Mask:
-        return cls(Utf8Table.for_tokenizer(tokenizer), rows, device)
+    def for_tokenizer(cls, tokenizer, rows: int) -> Utf8Mask:
+        return cls(Utf8Table.for_tokenizer(tokenizer), rows)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B, V) with every token that would break UTF-8 set to -inf."""
-        if self.table.start_allows_all and all(s == START for s in self.states):
-            return logits  # e.g. a char tokenizer between characters: nothing to mask
-        rows = torch.tensor([self.table.index[s] for s in self.states],
-                            device=self._allowed.device)
-        return logits.masked_fill(~self._allowed[rows], float("-inf"))
+        return self.table.mask(logits, self.states)
 
     def advance(self, tokens: list[int]) -> None:
         """Record the token each stream took (a masked one cannot come, so it always steps)."""
