@@ -390,7 +390,8 @@ def test_disconnect_frees_the_slot(engine):
 # ---- the CLI --------------------------------------------------------------------------------------
 
 
-def test_cli_serve_reads_key_from_env_and_stops_on_ctrl_c(run_dir):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_cli_serve_reads_key_from_env_generates_and_stops_on_signal(run_dir, stop):
     env = {**os.environ, "PYTHONPATH": str(SRC), "MINIGPT_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "minigpt", "serve", str(run_dir), "--port", "0", "--device", "cpu"],
@@ -408,8 +409,13 @@ def test_cli_serve_reads_key_from_env_and_stops_on_ctrl_c(run_dir):
         assert httpx.get(f"{base}/v1/models").status_code == 401
         models = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
         assert models.json()["data"][0]["id"] == run_dir.name
-        proc.send_signal(signal.SIGINT)
+        # decoded by the main thread while HTTP is served from another
+        done = httpx.post(f"{base}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"prompt": "the ", "max_tokens": 5, "temperature": 0}, timeout=60)
+        assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 5
+        proc.send_signal(stop)
         assert proc.wait(30) == 0
+        assert "server stopped" in proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()

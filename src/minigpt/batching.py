@@ -213,10 +213,14 @@ class Batcher:
         self.row_steps = 0
         self.tokens_generated = 0
         self.prompt_tokens_prefilled = 0
-        self.threads = threads if threads is not None else max(1, torch.get_num_threads() - 1)
+        self.threads = threads
+        self._looping = False  # run() is decoding in some thread
+        self._stopped = threading.Event()  # run() has returned
         self._thread = None
         if start:
-            self._thread = threading.Thread(target=self._run, name="minigpt-batcher", daemon=True)
+            if threads is None:
+                self.threads = max(1, torch.get_num_threads() - 1)
+            self._thread = threading.Thread(target=self.run, name="minigpt-batcher", daemon=True)
             self._thread.start()
 
     # ---- any thread --------------------------------------------------------------------------
@@ -288,12 +292,16 @@ class Batcher:
         req._emit([], done=True)
 
     def close(self) -> None:
-        """Stop the thread; every request not yet finished ends (as if cancelled)."""
+        """Stop decoding (the own thread, or `run()` in another); every request not yet finished
+        ends (as if cancelled)."""
         with self._lock:
             self._closed = True
+            looping = self._looping
             self._lock.notify()
         if self._thread is not None:
             self._thread.join(30)
+        elif looping:
+            self._stopped.wait(30)
         else:
             self._fail_all(None)
 
@@ -304,20 +312,31 @@ class Batcher:
             self._admit()
         self._step_or_fail()
 
-    # ---- the batcher thread ------------------------------------------------------------------
+    def run(self) -> None:
+        """Decode every submitted request until `close()`, in the calling thread: the batcher's own
+        thread, or the main thread when the HTTP side runs in another (`minigpt serve`: the thread
+        that loaded the model owns torch's OpenMP pool, and decodes at its full speed there)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._looping = True
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._lock:
+                        while not self._closed and not self._line and not self._reserved:
+                            self._lock.wait()
+                        if self._closed:
+                            break
+                        self._admit()
+                    self._step_or_fail()
+            self._fail_all(None)
+        finally:
+            self._stopped.set()
 
-    def _run(self) -> None:
-        torch.set_num_threads(self.threads)
-        with torch.inference_mode():
-            while True:
-                with self._lock:
-                    while not self._closed and not self._line and not self._reserved:
-                        self._lock.wait()
-                    if self._closed:
-                        break
-                    self._admit()
-                self._step_or_fail()
-        self._fail_all(None)
+    # ---- the decoding thread -----------------------------------------------------------------
 
     def _step_or_fail(self) -> None:
         try:

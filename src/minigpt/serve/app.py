@@ -5,8 +5,8 @@ Endpoints: `GET /` (playground page), `GET /health`, `GET /metrics` (Prometheus)
 `POST /v1/chat/completions` (Chat Completions, through the plain-text template of `chat`; request
 and reply shapes in `chat_api`). With an API key set, every `/v1/*` request needs
 `Authorization: Bearer KEY`. Requests are checked in `openai_api`; generation runs in one
-continuous batch on the batcher's thread (`jobs`, over `minigpt.batching`), never on the event
-loop; stop strings end a row there too, and its logprobs stop with its text.
+continuous batch on the decoding thread (`jobs`, over `minigpt.batching`: the main thread under
+`serve`), never on the event loop; stop strings end a row there too, and its logprobs stop with its text.
 
     app = create_app(minigpt.load("runs/x"), api_key="secret")   # in-process, e.g. for tests
     serve("runs/x", ServeConfig(port=8000))                       # what the CLI runs
@@ -22,8 +22,10 @@ import contextlib
 import dataclasses
 import hmac
 import json
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
@@ -60,17 +62,19 @@ def create_app(
     *,
     model_id: str = "minigpt",
     template: ChatTemplate | None = None,
+    batcher: Batcher | None = None,
     **settings: Any,
 ) -> FastAPI:
     """The ASGI app serving `engine` under the name `model_id`, as `config` says; `settings` are
     ServeConfig fields by name over it (`create_app(engine, max_queue=8)`). `template`: the chat
     template already loaded (serve's, from the run), else config.chat_template's file, else the
-    default."""
+    default. `batcher`: one whose `run()` the caller drives (`serve`: the main thread decodes);
+    without it, one with its own thread. The app closes it when it shuts down."""
     config = _with(config, settings)
     template = template or load_template(None, config.chat_template)
     stream_interval = (config.stream_interval if config.stream_interval is not None
                        else env_seconds("MINIGPT_STREAM_INTERVAL", 0.005))  # before the thread
-    batcher = Batcher(engine, max_rows=config.max_concurrency, max_queue=config.max_queue)
+    batcher = batcher or make_batcher(engine, config, start=True)
     metrics = Metrics(batcher.stats)
     created = oa.now()
 
@@ -171,7 +175,7 @@ def _with(config: ServeConfig | None, settings: dict[str, Any]) -> ServeConfig:
     return dataclasses.replace(config or ServeConfig(), **settings).validate()
 
 
-# ---- generation (runs on the batcher's thread) ---------------------------------------------------
+# ---- generation (runs on the decoding thread) ---------------------------------------------------
 
 
 def _check_fits(n: int, rows: int) -> None:
@@ -454,6 +458,11 @@ def _announce(sock: socket.socket, host: str, model_id: str, step: int | None,
     )
 
 
+def make_batcher(engine: Engine, config: ServeConfig, start: bool) -> Batcher:
+    return Batcher(engine, max_rows=config.max_concurrency, max_queue=config.max_queue,
+                   start=start)
+
+
 def serve(
     run_dir: str | Path,
     config: ServeConfig | None = None,
@@ -465,7 +474,11 @@ def serve(
     **settings: Any,
 ) -> None:
     """Load a run and serve it until Ctrl-C (or SIGTERM), which stops it cleanly. `config` and
-    `settings` as for create_app; the chat template defaults to the run's chat_template.json."""
+    `settings` as for create_app; the chat template defaults to the run's chat_template.json.
+
+    The main thread decodes (`Batcher.run`) and uvicorn serves HTTP from a second thread: the
+    thread that loaded the model owns torch's OpenMP pool, and the same steps driven from another
+    thread ran 1.3-2x slower (docs/speed.md, "Where decoding runs")."""
     import uvicorn
 
     from ..engine import load
@@ -474,18 +487,36 @@ def serve(
     template = load_template(run_dir, config.chat_template)  # and so does a bad template
     engine = load(run_dir, checkpoint=checkpoint, device=device, dtype=dtype)
     model_id = Path(run_dir).resolve().name
-    app = create_app(engine, config, model_id=model_id, template=template)
+    batcher = make_batcher(engine, config, start=False)
+    app = create_app(engine, config, model_id=model_id, template=template, batcher=batcher)
     sock = bind_socket(config.host, config.port)
     _announce(sock, config.host, model_id, engine.step, config.api_key)
-    # The batcher thread and the event loop take turns on the GIL. A shorter switch interval than
+    # The decoding thread and the event loop take turns on the GIL. A shorter switch interval than
     # Python's 5 ms was a suspect for the per-token cost, but measured on a loaded 2-core machine
     # it did not help (docs/server.md), so it is only an option.
     switch = env_seconds("MINIGPT_SWITCH_INTERVAL", None)
     if switch:
         sys.setswitchinterval(switch)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+
+    def stop(signum: int, _frame: Any) -> None:  # uvicorn's own handlers work in the main thread only
+        if server.should_exit and signum == signal.SIGINT:
+            server.force_exit = True  # a second Ctrl-C: do not wait for open streams
+        server.should_exit = True
+
+    def http() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            batcher.close()  # the app's shutdown closes it too; this also covers a failed start
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http, name="minigpt-http")
     try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal stop
-        pass
+        thread.start()
+        batcher.run()
+        thread.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print("minigpt: server stopped", flush=True)

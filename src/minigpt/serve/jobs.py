@@ -1,9 +1,9 @@
 """The server's side of continuous batching: an HTTP request becomes a `Job`, one batcher request
 per prompt on the server's one `batching.Batcher`.
 
-Generation is synchronous PyTorch code, so it never runs on the event loop: the batcher's thread
-decodes every admitted request in one batch of `max_concurrency` rows. Up to `max_queue` more
-requests wait in line (FIFO); beyond that, `submit_job` raises the batcher's `BatcherBusy` at once
+Generation is synchronous PyTorch code, so it never runs on the event loop: the decoding thread
+(`Batcher.run`) decodes every admitted request in one batch of `max_concurrency` rows. Up to
+`max_queue` more requests wait in line (FIFO); beyond that, `submit_job` raises the batcher's `BatcherBusy` at once
 (the server answers 429) instead of letting latency grow without bound. Cancelling a job (its
 client disconnected) takes it out of the line at once if it is waiting, and frees its rows before
 the next step if it is generating.
@@ -14,10 +14,10 @@ job has new events and none was pending, which sets an asyncio.Event through
 slower than the model writes gets several tokens per wake-up, merged into one chunk per choice.
 And a job takes new text at most every `stream_interval` seconds (5 ms: far below what a reader
 notices, while the model makes a token every ~0.5 ms for one user on a CPU): every wake-up of the
-event loop costs Python work that holds the GIL the batcher thread needs, so one wake-up per token
+event loop costs Python work that holds the GIL the decoding thread needs, so one wake-up per token
 would cost a single fast stream a third of its speed. The first text of a job is never delayed.
 
-With `logprobs`, a job turns each event's scores (computed on the batcher's thread) into
+With `logprobs`, a job turns each event's scores (computed on the decoding thread) into
 `logprobs.Scored` tokens with their character offsets; an echoed prompt's scores (`Engine.score`)
 come first.
 """
