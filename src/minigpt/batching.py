@@ -63,7 +63,6 @@ from .sampling import (
     choose_tokens,
     distribution,
     token_logprobs,
-    uniforms,
 )
 from .stop_strings import StopMatcher
 from .utf8 import Utf8Mask
@@ -72,6 +71,7 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 Prompt = str | Sequence[int]  # text, or token ids that are used as they are
+DRAW_AHEAD = 32  # steps of uniforms a request draws at once
 
 
 @dataclass
@@ -115,6 +115,16 @@ class BatchRequest:
         self.error: BaseException | None = None
         self.live = 0  # rows still generating (batcher thread only)
         self.fed = 0  # prompt tokens prefilled so far (batcher thread only)
+        self._draws: list[list[float]] = []  # uniforms drawn ahead, one list of n per step
+
+    def next_uniforms(self) -> list[float]:
+        """This step's uniforms, one per sample. Drawn DRAW_AHEAD steps at a time: one call to
+        the generator instead of one per step and request, and on the CPU the same numbers in the
+        same order (its generator fills a tensor serially)."""
+        if not self._draws:
+            self._draws = torch.rand(DRAW_AHEAD, self.n, generator=self.generator,
+                                     device=self.generator.device).tolist()[::-1]
+        return self._draws.pop()
 
     # --- reader side
     def cancel(self) -> None:
@@ -530,17 +540,13 @@ class Batcher:
     def _uniforms(self, rows: list[_Row]) -> torch.Tensor:
         """Every request draws for all n of its rows, also those that left, then keeps its live
         ones: its draws never depend on the rest of the batch. A greedy request draws nothing."""
-        req = rows[0].req
-        if req.live == req.n == len(rows) and all(r.req is req and r.index == i
-                                                  for i, r in enumerate(rows)):
-            return uniforms(req.generator, req.n, self.engine.device)  # the common case alone
-        drawn: dict[BatchRequest, torch.Tensor] = {}
+        drawn: dict[BatchRequest, list[float]] = {}
         for r in rows:
             if r.req not in drawn:
-                drawn[r.req] = (uniforms(r.req.generator, r.req.n, self.engine.device)
-                                if r.req.params.temperature > 0
-                                else torch.zeros(r.req.n, 1, device=self.engine.device))
-        return torch.cat([drawn[r.req][r.index] for r in rows]).view(-1, 1)
+                drawn[r.req] = (r.req.next_uniforms() if r.req.params.temperature > 0
+                                else [0.0] * r.req.n)
+        return torch.tensor([drawn[r.req][r.index] for r in rows], dtype=torch.float32,
+                            device=self.engine.device).view(-1, 1)
 
     def _advance(self, rows: list[_Row], chosen: list[int],
                  scores: list[tuple[float | None, list | None]]) -> None:
