@@ -1,5 +1,6 @@
 """Where decoding runs: one stream, and 32 separate requests decoded the way the server decodes
-them (the batcher's own thread), against the same requests stepped by hand in the main thread.
+them (the main thread, HTTP from a second one), against the same requests stepped by hand in the
+main thread and decoded by a batcher thread of their own.
 
     python benchmarks/decode_paths.py [RUN] [--requests 32] [--tokens 56] [--repeats 5]
 
@@ -7,9 +8,12 @@ Without RUN, a `small` preset model with random weights and the Tiny Shakespeare
 does not depend on training). All in one process, alternating, median of the repeats:
 - one_stream: `Engine.generate`, one request;
 - manual_main: a thread-less Batcher stepped in the main thread, every request submitted at once;
-- server_thread: the Batcher's own thread with its default torch threads (what `minigpt serve`
-  runs), the main thread reading the events as the server does (woken by `notify`, draining
-  every request, at most every 5 ms);
+- server_main: what `minigpt serve` runs: the batcher's loop (`Batcher.run`) in the main thread,
+  the thread that loaded the model and owns torch's pool; requests submitted and read from a
+  second thread as the HTTP thread reads them (woken by `notify`, draining every request, at most
+  every 5 ms);
+- server_thread: the same requests decoded by the Batcher's own thread (with its default torch
+  threads: one fewer than the pool), read from the main thread (`create_app` used on its own);
 - server_thread_full_pool: the same with the thread given torch's whole pool, the setting that
   makes a second OpenMP pool compete with the loading thread's (the loss this benchmark guards).
 Last line: JSON with tokens/s of each and the ratios.

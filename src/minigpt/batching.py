@@ -35,12 +35,14 @@ uniforms for all of its n rows every step (also for rows that already left), so 
 never depend on the other requests in the batch. What batching can change is rounding: see
 docs/server.md, "Reproducibility".
 
-Threads: the batcher's thread runs torch with `threads` intra-op threads (default: one fewer than
-torch's pool, at least one, which leaves a core to the HTTP side). Why not the whole pool: GNU
-OpenMP counts every OpenMP thread of the process, and the loading thread's pool already holds one
-per core; a second full pool in the batcher's thread makes more OpenMP threads than cores, OpenMP
-then stops spinning between operations, and every matrix product waits for its workers to wake
-through the kernel: a decode step ran 2x slower that way here (docs/speed.md).
+Threads: `run()` is the loop, in whichever thread calls it. `minigpt serve` calls it from the
+main thread, the one that loaded the model and owns torch's thread pool, and serves HTTP from a
+second thread. A batcher started with its own thread (`start=True`) runs torch there with
+`threads` intra-op threads (default: one fewer than torch's pool, at least one). Why not the whole
+pool: GNU OpenMP counts every OpenMP thread of the process, and the loading thread's pool already
+holds one per core; a second full pool makes more OpenMP threads than cores, OpenMP then stops
+spinning between operations, and every matrix product waits for its workers to wake through the
+kernel: a decode step ran 2x slower that way here (docs/speed.md).
 """
 
 from __future__ import annotations
