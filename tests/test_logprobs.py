@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from minigpt.config import ModelConfig
 from minigpt.engine import Engine
 from minigpt.model import GPT
 from minigpt.tokenization import CharTokenizer
+from minigpt.tools.evaluate import score_tokens
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +88,18 @@ def test_score_gives_each_prompt_token_its_logprob_given_the_tokens_before(engin
         lp, top = scores[i]
         assert lp == pytest.approx(float(ref[ids[i]]), abs=1e-4)
         assert [t for t, _ in top] == torch.topk(ref, 2).indices.tolist()
+
+
+def test_score_of_a_prompt_longer_than_the_context_gives_every_token_a_full_window(engine):
+    """Every token after the first is scored with the up to block_size tokens before it, as
+    `minigpt eval --stride 1` scores a text; 200 tokens cross several forwards of windows."""
+    text = ("abc defg hij\n" * 16)[:200]
+    ids = engine.encode_prompt(text)
+    scores = engine.score(ids, 1)
+    assert len(scores) == len(ids) and scores[0] == (None, [])
+    block = engine.model.config.block_size
+    for i in (1, block - 1, block, block + 1, 150, len(ids) - 1):
+        ref = reference_logprobs(engine, ids[max(0, i - block):i], 1.0)
+        assert scores[i][0] == pytest.approx(float(ref[ids[i]]), abs=1e-4)
+    loss, _ = score_tokens(engine.model, np.array(ids), stride=1)  # `minigpt eval --stride 1`
+    assert -sum(lp for lp, _ in scores[1:]) / (len(ids) - 1) == pytest.approx(loss, abs=1e-5)

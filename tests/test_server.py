@@ -246,6 +246,27 @@ def test_echo_prepends_the_prompt(client, engine):
     )
 
 
+def test_token_id_prompts_decode_as_their_text_does(client, engine):
+    """OpenAI's token-id forms (a list of ids, a list of such lists) continue exactly as the text
+    they encode; echo gives back their text, and with logprobs a score for every id sent."""
+    ids = engine.encode_prompt("the dog")
+    want = engine.generate("the dog", max_new_tokens=6, temperature=0)
+    one = complete(client, prompt=ids, max_tokens=6, temperature=0)
+    many = complete(client, prompt=[ids, engine.encode_prompt("a bird")], max_tokens=6,
+                    temperature=0)
+    assert one.choices[0].text == many.choices[0].text == want
+    assert many.choices[1].text == engine.generate("a bird", max_new_tokens=6, temperature=0)
+    assert one.usage.prompt_tokens == len(ids)
+    echo = complete(client, prompt=[engine.tokenizer.bos_id, *ids], max_tokens=1, temperature=0,
+                    echo=True, logprobs=1)
+    lp = echo.choices[0].logprobs
+    assert echo.choices[0].text.startswith("the dog")
+    assert len(lp.token_logprobs) == len(ids) + 2  # BOS, the prompt, the one generated token
+    assert lp.token_logprobs[0] is None and lp.tokens[0] == "<|bos|>"
+    scores = engine.score([engine.tokenizer.bos_id, *ids], 1)
+    assert lp.token_logprobs[1:-1] == pytest.approx([s for s, _ in scores[1:]], abs=1e-6)
+
+
 def test_models_endpoint(client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     assert client.models.retrieve("tiny").id == "tiny"
@@ -284,7 +305,11 @@ BAD_REQUESTS = [
     ("max_tokens bool", {"max_tokens": True}, 400, "max_tokens"),
     ("temperature string", {"temperature": "hot"}, 400, "temperature"),
     ("prompt number", {"prompt": 5}, 400, "prompt"),
-    ("prompt token ids", {"prompt": [1, 2, 3]}, 400, "prompt"),
+    ("prompt token id out of range", {"prompt": [1, 2, 100_000]}, 400, "prompt"),
+    ("prompt token id negative", {"prompt": [[1, 2], [-1]]}, 400, "prompt"),
+    ("prompt empty token list", {"prompt": [[1, 2], []]}, 400, "prompt"),
+    ("prompt ids and text mixed", {"prompt": ["the ", [1, 2]]}, 400, "prompt"),
+    ("prompt token id bool", {"prompt": [1, True]}, 400, "prompt"),
     ("stream string", {"stream": "yes"}, 400, "stream"),
     ("stop number", {"stop": 3}, 400, "stop"),
     ("seed bool", {"seed": True}, 400, "seed"),

@@ -12,15 +12,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from . import checkpoint as ckpt
 from . import rundir
 from .batching import Batcher, BatchRequest, Prompt, StreamEvent
 from .device import resolve_device, resolve_dtype
 from .errors import CheckpointError
 from .model import GPT
-from .sampling import SamplingParams, token_logprobs
+from .sampling import SamplingParams
+from .scoring import token_scores
 from .tokenization import Tokenizer
 from .utf8 import Utf8Table
 
@@ -79,22 +78,12 @@ class Engine:
                 ids[ev.index].append(ev.token)
         return ids
 
-    @torch.inference_mode()
     def score(self, prompt_ids: Sequence[int], k: int) -> list[tuple[float | None, list]]:
         """(logprob, top k [(id, logprob)]) of each prompt token under the model's own distribution
-        (temperature 1, unfiltered), given the tokens before it: what `echo` + `logprobs` report.
-        The first token, and any before the last block_size, have no context here: (None, [])."""
-        ids = list(prompt_ids)
-        window = ids[-self.block_size:]
-        out: list[tuple[float | None, list]] = [(None, [])] * (len(ids) - len(window) + 1)
-        if len(window) < 2:
-            return out[: len(ids)]
-        x = torch.tensor([window], dtype=torch.long, device=self.device)
-        logits, _ = self.model(x[:, :-1])
-        s = token_logprobs(logits[0], x[0, 1:], k)  # the raw softmax
-        for lp, vals, top in zip(s.logprob.tolist(), s.top_logprobs.tolist(), s.top_ids.tolist()):
-            out.append((lp, list(zip(top, vals))))
-        return out
+        (temperature 1, unfiltered), each with the longest context the model allows, as
+        `minigpt eval --stride 1` scores it: what `echo` + `logprobs` report. The first token has
+        no context: (None, [])."""
+        return token_scores(self.model, prompt_ids, k)
 
     def stream(self, prompt: Prompt = "", params: SamplingParams | None = None,
                stop: Sequence[str] = (), **settings: Any) -> Iterator[StreamEvent]:

@@ -27,7 +27,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -39,7 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..batching import Batcher, BatcherBusy
+from ..batching import Batcher, BatcherBusy, Prompt
 from ..config import ServeConfig
 from ..engine import Engine
 from ..errors import ConfigError, TokenizerError
@@ -133,16 +133,17 @@ def create_app(
         return oa.model_object(model_id, created)
 
     async def generate(request: Request, req: CompletionRequest, param: str,
-                       make_reply: Callable[[int], Any]) -> Response:
+                       make_reply: Callable[[int, list[str]], Any]) -> Response:
         received = time.perf_counter()
         _check_fits(req.n, config.max_concurrency)
         # Encoding (and scoring an echoed prompt) is synchronous work proportional to the prompt:
         # keep it off the event loop too.
         prompt_ids = await asyncio.to_thread(_encode_prompts, engine, req.prompts, param)
         echoed = await asyncio.to_thread(_echo_scores, engine, req, prompt_ids)
-        job = _submit(batcher, prompt_ids, req, stream_interval, echoed, config.utf8_mask)
+        texts = _echo_texts(engine, req, prompt_ids)
+        job = _submit(batcher, prompt_ids, req, stream_interval, texts, echoed, config.utf8_mask)
         job.timer = _Timer(metrics, received)
-        reply = make_reply(sum(len(ids) for ids in prompt_ids))
+        reply = make_reply(sum(len(ids) for ids in prompt_ids), texts)
         if req.stream:
             return _GenerationStream(reply.sse(job), job)
         body = await _unless_disconnected(request, job, reply.collect(job))
@@ -152,15 +153,15 @@ def create_app(
     async def completions(request: Request) -> Response:
         data = oa.parse_json(await read_body(request))
         req = oa.parse_completion_request(data, model_id, config.max_tokens_limit)
-        return await generate(request, req, "prompt", lambda prompt_tokens: _Reply(
-            oa.new_completion_id(), oa.now(), model_id, req, prompt_tokens))
+        return await generate(request, req, "prompt", lambda prompt_tokens, texts: _Reply(
+            oa.new_completion_id(), oa.now(), model_id, req, prompt_tokens, texts))
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
         data = oa.parse_json(await read_body(request))
         chat = parse_chat_request(data, model_id, config.max_tokens_limit, template)
         return await generate(request, chat.completion, "messages",
-                              partial(ChatReply, chat, model_id))
+                              lambda prompt_tokens, _: ChatReply(chat, model_id, prompt_tokens))
 
     app.include_router(v1)
     register_inspect(app, engine, auth, read_body)
@@ -186,17 +187,27 @@ def _check_fits(n: int, rows: int) -> None:
 
 def _echo_scores(engine: Engine, req: CompletionRequest,
                  prompt_ids: list[list[int]]) -> list[list[Scored]] | None:
-    """With echo + logprobs: each prompt's tokens scored by the model (`Engine.score`)."""
+    """With echo + logprobs: each prompt's tokens scored by the model (`Engine.score`); a
+    token-id prompt has a score for every id sent, BOS included, as a client that sent them
+    counts them (lm-evaluation-harness slices the list by its own token counts)."""
     if not (req.echo and req.logprobs is not None):
         return None
-    return [lp.prompt_scores(engine, ids, req.logprobs) for ids in prompt_ids]
+    return [lp.prompt_scores(engine, ids, req.logprobs, keep_bos=not isinstance(p, str))
+            for p, ids in zip(req.prompts, prompt_ids)]
+
+
+def _echo_texts(engine: Engine, req: CompletionRequest, prompt_ids: list[list[int]]) -> list[str]:
+    """The text each prompt echoes: as sent, or its token ids decoded. Empty without echo."""
+    if not req.echo:
+        return ["" for _ in req.prompts]
+    return [p if isinstance(p, str) else engine.tokenizer.decode(ids)
+            for p, ids in zip(req.prompts, prompt_ids)]
 
 
 def _submit(batcher: Batcher, prompt_ids: list[list[int]], req: CompletionRequest,
-            stream_interval: float, echoed: list[list[Scored]] | None = None,
+            stream_interval: float, texts: list[str], echoed: list[list[Scored]] | None = None,
             utf8_mask: bool | None = None) -> Job:
-    # text_offset counts an echoed prompt
-    bases = [len(p) if req.echo else 0 for p in req.prompts]
+    bases = [len(t) for t in texts]  # text_offset counts an echoed prompt
     return submit_job(batcher, prompt_ids, req.sampling(utf8_mask), stream_interval, req.stop,
                       bases=bases, echoed=echoed)
 
@@ -216,7 +227,14 @@ class _Timer:
         self.metrics.latency.observe(time.perf_counter() - self.received)
 
 
-def _encode_prompts(engine: Engine, prompts: list[str], param: str = "prompt") -> list[list[int]]:
+def _encode_prompts(engine: Engine, prompts: Sequence[Prompt],
+                    param: str = "prompt") -> list[list[int]]:
+    vocab = engine.tokenizer.vocab_size
+    for p in prompts:
+        bad = None if isinstance(p, str) else next((t for t in p if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"prompt token id {bad} is out of range: this model's vocabulary "
+                           f"is 0..{vocab - 1}", param=param, code="invalid_prompt")
     try:
         return [engine.encode_prompt(p) for p in prompts]
     except TokenizerError as e:
@@ -242,14 +260,16 @@ class _Reply:
         model_id: str,
         req: CompletionRequest,
         prompt_tokens: int,
+        echo_texts: list[str],
     ):
         self.id, self.created, self.model_id = completion_id, created, model_id
         self.req = req
         self.prompt_tokens = prompt_tokens
+        self.echo_texts = echo_texts
         self.choices = len(req.prompts) * req.n
 
     def _prompt_of(self, index: int) -> str:
-        return self.req.prompts[index // self.req.n]
+        return self.echo_texts[index // self.req.n]
 
     def _logprobs(self, scores: list[Scored]) -> dict[str, Any] | None:
         return lp.completion_logprobs(scores) if self.req.logprobs is not None else None

@@ -52,13 +52,14 @@ def scored(tokenizer: Tokenizer, token_id: int, logprob: float | None,
     return Scored(*name(tokenizer, token_id), logprob, alternatives, offset)
 
 
-def prompt_scores(engine: Engine, ids: list[int], k: int) -> list[Scored]:
-    """The prompt's tokens scored by the model (`Engine.score`), BOS left out (it is no text)."""
+def prompt_scores(engine: Engine, ids: list[int], k: int, keep_bos: bool = False) -> list[Scored]:
+    """The prompt's tokens scored by the model (`Engine.score`); a BOS the server added to a
+    text prompt is left out (it is no text), one the client sent as a token id is kept."""
     tok = engine.tokenizer
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out, offset = [], 0
     for token_id, (logprob, top) in zip(ids, engine.score(ids, k)):
-        if token_id == tok.bos_id:
+        if token_id == tok.bos_id and not keep_bos:
             continue
         out.append(scored(tok, token_id, logprob, top, offset))
         offset += len(decoder.decode(tok.token_bytes(token_id)))

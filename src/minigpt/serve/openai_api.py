@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from ..batching import Prompt
 from ..sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -59,7 +60,7 @@ class CompletionRequest:
     no server setting or default lands in it later (the server's own settings, such as the UTF-8
     mask, join only when `sampling` builds the engine's settings)."""
 
-    prompts: tuple[str, ...]
+    prompts: tuple[Prompt, ...]  # text, or token ids (a tuple of ints)
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = SamplingParams.temperature  # the project's default, not OpenAI's 1.0
     top_p: float | None = None
@@ -240,10 +241,22 @@ def _check_unsupported(data: dict[str, Any]) -> None:
             )
 
 
-def _prompts(prompt: Any) -> tuple[str, ...]:
+def _is_ids(value: Any) -> bool:
+    """A non-empty list of token ids (JSON integers; true/false are not ids)."""
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in value))
+
+
+def _prompts(prompt: Any) -> tuple[Prompt, ...]:
+    """OpenAI's four prompt forms: a string, a list of strings, a list of token ids, or a list of
+    such lists. Token ids are used as given (no BOS added); their range is checked against the
+    model's vocabulary when they are encoded."""
     if isinstance(prompt, str):
         return (prompt,)
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+    if _is_ids(prompt):
+        return (tuple(prompt),)
+    if isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt)
+                                                or all(_is_ids(p) for p in prompt)):
         if len(prompt) > MAX_CHOICES:
             raise APIError(
                 400,
@@ -251,17 +264,11 @@ def _prompts(prompt: Any) -> tuple[str, ...]:
                 param="prompt",
                 code="invalid_value",
             )
-        return tuple(prompt)
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (int, list)) for p in prompt):
-        raise APIError(
-            400,
-            "token-id prompts are not supported; send the prompt as text",
-            param="prompt",
-            code="unsupported_value",
-        )
+        return tuple(p if isinstance(p, str) else tuple(p) for p in prompt)
     raise APIError(
         400,
-        f"prompt must be a string or a non-empty list of strings, got {_json_type(prompt)}",
+        "prompt must be a string, a list of strings, a list of token ids or a list of non-empty "
+        f"lists of token ids, got {_json_type(prompt)}",
         param="prompt",
         code="invalid_type",
     )

@@ -34,6 +34,7 @@ from ..data.dataset import is_prepared, load_prepared
 from ..engine import load
 from ..errors import ConfigError, DataError, TokenizerError
 from ..model import GPT
+from ..scoring import windows
 from ..tokenization import Tokenizer
 
 SPLITS = ("val", "train")
@@ -42,24 +43,6 @@ BATCH_PIECES = 16  # texts per encode_batch call, which BPE spreads over threads
 
 
 # --- scoring ---------------------------------------------------------------------------------------
-
-
-def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int]]:
-    """(start, first scored position) of each window over `n_tokens` tokens.
-
-    A window feeds tokens[start : start + L] (L = min(context, n_tokens - 1)) and predicts
-    tokens[start + 1 : start + L + 1]; it scores its predictions from `first` on. Together they
-    score each of the n_tokens - 1 predictions exactly once; the last window ends at the text's end.
-    """
-    targets = n_tokens - 1
-    length = min(context, targets)
-    out = [(0, 0)]
-    done = length  # predictions scored so far
-    while done < targets:
-        end = min(done + stride, targets)
-        out.append((end - length, done - (end - length)))
-        done = end
-    return out
 
 
 @torch.inference_mode()
