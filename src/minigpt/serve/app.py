@@ -52,6 +52,7 @@ from .jobs import Job, JobFailed, env_seconds, merge_deltas, next_or_500, submit
 from .logprobs import Scored
 from .metrics import CONTENT_TYPE, Metrics, StatusCounter
 from .openai_api import APIError, CompletionRequest
+from .tokenize_api import register_tokenize
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
@@ -165,6 +166,7 @@ def create_app(
 
     app.include_router(v1)
     register_inspect(app, engine, auth, read_body)
+    register_tokenize(app, engine, model_id, template, auth, read_body)
     return app
 
 
