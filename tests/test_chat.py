@@ -277,10 +277,10 @@ JSON = st.recursive(
                                                                        children, max_size=3),
     max_leaves=6,
 )
-COMPLETION_KEYS = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed",
-                   "stream", "stream_options", "echo", "logprobs", "best_of", "user", "model"]
-CHAT_KEYS = ["messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop",
-             "seed", "stream", "stream_options", "logprobs", "top_logprobs", "model"]
+COMPLETION_KEYS = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop",
+                   "seed", "stream", "stream_options", "echo", "logprobs", "best_of", "user", "model"]
+CHAT_KEYS = ["messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "min_p", "n",
+             "stop", "seed", "stream", "stream_options", "logprobs", "top_logprobs", "model"]
 MESSAGE = st.fixed_dictionaries({}, optional={
     "role": st.sampled_from(["user", "system", "assistant", "developer", "tool"]) | JSON,
     "content": st.text(alphabet="abc the", max_size=10) | JSON, "name": JSON})

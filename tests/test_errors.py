@@ -109,6 +109,8 @@ CASES = [
          "minigpt: error: top-p must be in (0, 1], got 0.0"),
     Case("top-p-above-one", "top-p > 1", "sample run --top-p 1.5",
          "minigpt: error: top-p must be in (0, 1], got 1.5"),
+    Case("min-p-above-one", "min-p > 1", "sample run --min-p 1.5",
+         "minigpt: error: min-p must be in [0, 1] (0 = off), got 1.5"),
     Case("negative-top-k", "top-k < 0", "sample run --top-k -1",
          "minigpt: error: top-k must be >= 0 (0 = off), got -1"),
     # --- inspect ------------------------------------------------------------------------------------

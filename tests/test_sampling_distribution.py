@@ -1,4 +1,4 @@
-"""The sampler draws tokens with exactly the model's probabilities (after temperature, top-k, top-p)."""
+"""The sampler draws tokens with exactly the model's probabilities (after temperature, top-k, top-p, min-p)."""
 
 from __future__ import annotations
 
@@ -35,3 +35,14 @@ def test_same_seed_same_tokens_and_greedy_is_argmax():
     b = sample_next_token(logits, torch.Generator().manual_seed(3), temperature=0.9)
     assert torch.equal(a, b) and a.dtype == torch.long and a.shape == (8,)
     assert torch.equal(sample_next_token(logits, None, temperature=0), logits.argmax(-1))
+
+
+def test_min_p_keeps_the_tokens_at_least_that_fraction_as_likely_as_the_top_one():
+    # probabilities at temperature 1: e^0 : e^-1 : e^-2 : e^-3 of the top one = 1, .37, .14, .05
+    logits = torch.tensor([[0.0, -1.0, -2.0, -3.0]])
+    got = frequencies(logits, temperature=1.0, min_p=0.1)
+    assert got[3] == 0 and got[2] > 0
+    want = logits[0, :3].softmax(-1)
+    assert (got[:3] - want).abs().max() < 0.01
+    # at temperature 0.5 the ratios square: .14 and .02 of the top fall under 0.1 -> two remain
+    assert frequencies(logits, temperature=0.5, min_p=0.1)[2:].sum() == 0

@@ -267,6 +267,17 @@ def test_token_id_prompts_decode_as_their_text_does(client, engine):
     assert lp.token_logprobs[1:-1] == pytest.approx([s for s, _ in scores[1:]], abs=1e-6)
 
 
+def test_min_p_samples_as_the_engine_does(client, engine):
+    got = complete(client, max_tokens=20, seed=5, temperature=1.0, extra_body={"min_p": 0.2})
+    assert got.choices[0].text == engine.generate("the ", max_new_tokens=20, seed=5,
+                                                  temperature=1.0, min_p=0.2)
+    # min_p 1 keeps only the most likely token: greedy, where plain sampling is not
+    only_top = complete(client, max_tokens=20, seed=5, temperature=1.0, extra_body={"min_p": 1})
+    greedy = engine.generate("the ", max_new_tokens=20, temperature=0)
+    assert only_top.choices[0].text == greedy != engine.generate(
+        "the ", max_new_tokens=20, seed=5, temperature=1.0)
+
+
 def test_models_endpoint(client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     assert client.models.retrieve("tiny").id == "tiny"
@@ -319,6 +330,8 @@ BAD_REQUESTS = [
     ("top_p 0", {"top_p": 0}, 400, "top_p"),
     ("top_p > 1", {"top_p": 1.5}, 400, "top_p"),
     ("top_k < 0", {"top_k": -1}, 400, "top_k"),
+    ("min_p > 1", {"min_p": 1.5}, 400, "min_p"),
+    ("min_p string", {"min_p": "0.1"}, 400, "min_p"),
     ("n 0", {"n": 0}, 400, "n"),
     ("n huge", {"n": 1000}, 400, "n"),
     ("max_tokens 0", {"max_tokens": 0}, 400, "max_tokens"),

@@ -460,6 +460,8 @@ class SamplingParams:
     top_k: int | None = field(default=None, metadata={"help": "keep the k most likely tokens (0 = off)"})
     top_p: float | None = field(default=None, metadata={
         "help": "nucleus sampling: keep the most likely tokens up to this probability mass"})
+    min_p: float | None = field(default=None, metadata={
+        "help": "keep the tokens at least this fraction as likely as the most likely one (0 = off)"})
     seed: int | None = field(default=None, metadata={"help": "the same seed gives the same text"})
     num_samples: int = field(default=1, metadata={"help": "independent samples, decoded in one batch"})
     stop_at_eos: bool = field(default=True, metadata={"help": "end a sample at the end-of-text token"})
@@ -481,6 +483,8 @@ class SamplingParams:
             raise ConfigError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            raise ConfigError(f"min-p must be in [0, 1] (0 = off), got {self.min_p}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ConfigError(f"logprobs must be >= 0, got {self.logprobs}")
         return self

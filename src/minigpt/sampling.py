@@ -1,4 +1,4 @@
-"""Choosing the next token of every row of a batch at once: temperature, top-k and top-p applied to
+"""Choosing the next token of every row of a batch at once: temperature, top-k, top-p and min-p applied to
 the whole (rows, vocab) logits with each row's own settings as tensors (`RowSettings`), an explicit
 uniform per row, and the log-probabilities of the distribution each token was drawn from. The
 settings themselves are `config.SamplingParams` (re-exported here), the one place sampling defaults
@@ -33,6 +33,7 @@ class RowSettings:
     all_greedy: bool
     top_k: torch.Tensor | None  # (B, 1) keep the k largest (vocab: keep all); None: no row filters
     top_p: torch.Tensor | None  # (B, 1) nucleus mass (inf: keep all); None: no row filters
+    min_p: torch.Tensor | None = None  # (B, 1) fraction of the top probability (0: keep all)
 
     @classmethod
     def of(cls, params: Sequence[SamplingParams], vocab: int,
@@ -42,6 +43,7 @@ class RowSettings:
                  for p, g in zip(params, greedy)]
         top_p = [p.top_p if p.top_p is not None and p.top_p < 1.0 and not g else float("inf")
                  for p, g in zip(params, greedy)]
+        min_p = [p.min_p if p.min_p and not g else 0.0 for p, g in zip(params, greedy)]
         column = dict(device=device, dtype=torch.float32)
         return cls(
             temperature=torch.tensor([[1.0 if g else p.temperature]
@@ -50,13 +52,17 @@ class RowSettings:
             all_greedy=all(greedy),
             top_k=torch.tensor(top_k, device=device).view(-1, 1) if min(top_k) < vocab else None,
             top_p=torch.tensor(top_p, **column).view(-1, 1) if min(top_p) < 1.0 else None,
+            min_p=torch.tensor(min_p, **column).view(-1, 1) if max(min_p) > 0.0 else None,
         )
 
 
 def distribution(logits: torch.Tensor, s: RowSettings) -> torch.Tensor:
     """logits (B, V) -> the logits each row samples from, float32: divided by the row's
-    temperature, tokens outside its top-k / nucleus (top-p) at -inf."""
+    temperature, tokens outside its top-k / nucleus (top-p) at -inf, and those less likely than
+    min-p times the most likely token (at that temperature; vLLM's and llama.cpp's min-p)."""
     x = logits.float() / s.temperature
+    if s.min_p is not None:  # p < min_p * p_max  <=>  x < x_max + log(min_p); log(0) keeps all
+        x = x.masked_fill(x < x.amax(dim=-1, keepdim=True) + s.min_p.log(), float("-inf"))
     if s.top_k is None and s.top_p is None:
         return x
     ranked = torch.sort(x, dim=-1, descending=True)
@@ -95,9 +101,10 @@ def choose_tokens(x: torch.Tensor, s: RowSettings, u: torch.Tensor | None) -> to
 
 def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None,
                       temperature: float = SamplingParams.temperature, top_k: int | None = None,
-                      top_p: float | None = None) -> torch.Tensor:
+                      top_p: float | None = None, min_p: float | None = None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,), every row with the same settings."""
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p).validate()
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                            min_p=min_p).validate()
     s = RowSettings.of([params] * logits.size(0), logits.size(-1), logits.device)
     u = None if s.all_greedy else uniforms(generator, logits.size(0), logits.device)
     return choose_tokens(distribution(logits, s), s, u)

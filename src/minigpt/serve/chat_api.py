@@ -24,7 +24,7 @@ DEFAULT_CHAT_MAX_TOKENS = 256  # OpenAI's default is "up to the context"; a repl
 
 CHAT_FIELDS = {
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-    "n", "stop", "seed", "stream", "stream_options", "user", "logprobs", "top_logprobs",
+    "min_p", "n", "stop", "seed", "stream", "stream_options", "user", "logprobs", "top_logprobs",
     "logit_bias", "frequency_penalty", "presence_penalty",
 }
 

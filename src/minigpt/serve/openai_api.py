@@ -65,6 +65,7 @@ class CompletionRequest:
     temperature: float = SamplingParams.temperature  # the project's default, not OpenAI's 1.0
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
     n: int = 1
     stop: tuple[str, ...] = ()
     seed: int | None = None
@@ -77,7 +78,8 @@ class CompletionRequest:
         """The engine's settings for one prompt's `n` choices (each prompt starts afresh);
         `utf8_mask` is the server's setting (serve --no-utf8-mask), not the client's."""
         return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature,
-                              top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+                              top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                              seed=self.seed,
                               num_samples=self.n, logprobs=self.logprobs,
                               utf8_mask=utf8_mask).validate()
 
@@ -108,7 +110,7 @@ _NEUTRAL = {
 
 
 COMPLETION_FIELDS = {
-    "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed",
+    "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed",
     "stream", "stream_options", "echo", "user", "best_of", "logit_bias", "logprobs", *_NEUTRAL,
 }
 
@@ -158,7 +160,7 @@ def _check_model(model: Any, model_id: str) -> None:
 
 
 def _sampling(data: dict[str, Any], prompts: int) -> dict[str, Any]:
-    """temperature, top_p, top_k, n, best_of, stop and seed, checked (max_tokens is each
+    """temperature, top_p, top_k, min_p, n, best_of, stop and seed, checked (max_tokens is each
     endpoint's own: their defaults differ)."""
     temperature = _number(
         "temperature", data.get("temperature"), SamplingParams.temperature, 0.0, 2.0
@@ -169,6 +171,7 @@ def _sampling(data: dict[str, Any], prompts: int) -> dict[str, Any]:
             400, f"top_p must be > 0 and <= 1, got {top_p}", param="top_p", code="invalid_value"
         )
     top_k = _int("top_k", data.get("top_k"), 0, 0, None) or None
+    min_p = _number("min_p", data.get("min_p"), 0.0, 0.0, 1.0) or None
     n = _int("n", data.get("n"), 1, 1, MAX_CHOICES)
     if n * prompts > MAX_CHOICES:
         raise APIError(
@@ -189,8 +192,8 @@ def _sampling(data: dict[str, Any], prompts: int) -> dict[str, Any]:
     seed = data.get("seed")
     if seed is not None:
         seed = _int("seed", seed, 0, 0, 2**63 - 1)
-    return dict(temperature=temperature, top_p=None if top_p == 1.0 else top_p, top_k=top_k, n=n,
-                stop=stop, seed=seed)
+    return dict(temperature=temperature, top_p=None if top_p == 1.0 else top_p, top_k=top_k,
+                min_p=min_p, n=n, stop=stop, seed=seed)
 
 
 def _streaming(data: dict[str, Any]) -> dict[str, bool]:
