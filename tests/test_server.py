@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import socket
@@ -423,6 +424,36 @@ def test_disconnect_frees_the_slot(engine):
         wait_for(url, lambda h: h["running"] == 0)
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "the ", "max_tokens": 3})
         assert r.status_code == 200
+
+
+def test_a_client_gone_mid_body_is_one_log_line_not_a_traceback(engine):
+    records: list[logging.LogRecord] = []
+    seen = threading.Event()
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+            if "disconnected" in record.getMessage():
+                seen.set()
+
+    with serving(create_app(engine, model_id="tiny")) as url:
+        log = logging.getLogger("uvicorn.error")
+        handler, level = Collect(), log.level
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        try:
+            host, port = url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port))) as raw:  # 10 of 1,000 bytes, then gone
+                raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                            b"application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\":")
+            assert seen.wait(20), [r.getMessage() for r in records]
+            assert httpx.post(f"{url}/v1/completions", json={"max_tokens": 2}).status_code == 200
+        finally:
+            log.removeHandler(handler)
+            log.setLevel(level)
+    assert not [r for r in records if r.exc_info or r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in records if "disconnected" in r.getMessage()] == [
+        "client disconnected while sending its request body: POST /v1/completions"]
 
 
 # ---- the CLI --------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import hmac
 import json
+import logging
 import signal
 import socket
 import sys
@@ -38,6 +39,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..batching import Batcher, BatcherBusy, Prompt
 from ..config import ServeConfig
@@ -423,6 +425,14 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def busy(_: Request, e: BatcherBusy) -> JSONResponse:  # every row and the line taken
         return reply(429, APIError(429, str(e), code="server_busy", type="server_busy").body(),
                      {"Retry-After": "1"})
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, _: ClientDisconnect) -> Response:
+        # a client that gave up mid-upload (lm-eval's retries do) is news, not a server fault
+        logging.getLogger("uvicorn.error").info(
+            "client disconnected while sending its request body: %s %s", request.method,
+            request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
