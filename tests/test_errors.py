@@ -134,6 +134,8 @@ CASES = [
          "plot run --watch --interval 0",
          "minigpt: error: --interval must be > 0 seconds, got 0.0"),
     # --- serving ------------------------------------------------------------------------------------
+    Case("prompt-cache-negative", "serve --prompt-cache below 0", "serve run --prompt-cache -1",
+         "minigpt: error: --prompt-cache must be >= 0, got -1"),
     Case("chat-template-missing", "serve --chat-template: a file that does not exist",
          "serve run --chat-template missing.json",
          "minigpt: error: cannot read chat template missing.json: No such file or directory"),

@@ -154,7 +154,7 @@ def test_text_ready_while_the_client_is_not_reading_goes_out_as_one_chunk():
         for _ in range(10):
             batcher.step()
         job.timer = _Timer(Metrics(lambda: {}), 0.0)
-        reply = _Reply("cmpl-1", 0, "tiny", req, 4)
+        reply = _Reply("cmpl-1", 0, "tiny", req, 4, [""])
         return [part async for part in reply.sse(job)]
 
     parts = asyncio.run(scenario())

@@ -59,6 +59,7 @@ import torch
 
 from .errors import ConfigError
 from .kv_cache import KVCache
+from .prompt_cache import PromptCache
 from .sampling import (
     RowSettings,
     SamplingParams,
@@ -199,12 +200,15 @@ class Batcher:
     (`start=True`) or by whoever calls `step()`."""
 
     def __init__(self, engine: Engine, max_rows: int = 32, max_queue: int = 64,
-                 prefill_chunk: int = 64, start: bool = True, threads: int | None = None):
+                 prefill_chunk: int = 64, start: bool = True, threads: int | None = None,
+                 prompt_cache: int = 0):
         """`start=False`: no thread; the caller runs `step()` itself (`Engine.stream`, and tests
         that decide at which step each request joins). `threads`: torch's intra-op threads in the
-        batcher's thread (see the module docstring)."""
+        batcher's thread (see the module docstring). `prompt_cache`: sequences whose keys and
+        values are kept for requests that start the same way (prompt_cache.py; 0 = off)."""
         for name, value, lo in (("max-rows", max_rows, 1), ("max-queue", max_queue, 0),
-                                ("prefill-chunk", prefill_chunk, 1)):
+                                ("prefill-chunk", prefill_chunk, 1),
+                                ("prompt-cache", prompt_cache, 0)):
             if value < lo:
                 raise ConfigError(f"{name} must be >= {lo}, got {value}")
         self.engine, self.model = engine, engine.model
@@ -213,6 +217,7 @@ class Batcher:
         self.cache = KVCache.for_model(self.model, max_rows)
         self.scratch = KVCache.for_model(self.model, max_rows)  # prompts are prefilled here
         self.scratch_len = 0  # of a long prompt prefilled over several steps, in scratch row 0
+        self.prompt_cache = PromptCache(self.model, prompt_cache) if prompt_cache else None
         self.rows: list[_Row] = []  # rows[s] lives in cache row s
         self._settings: RowSettings | None = None  # of self.rows, rebuilt when rows join or leave
         self._line: deque[BatchRequest] = deque()  # submitted, not yet holding rows
@@ -292,7 +297,10 @@ class Batcher:
         """What /metrics shows: requests running and waiting, rows, steps and tokens so far."""
         return {"running": self.running, "waiting": self.waiting, "rows_in_use": self.rows_in_use,
                 "rows": self.max_rows, "steps": self.steps, "row_steps": self.row_steps,
-                "tokens_generated": self.tokens_generated}
+                "tokens_generated": self.tokens_generated,
+                "prompt_tokens_prefilled": self.prompt_tokens_prefilled,
+                "prompt_cache_hits": self.prompt_cache.hits if self.prompt_cache else 0,
+                "prompt_tokens_reused": self.prompt_cache.tokens_reused if self.prompt_cache else 0}
 
     def _withdraw(self, req: BatchRequest) -> None:
         with self._lock:
@@ -383,6 +391,8 @@ class Batcher:
             self._decode_rows()
         budget = self.prefill_chunk
         while self._prefilling and budget > 0:
+            if self.prompt_cache is not None and self._prefilling[0].fed == 0:
+                self._reuse_prefix(self._prefilling[0])
             group = self._whole_prompts(budget)
             if len(group) > 1:
                 budget -= self._prefill_together(group)
@@ -434,6 +444,18 @@ class Batcher:
             group.append(req)
         return group
 
+    def _reuse_prefix(self, req: BatchRequest) -> None:
+        """The head request's prompt starts like a kept sequence: copy those positions into scratch
+        row 0 and prefill only the rest (as a long prompt is, from where it stands)."""
+        slot, m = self.prompt_cache.lookup(req.prompt_ids)
+        if m:
+            self.prompt_cache.copy_into(slot, m, self.scratch, 0)
+            req.fed = self.scratch_len = m
+
+    def _keep(self, ids: list[int], cache: KVCache, row: int) -> None:
+        if self.prompt_cache is not None:
+            self.prompt_cache.store(ids, cache, row)
+
     def _prefill_together(self, group: list[BatchRequest]) -> int:
         """Several whole prompts in one forward, one scratch row each, right-padded: a causal
         row's last real position sees none of the padding after it, and the padding's keys lie
@@ -446,6 +468,7 @@ class Batcher:
         for r, (req, n) in enumerate(zip(group, lengths)):
             self._prefilling.popleft()
             req.fed = n
+            self._keep(req.prompt_ids, self.scratch, r)
             self._join(req, logits[r : r + 1, n - 1], r, n)
         self.prompt_tokens_prefilled += sum(lengths)
         return sum(lengths)
@@ -460,6 +483,7 @@ class Batcher:
         self.prompt_tokens_prefilled += take
         if req.fed == len(ids):
             self._prefilling.popleft()
+            self._keep(ids, self.scratch, 0)
             self._join(req, logits, 0, self.scratch_len)
             self.scratch_len = 0
         return take
@@ -577,7 +601,12 @@ class Batcher:
             if events and events[-1].finish_reason is not None:
                 leaving.add(id(r))
         for s in range(len(self.rows) - 1, -1, -1):
-            if id(self.rows[s]) in leaving:
+            r = self.rows[s]
+            if id(r) in leaving:
+                # a finished first sample: its prompt and reply (a chat's next prompt starts so);
+                # cache positions 0..length-1 hold the tokens before the newest, rebuilt or not
+                if r.index == 0 and len(r.tokens) > r.length:
+                    self._keep(r.tokens[len(r.tokens) - 1 - r.length : -1], self.cache, s)
                 self._remove_row(s)
         for req, events in out.items():
             if req.live == 0:

@@ -518,6 +518,9 @@ class ServeConfig:
                                   "takes n)")
     max_queue: int = option(64, "requests waiting for rows; beyond that the server answers 429")
     max_body_bytes: int = option(1 << 20, "largest request body; a larger one is answered 413")
+    prompt_cache: int = option(8, "recent prompts and replies whose keys and values a request "
+                               "that starts the same way reuses (0 = off; each takes one row of "
+                               "the KV cache)")
     # None: the batcher's own default (serve/app.py: 5 ms), which MINIGPT_STREAM_INTERVAL can set
     stream_interval: float | None = option(
         None, "seconds a stream gathers new text into one chunk (a stream's first text is never "
@@ -534,7 +537,7 @@ class ServeConfig:
         if self.api_key == "":
             raise ConfigError("the API key must not be empty")
         for name, lowest in (("max_tokens_limit", 1), ("max_concurrency", 1), ("max_queue", 0),
-                             ("max_body_bytes", 1)):
+                             ("max_body_bytes", 1), ("prompt_cache", 0)):
             if getattr(self, name) < lowest:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= {lowest}, got "
                                   f"{getattr(self, name)}")

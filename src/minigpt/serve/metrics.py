@@ -37,6 +37,11 @@ class _BatchCollector:
             ("minigpt_generated_tokens", "Tokens generated", "tokens_generated"),
             ("minigpt_decode_steps", "Batched decode steps run", "steps"),
             ("minigpt_decode_row_steps", "Rows decoded, summed over decode steps", "row_steps"),
+            ("minigpt_prompt_tokens_prefilled", "Prompt tokens computed by a forward",
+             "prompt_tokens_prefilled"),
+            ("minigpt_prompt_cache_hits", "Requests that reused a kept prefix", "prompt_cache_hits"),
+            ("minigpt_prompt_tokens_reused", "Prompt tokens copied from the prompt cache instead of "
+             "computed", "prompt_tokens_reused"),
         ):
             yield CounterMetricFamily(name, doc, value=s[key])
 
