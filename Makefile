@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO_RUN ?= runs/demo
 
-.PHONY: setup demo test lint bench clean test-llama
+.PHONY: setup demo test lint bench clean test-llama test-lmeval
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ test: setup
 test-llama: setup
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e ".[llama]"
 	$(BIN)/python -m pytest -q tests/test_export_gguf.py
+
+# lm-evaluation-harness (with datasets, scikit-learn, ...) as a client of `minigpt serve`.
+test-lmeval: setup
+	$(BIN)/pip install --quiet -e ".[lmeval]"
+	$(BIN)/python -m pytest -q tests/test_lm_eval.py
 
 bench: setup
 	$(BIN)/minigpt bench train
