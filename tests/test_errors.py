@@ -333,6 +333,11 @@ CASES = [
     Case("export-missing-step", "an export of a checkpoint step that does not exist",
          "export run-no-qk --to gguf --out m.gguf --checkpoint 999",
          "minigpt: error: run-no-qk has no checkpoint at step 999"),
+    Case("export-gguf-outtype", "a GGUF --outtype llama.cpp's converter has but minigpt does not write",
+         "export run-no-qk --to gguf --out m.gguf --outtype q4_k",
+         "minigpt: error: unknown GGUF --outtype 'q4_k'; choose from f32, f16, bf16, q8_0"),
+    Case("export-hf-outtype", "--outtype with --to hf", "export run-gpt2 --to hf --out hf-model "
+         "--outtype f16", "minigpt: error: --outtype applies to --to gguf only; --to hf writes float32"),
 ]
 
 

@@ -4,8 +4,10 @@ Owns the mapping from minigpt's layouts to llama.cpp architectures (read from ll
 src/models/*.cpp, not copied): `gpt2` for the GPT-2 layout, `jais2` for the modern layout without
 QK-norm (LayerNorm with biases, fused QKV, rotary in the rotate-half "neox" convention over the whole
 head, ReLU^2 MLP with biases, optional output matrix). Anything else is refused with one line that
-names the blocking switch. Weights are written as float32, as trained: the file is exact, not
-quantised (llama.cpp's own `llama-quantize` can shrink it afterwards).
+names the blocking switch. Weights are written as float32 by default, as trained: the file is exact.
+`outtype` (the names of llama.cpp's convert_hf_to_gguf.py --outtype) stores the matrices as f16, bf16
+or q8_0 instead, by the converter's rules: 1-D tensors and norms stay float32, and a matrix whose rows
+do not divide q8_0's block of 32 values falls back to f16 (the export lists which).
 
 The tokenizer is written in GGUF's own form (tokenizer.ggml.*) as a GPT-2 style byte-level BPE, which
 llama.cpp tokenizes the way minigpt does for every kind: `bpe` is that already; `bytes` is the 256
@@ -38,6 +40,10 @@ TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # llama.cpp's token types (gguf.TokenType)
 # GPT-2's printable stand-in of each byte: what byte-level BPE token strings are made of.
 _STAND_IN = {b: c for c, b in _byte_decoder().items()}
 EXPORTABLE = "--arch gpt2, or --arch modern --no-qk-norm"
+# --outtype -> (how matrices are stored, general.file_type); names and file types as llama.cpp's
+# converter writes them. Held as names so that choosing one needs no `gguf` import.
+OUTTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+            "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
 
 
 def _refuse(reason: str) -> ConfigError:
@@ -179,15 +185,40 @@ def gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
+def check_outtype(outtype: str) -> None:
+    if outtype not in OUTTYPES:
+        raise ConfigError(f"unknown GGUF --outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
+
+
+def stored_types(tensors: dict[str, np.ndarray], outtype: str) -> tuple[dict[str, Any], list[str]]:
+    """(tensor name -> GGMLQuantizationType it is stored as, the matrices kept at f16 because their
+    rows do not divide the quantisation block). As llama.cpp's converter: 1-D tensors and norms stay
+    float32 (they are tiny, and llama.cpp computes norms in float32 anyway)."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[OUTTYPES[outtype][0]]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    types, kept = {}, []
+    for name, array in tensors.items():
+        if array.ndim <= 1 or name.endswith("_norm.weight"):
+            types[name] = gguf.GGMLQuantizationType.F32
+        elif array.shape[-1] % block:
+            types[name] = gguf.GGMLQuantizationType.F16
+            kept.append(name)
+        else:
+            types[name] = qtype
+    return types, kept
+
+
 # --- the file -------------------------------------------------------------------------------------
 
 
 def _write_metadata(writer: Any, arch: str, cfg: ModelConfig, tok: Tokenizer, bos_prompts: bool,
-                    name: str, step: int | None) -> None:
+                    name: str, step: int | None, outtype: str) -> None:
     import gguf
 
     writer.add_name(name)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(gguf.LlamaFileType[OUTTYPES[outtype][1]])
     writer.add_context_length(cfg.block_size)
     writer.add_embedding_length(cfg.n_embd)
     writer.add_feed_forward_length(4 * cfg.n_embd)
@@ -232,12 +263,15 @@ def _load_model(run_dir: Path, cfg: ModelConfig, checkpoint: str) -> tuple[GPT, 
 
 
 def export_gguf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
-                overwrite: bool = False) -> dict[str, Any]:
-    """Write the run's checkpoint (best | last | a step) as a float32 GGUF file at `out`.
+                overwrite: bool = False, outtype: str = "f32") -> dict[str, Any]:
+    """Write the run's checkpoint (best | last | a step) as a GGUF file at `out`, its matrices
+    stored as `outtype` (f32 | f16 | bf16 | q8_0).
 
     Everything is checked before a byte is written; the file appears whole or not at all (written
-    beside `out`, then renamed). Returns what was written: path, architecture, step, size.
+    beside `out`, then renamed). Returns what was written: path, architecture, step, size, and
+    `kept_f16`, the matrices a q8_0 export stored as f16 instead (rows not a multiple of 32).
     """
+    check_outtype(outtype)
     try:
         import gguf
     except ImportError:
@@ -253,12 +287,14 @@ def export_gguf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
     _check_out(out, overwrite)
     model, meta = _load_model(run_dir, cfg, checkpoint)
     tensors = gguf_tensors(model)
+    types, kept = stored_types(tensors, outtype)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         writer = gguf.GGUFWriter(tmp, arch)
-        _write_metadata(writer, arch, cfg, tok, tcfg.docs is not None, run_dir.name, meta.get("step"))
+        _write_metadata(writer, arch, cfg, tok, tcfg.docs is not None, run_dir.name, meta.get("step"),
+                        outtype)
         for name, array in tensors.items():
-            writer.add_tensor(name, array)
+            writer.add_tensor(name, gguf.quants.quantize(array, types[name]), raw_dtype=types[name])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -268,4 +304,5 @@ def export_gguf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
         tmp.unlink(missing_ok=True)
         raise
     return {"path": str(out), "architecture": arch, "step": meta.get("step"),
-            "tensors": len(tensors), "bytes": out.stat().st_size, "tokenizer": tok.kind}
+            "tensors": len(tensors), "bytes": out.stat().st_size, "tokenizer": tok.kind,
+            "outtype": outtype, "kept_f16": kept}
