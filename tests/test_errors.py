@@ -317,13 +317,14 @@ CASES = [
          "export run --to gguf --out run.gguf",
          "minigpt: error: cannot export to GGUF: qk_norm before rotary (--qk-norm-order before_rope) "
          "is Persimmon's order, and llama.cpp removed its Persimmon architecture (--to hf exports "
-         "this run as Persimmon); runs trained with --arch gpt2, or --arch modern --no-qk-norm "
-         "export exactly"),
+         "this run as Persimmon); runs trained with --arch portable, --arch gpt2, or --arch modern "
+         "--no-qk-norm export exactly"),
     Case("export-gguf-qk-norm-after-rope", "GGUF export of QK-norm after rotary (every run made "
          "before --qk-norm-order existed)", "export run-after-rope --to gguf --out run.gguf",
          "minigpt: error: cannot export to GGUF: qk_norm after rotary (--qk-norm-order after_rope) "
          "is a LayerNorm of the rotated queries and keys, which no llama.cpp architecture computes; "
-         "runs trained with --arch gpt2, or --arch modern --no-qk-norm export exactly"),
+         "runs trained with --arch portable, --arch gpt2, or --arch modern --no-qk-norm export "
+         "exactly"),
     Case("export-out-exists", "an export --out that already exists",
          "export run-no-qk --to gguf --out corpus.txt",
          "minigpt: error: --out corpus.txt already exists; pass --overwrite to replace it"),

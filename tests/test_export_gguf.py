@@ -29,6 +29,7 @@ RUNS = {  # name -> layout and tokenizer; together they cover every exported ten
     "gpt2-bpe": dict(arch="gpt2", tokenizer="bpe", tokenizer_vocab_size=300),
     "modern-char": dict(arch="modern", qk_norm=False),
     "gpt2-bytes-untied-docs": dict(arch="gpt2", tokenizer="bytes", tie_embeddings=False, docs="lines"),
+    "portable-bpe": dict(arch="portable", tokenizer="bpe", tokenizer_vocab_size=300),
 }
 TEXTS = [  # what tokenizers disagree on: spaces, digits, contractions, newlines, a special's text
     CORPUS[:300], "  Speak,  speak.\n\n\nAll:\t resolved  ", "you're I'll we've 1234 12 x1y2",
@@ -112,6 +113,25 @@ def test_modern_layout_without_qk_norm_is_jais2_with_rotary_over_the_whole_head(
     assert meta["jais2.rope.freq_base"] == 10000.0
     names = {t.name for t in reader.tensors}
     assert "position_embd.weight" not in names and "output.weight" not in names
+
+
+def test_portable_layout_is_qwen3_with_separate_qkv_qk_norms_and_swiglu(runs, exported):
+    reader = gguf.GGUFReader(exported["portable-bpe"])
+    meta = fields(reader)
+    assert meta["general.architecture"] == "qwen3"
+    assert meta["qwen3.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
+    assert (meta["qwen3.rope.dimension_count"], meta["qwen3.attention.key_length"],
+            meta["qwen3.feed_forward_length"]) == (16, 16, 96)  # SwiGLU: 8/3 x 32, up to 32s
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    w = minigpt_weights(runs["portable-bpe"])
+    qkv, fc = w["h.1.attn.c_attn.weight"], w["h.1.mlp.c_fc.weight"]
+    for name, ours in (("attn_q", qkv[:32]), ("attn_k", qkv[32:64]), ("attn_v", qkv[64:]),
+                       ("ffn_gate", fc[:96]), ("ffn_up", fc[96:]),
+                       ("attn_q_norm", w["h.1.attn.ln_q.weight"]),
+                       ("attn_k_norm", w["h.1.attn.ln_k.weight"])):
+        assert np.array_equal(tensors[f"blk.1.{name}.weight"].reshape(ours.shape), ours), name
+    assert not any(n.endswith(".bias") for n in tensors)  # no biases in the layout, none written
+    assert len(tensors) == 2 + 11 * 2  # embeddings, final norm, 11 per block
 
 
 def test_char_vocabulary_assembles_multibyte_characters_from_their_own_bytes(runs, exported):
@@ -218,7 +238,9 @@ REFUSED = {  # config.json change -> the words the one line must contain
     "qk-norm-learned": ({"qk_norm": True, "pos_emb": "learned", "activation": "gelu_tanh"},
                         "qk_norm (a per-head LayerNorm of queries and keys) is in no llama.cpp "
                         "architecture with learned positions"),
-    "rmsnorm": ({"norm": "rmsnorm"}, "norm rmsnorm"),
+    "rmsnorm": ({"norm": "rmsnorm"}, "norm rmsnorm is exported as llama.cpp's qwen3, which needs "
+                "the portable layout's switches (this run: activation relu2, qk_norm False, "
+                "qk_norm_weight False, bias True)"),
     "erf-gelu": ({"activation": "gelu", "pos_emb": "learned"}, "activation gelu (the exact, erf"),
     "rope-gelu": ({"activation": "gelu_tanh"}, "pos_emb rope with activation gelu_tanh"),
 }
@@ -236,7 +258,7 @@ def test_layouts_without_an_exact_llama_cpp_architecture_are_refused(runs, tmp_p
     assert proc.returncode == 1 and proc.stdout == ""
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("minigpt: error: cannot export to GGUF: ")
-    assert words in lines[0] and "--arch gpt2, or --arch modern --no-qk-norm" in lines[0]
+    assert words in lines[0] and "--arch portable, --arch gpt2, or --arch modern --no-qk-norm" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
@@ -264,7 +286,7 @@ def test_out_in_a_missing_directory_or_a_directory_is_one_line(runs, tmp_path):
 LOGIT_ATOL = {  # llama.cpp computes in float32 too, in its own order of operations (measured here:
     # 8e-7 for jais2, float32 rounding), but its CPU GELU reads a float16 table (ggml's
     # GGML_GELU_FP16), which costs the gpt2 layout about 4 digits (measured: 1e-4 on logits of ~2.5)
-    "gpt2-bpe": 1e-3, "gpt2-bytes-untied-docs": 1e-3, "modern-char": 1e-5,
+    "gpt2-bpe": 1e-3, "gpt2-bytes-untied-docs": 1e-3, "modern-char": 1e-5, "portable-bpe": 1e-5,
 }
 
 

@@ -3,8 +3,9 @@
 Owns the mapping from minigpt's layouts to llama.cpp architectures (read from llama.cpp's
 src/models/*.cpp, not copied): `gpt2` for the GPT-2 layout, `jais2` for the modern layout without
 QK-norm (LayerNorm with biases, fused QKV, rotary in the rotate-half "neox" convention over the whole
-head, ReLU^2 MLP with biases, optional output matrix). Anything else is refused with one line that
-names the blocking switch. Weights are written as float32 by default, as trained: the file is exact.
+head, ReLU^2 MLP with biases, optional output matrix), `qwen3` for the portable layout (RMSNorm,
+separate q/k/v without biases, per-head RMS q/k norms with weights before neox rotary, SwiGLU as
+ffn_gate/ffn_up/ffn_down). Anything else is refused with one line that names the blocking switch. Weights are written as float32 by default, as trained: the file is exact.
 `outtype` (the names of llama.cpp's convert_hf_to_gguf.py --outtype) stores the matrices as f16, bf16
 or q8_0 instead, by the converter's rules: 1-D tensors and norms stay float32, and a matrix whose rows
 do not divide q8_0's block of 32 values falls back to f16 (the export lists which).
@@ -27,7 +28,7 @@ from .. import checkpoint as ckpt
 from .. import rundir
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from ..model import GPT, ROPE_BASE
+from ..model import GPT, RMS_NORM_EPS, ROPE_BASE
 from ..tokenization import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer
 from ..tokenization.base import BOS, EOS
 from ..tokenization.bpe import _byte_decoder
@@ -39,7 +40,10 @@ ARCHITECTURES = {"gpt2": ("learned", "gelu_tanh"), "jais2": ("rope", "relu2")}
 TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # llama.cpp's token types (gguf.TokenType)
 # GPT-2's printable stand-in of each byte: what byte-level BPE token strings are made of.
 _STAND_IN = {b: c for c, b in _byte_decoder().items()}
-EXPORTABLE = "--arch gpt2, or --arch modern --no-qk-norm"
+EXPORTABLE = "--arch portable, --arch gpt2, or --arch modern --no-qk-norm"
+# what --arch portable is, switch by switch: llama.cpp's qwen3 computes exactly this
+QWEN3 = dict(pos_emb="rope", activation="swiglu", qk_norm=True, qk_norm_weight=True,
+             qk_norm_order="before_rope", bias=False)
 # --outtype -> (how matrices are stored, general.file_type); names and file types as llama.cpp's
 # converter writes them. Held as names so that choosing one needs no `gguf` import.
 OUTTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
@@ -54,6 +58,12 @@ def _refuse(reason: str) -> ConfigError:
 def architecture_for(cfg: ModelConfig) -> str:
     """The llama.cpp architecture that computes exactly what this layout computes, or a refusal
     naming the first switch that no llama.cpp architecture matches."""
+    if cfg.norm == "rmsnorm":
+        off = [f"{k} {getattr(cfg, k)}" for k, v in QWEN3.items() if getattr(cfg, k) != v]
+        if off:  # qwen3 is llama.cpp's RMSNorm architecture that computes this family exactly
+            raise _refuse(f"norm rmsnorm is exported as llama.cpp's qwen3, which needs the portable "
+                          f"layout's switches (this run: {', '.join(off)})")
+        return "qwen3"
     if cfg.norm != "layernorm":
         raise _refuse(f"norm {cfg.norm} has no llama.cpp architecture with this layout's other "
                       "choices")
@@ -162,9 +172,25 @@ def _layer_tensors(state: dict[str, np.ndarray], i: int, cfg: ModelConfig) -> di
         f"blk.{i}.ffn_norm.weight": get("ln_2.weight"),
         f"blk.{i}.ffn_norm.bias": get("ln_2.bias", e),
         f"blk.{i}.ffn_up.weight": get("mlp.c_fc.weight"),
-        f"blk.{i}.ffn_up.bias": get("mlp.c_fc.bias", 4 * e),
+        f"blk.{i}.ffn_up.bias": get("mlp.c_fc.bias", cfg.mlp_hidden),
         f"blk.{i}.ffn_down.weight": get("mlp.c_proj.weight"),
         f"blk.{i}.ffn_down.bias": get("mlp.c_proj.bias", e),
+    }
+
+
+def _qwen3_layer(state: dict[str, np.ndarray], i: int, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    h, b, H = f"h.{i}", f"blk.{i}", cfg.mlp_hidden
+    q, k, v = np.split(state[f"{h}.attn.c_attn.weight"], 3)  # rows: all queries, keys, values
+    gate, up = np.split(state[f"{h}.mlp.c_fc.weight"], [H])  # SwiGLU: the gate's rows, then up's
+    return {
+        f"{b}.attn_norm.weight": state[f"{h}.ln_1.weight"],
+        f"{b}.attn_q.weight": q, f"{b}.attn_k.weight": k, f"{b}.attn_v.weight": v,
+        f"{b}.attn_q_norm.weight": state[f"{h}.attn.ln_q.weight"],
+        f"{b}.attn_k_norm.weight": state[f"{h}.attn.ln_k.weight"],
+        f"{b}.attn_output.weight": state[f"{h}.attn.c_proj.weight"],
+        f"{b}.ffn_norm.weight": state[f"{h}.ln_2.weight"],
+        f"{b}.ffn_gate.weight": gate, f"{b}.ffn_up.weight": up,
+        f"{b}.ffn_down.weight": state[f"{h}.mlp.c_proj.weight"],
     }
 
 
@@ -176,11 +202,13 @@ def gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
     out = {"token_embd.weight": state["wte.weight"]}
     if cfg.pos_emb == "learned":
         out["position_embd.weight"] = state["wpe.weight"]
+    rms = cfg.norm == "rmsnorm"  # qwen3: no biases anywhere
     for i in range(cfg.n_layer):
-        out.update(_layer_tensors(state, i, cfg))
+        out.update(_qwen3_layer(state, i, cfg) if rms else _layer_tensors(state, i, cfg))
     out["output_norm.weight"] = state["ln_f.weight"]
-    out["output_norm.bias"] = state.get("ln_f.bias", np.zeros(cfg.n_embd, np.float32))
-    if not cfg.tie_embeddings:  # a tied head: both architectures reuse token_embd when absent
+    if not rms:
+        out["output_norm.bias"] = state.get("ln_f.bias", np.zeros(cfg.n_embd, np.float32))
+    if not cfg.tie_embeddings:  # a tied head: every architecture here reuses token_embd when absent
         out["output.weight"] = state["lm_head.weight"]
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
@@ -221,12 +249,17 @@ def _write_metadata(writer: Any, arch: str, cfg: ModelConfig, tok: Tokenizer, bo
     writer.add_file_type(gguf.LlamaFileType[OUTTYPES[outtype][1]])
     writer.add_context_length(cfg.block_size)
     writer.add_embedding_length(cfg.n_embd)
-    writer.add_feed_forward_length(4 * cfg.n_embd)
+    writer.add_feed_forward_length(cfg.mlp_hidden)
     writer.add_block_count(cfg.n_layer)
     writer.add_head_count(cfg.n_head)
     writer.add_head_count_kv(cfg.n_head)
-    writer.add_layer_norm_eps(LAYERNORM_EPS)
-    if arch == "jais2":
+    if arch == "qwen3":  # one eps for the layers' norms and the per-head q/k norms, as minigpt's
+        writer.add_layer_norm_rms_eps(RMS_NORM_EPS)
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+    else:
+        writer.add_layer_norm_eps(LAYERNORM_EPS)
+    if arch in ("jais2", "qwen3"):
         writer.add_rope_dimension_count(cfg.head_dim)  # the whole head is rotated
         writer.add_rope_freq_base(ROPE_BASE)
     tokens, types, merges = gguf_vocab(tok)
