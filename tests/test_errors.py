@@ -221,9 +221,14 @@ CASES = [
          "train --data corpus.txt --out new-run --init-from ./nowhere",
          "minigpt: error: --init-from ./nowhere: no such directory"),
     Case("init-from-other-architecture", "--init-from: a Hugging Face directory of another architecture",
-         "train --data corpus.txt --out new-run --init-from llama-model",
-         "minigpt: error: llama-model holds a 'llama' model; --init-from reads GPT-2 format "
-         "(config.json model_type gpt2) or minigpt runs"),
+         "train --data corpus.txt --out new-run --init-from mamba-model",
+         "minigpt: error: mamba-model holds a 'mamba' model; --init-from reads GPT-2, GPT-NeoX, "
+         "Llama, Persimmon and Qwen3 directories (config.json model_type gpt2, gpt_neox, llama, "
+         "persimmon, qwen3) or minigpt runs"),
+    Case("init-from-grouped-kv", "--init-from: a Qwen3 directory with grouped KV heads, which "
+         "minigpt does not build", "train --data corpus.txt --out new-run --init-from qwen3-gqa",
+         "minigpt: error: qwen3-gqa: num_key_value_heads 1 (minigpt builds 2 for this layout); "
+         "--init-from reads only what minigpt computes exactly"),
     Case("init-from-untied", "--init-from: a GPT-2 with an untied LM head",
          "train --data corpus.txt --out new-run --init-from gpt2-untied",
          "minigpt: error: gpt2-untied: GPT-2 with tie_word_embeddings=False is not supported "
@@ -475,7 +480,10 @@ def make_foreign_models(ws: Path, corpus: str) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     gpt2 = {"model_type": "gpt2", "vocab_size": tok.get_vocab_size(), "n_positions": 16,
             "n_embd": 32, "n_layer": 2, "n_head": 2}
-    dirs = {"llama-model": {"model_type": "llama"}, "gpt2-pickle": gpt2,
+    qwen3_gqa = {"model_type": "qwen3", "vocab_size": 67, "hidden_size": 32, "num_hidden_layers": 2,
+                 "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                 "intermediate_size": 96, "max_position_embeddings": 32}
+    dirs = {"mamba-model": {"model_type": "mamba"}, "qwen3-gqa": qwen3_gqa, "gpt2-pickle": gpt2,
             "gpt2-untied": {**gpt2, "tie_word_embeddings": False}, "gpt2-no-tokenizer": gpt2}
     for name, hf_config in dirs.items():
         (ws / name).mkdir()
