@@ -208,8 +208,9 @@ class TrainConfig:
     backend: str = option("torch", "torch, or reference: the NumPy GPT with a hand-written backward "
                           "(CPU, GPT-2 layout)", BACKENDS)
     init_from: str | None = option(None, "start from existing weights: a minigpt run directory, a "
-                                   "Hugging Face GPT-2 directory, or a Hub name such as gpt2; the "
-                                   "model and tokenizer come from it (docs/finetune.md)")
+                                   "Hugging Face GPT-2, GPT-NeoX, Llama, Persimmon or Qwen3 "
+                                   "directory, or a Hub name such as gpt2; the model and tokenizer "
+                                   "come from it (docs/finetune.md)")
     init_checkpoint: str | None = option(None, "which checkpoint of an --init-from run: best | last "
                                          "| a step number", shown="best")
     # what --init-from resolved to, recorded so a run says which weights it started from
