@@ -64,6 +64,10 @@ VARIANTS: dict[str, dict] = {
     "warmup 100": {**RECIPE, "warmup_iters": 100},
     "Muon lr 0.005": {**RECIPE, "muon_lr": 0.005},
     "Muon lr 0.02": {**RECIPE, "muon_lr": 0.02},
+    # Qwen3's layout, which llama.cpp and transformers both compute (issue 21): the default's
+    # candidate, two seeds against the recipe's two
+    "portable layout (arch portable)": {**RECIPE, "arch": "portable"},
+    "portable layout seed 2": {**RECIPE, "arch": "portable", "seed": 2},
 }
 
 

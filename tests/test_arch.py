@@ -29,6 +29,10 @@ VARIANTS = {
     "modern+qk_norm_before_rope": dict(arch="modern", qk_norm_order="before_rope"),
     "modern+rmsnorm+qk_norm_before_rope": dict(arch="modern", norm="rmsnorm",
                                                qk_norm_order="before_rope"),
+    "portable": dict(arch="portable"),
+    "gpt2+swiglu": dict(arch="gpt2", activation="swiglu"),
+    "modern+qk_norm_weight": dict(arch="modern", qk_norm_weight=True),
+    "portable+qk_norm_after_rope": dict(arch="portable", qk_norm_order="after_rope"),
 }
 GPT2_NAMES = {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "lm_head.weight"} | {
     f"h.{i}.{name}"
@@ -180,7 +184,7 @@ def test_config_json_without_qk_norm_order_keeps_the_order_it_was_trained_with(m
 
 @pytest.mark.parametrize("bad, message", [
     (dict(qk_norm_order="middle"), "qk-norm-order must be one of"),
-    (dict(arch="llama"), "--arch must be one of gpt2, modern; got .llama."),
+    (dict(arch="llama"), "--arch must be one of gpt2, modern, portable; got .llama."),
     (dict(norm="batchnorm"), "norm must be one of"),
     (dict(activation="swish"), "activation must be one of"),
     (dict(pos_emb="rope", n_embd=12, n_head=4), "even head size"),

@@ -225,9 +225,14 @@ CASES = [
          "train --data corpus.txt --out new-run --init-from ./nowhere",
          "minigpt: error: --init-from ./nowhere: no such directory"),
     Case("init-from-other-architecture", "--init-from: a Hugging Face directory of another architecture",
-         "train --data corpus.txt --out new-run --init-from llama-model",
-         "minigpt: error: llama-model holds a 'llama' model; --init-from reads GPT-2 format "
-         "(config.json model_type gpt2) or minigpt runs"),
+         "train --data corpus.txt --out new-run --init-from mamba-model",
+         "minigpt: error: mamba-model holds a 'mamba' model; --init-from reads GPT-2, GPT-NeoX, "
+         "Llama, Persimmon and Qwen3 directories (config.json model_type gpt2, gpt_neox, llama, "
+         "persimmon, qwen3) or minigpt runs"),
+    Case("init-from-grouped-kv", "--init-from: a Qwen3 directory with grouped KV heads, which "
+         "minigpt does not build", "train --data corpus.txt --out new-run --init-from qwen3-gqa",
+         "minigpt: error: qwen3-gqa: num_key_value_heads 1 (minigpt builds 2 for this layout); "
+         "--init-from reads only what minigpt computes exactly"),
     Case("init-from-untied", "--init-from: a GPT-2 with an untied LM head",
          "train --data corpus.txt --out new-run --init-from gpt2-untied",
          "minigpt: error: gpt2-untied: GPT-2 with tie_word_embeddings=False is not supported "
@@ -321,13 +326,14 @@ CASES = [
          "export run --to gguf --out run.gguf",
          "minigpt: error: cannot export to GGUF: qk_norm before rotary (--qk-norm-order before_rope) "
          "is Persimmon's order, and llama.cpp removed its Persimmon architecture (--to hf exports "
-         "this run as Persimmon); runs trained with --arch gpt2, or --arch modern --no-qk-norm "
-         "export exactly"),
+         "this run as Persimmon); runs trained with --arch portable, --arch gpt2, or --arch modern "
+         "--no-qk-norm export exactly"),
     Case("export-gguf-qk-norm-after-rope", "GGUF export of QK-norm after rotary (every run made "
          "before --qk-norm-order existed)", "export run-after-rope --to gguf --out run.gguf",
          "minigpt: error: cannot export to GGUF: qk_norm after rotary (--qk-norm-order after_rope) "
          "is a LayerNorm of the rotated queries and keys, which no llama.cpp architecture computes; "
-         "runs trained with --arch gpt2, or --arch modern --no-qk-norm export exactly"),
+         "runs trained with --arch portable, --arch gpt2, or --arch modern --no-qk-norm export "
+         "exactly"),
     Case("export-out-exists", "an export --out that already exists",
          "export run-no-qk --to gguf --out corpus.txt",
          "minigpt: error: --out corpus.txt already exists; pass --overwrite to replace it"),
@@ -337,6 +343,11 @@ CASES = [
     Case("export-missing-step", "an export of a checkpoint step that does not exist",
          "export run-no-qk --to gguf --out m.gguf --checkpoint 999",
          "minigpt: error: run-no-qk has no checkpoint at step 999"),
+    Case("export-gguf-outtype", "a GGUF --outtype llama.cpp's converter has but minigpt does not write",
+         "export run-no-qk --to gguf --out m.gguf --outtype q4_k",
+         "minigpt: error: unknown GGUF --outtype 'q4_k'; choose from f32, f16, bf16, q8_0"),
+    Case("export-hf-outtype", "--outtype with --to hf", "export run-gpt2 --to hf --out hf-model "
+         "--outtype f16", "minigpt: error: --outtype applies to --to gguf only; --to hf writes float32"),
 ]
 
 
@@ -473,7 +484,10 @@ def make_foreign_models(ws: Path, corpus: str) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     gpt2 = {"model_type": "gpt2", "vocab_size": tok.get_vocab_size(), "n_positions": 16,
             "n_embd": 32, "n_layer": 2, "n_head": 2}
-    dirs = {"llama-model": {"model_type": "llama"}, "gpt2-pickle": gpt2,
+    qwen3_gqa = {"model_type": "qwen3", "vocab_size": 67, "hidden_size": 32, "num_hidden_layers": 2,
+                 "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                 "intermediate_size": 96, "max_position_embeddings": 32}
+    dirs = {"mamba-model": {"model_type": "mamba"}, "qwen3-gqa": qwen3_gqa, "gpt2-pickle": gpt2,
             "gpt2-untied": {**gpt2, "tie_word_embeddings": False}, "gpt2-no-tokenizer": gpt2}
     for name, hf_config in dirs.items():
         (ws / name).mkdir()

@@ -58,6 +58,12 @@ EXPORTABLE = [
     ("modern-qk-norm-before-rope-no-bias-untied-gelu",
      dict(arch="modern", qk_norm_order="before_rope", bias=False, tie_embeddings=False,
           activation="gelu_tanh"), "PersimmonForCausalLM"),
+    ("modern-qk-norm-weight", dict(arch="modern", qk_norm_weight=True), "PersimmonForCausalLM"),
+    ("portable", dict(arch="portable"), "Qwen3ForCausalLM"),
+    ("portable-untied", dict(arch="portable", tie_embeddings=False), "Qwen3ForCausalLM"),
+    ("portable-no-qk-norm", dict(arch="portable", qk_norm=False), "LlamaForCausalLM"),
+    ("portable-no-qk-norm-bias", dict(arch="portable", qk_norm=False, bias=True),
+     "LlamaForCausalLM"),
 ]
 # layouts refused: (id, switches, the text the one line names)
 REFUSED = [
@@ -68,6 +74,14 @@ REFUSED = [
      "--qk-norm is an RMS norm"),
     ("gpt2-qk-norm", dict(arch="gpt2", qk_norm=True), "learned position embeddings normalises"),
     ("gpt2-rmsnorm", dict(arch="gpt2", norm="rmsnorm"), "has no RMSNorm (--norm rmsnorm)"),
+    ("portable-after-rope", dict(arch="portable", qk_norm_order="after_rope"),
+     "Qwen3 applies its QK-norm gains before the rotary rotation"),
+    ("portable-relu2", dict(arch="portable", activation="relu2"),
+     "has a SwiGLU MLP without biases (this run: --activation relu2, bias False)"),
+    ("portable-bias", dict(arch="portable", bias=True), "bias True"),
+    ("modern-swiglu", dict(arch="modern", activation="swiglu"), "Persimmon, the transformers "
+     "architecture with a per-head QK LayerNorm, has no gated MLP"),
+    ("gpt2-swiglu", dict(arch="gpt2", activation="swiglu"), "have no gated MLP"),
 ]
 
 
@@ -166,7 +180,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     ws = tmp_path_factory.mktemp("trained")
     (ws / "corpus.txt").write_text(CORPUS, encoding="utf-8")
     runs = {"gpt2": "--arch gpt2 --optimizer adamw", "modern": "--no-qk-norm --docs blank",
-            "persimmon": ""}  # the default layout
+            "persimmon": "", "qwen3": "--arch portable"}  # persimmon: the default layout
     for name, flags in runs.items():
         cmd = f"train --data corpus.txt --out {name} {TRAIN} {flags}"
         assert cli_harness.run(shlex.split(cmd), ws).rc == 0
@@ -176,7 +190,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     return {name: ws / name for name in runs}
 
 
-@pytest.mark.parametrize("name", ["gpt2", "modern", "persimmon"])
+@pytest.mark.parametrize("name", ["gpt2", "modern", "persimmon", "qwen3"])
 def test_greedy_generate_equals_the_engine(trained, transformers, name):
     run = trained[name]
     engine = load(run, device="cpu")
@@ -211,7 +225,7 @@ def test_model_card_reports_the_run(trained):
     assert "minigpt export gpt2 --to hf --out gpt2-hf --checkpoint best" in card
 
 
-@pytest.mark.parametrize("name", ["gpt2", "modern", "persimmon"])
+@pytest.mark.parametrize("name", ["gpt2", "modern", "persimmon", "qwen3"])
 def test_the_cards_train_command_rebuilds_the_runs_config(trained, name):
     mcfg, tcfg = rundir.read_config(trained[name])
     argv = shlex.split(train_command(mcfg, tcfg))

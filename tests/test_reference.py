@@ -210,6 +210,15 @@ def test_qk_norm_in_either_order_is_refused(layout):
 def test_qk_norm_order_without_qk_norm_is_not_a_refusal():
     """The order of a norm that is off changes nothing: the GPT-2 layout stays the reference's."""
     R.check_supported(ModelConfig(**{**TINY, "arch": "gpt2", "qk_norm_order": "before_rope"}))
+    R.check_supported(ModelConfig(**{**TINY, "arch": "gpt2", "qk_norm_weight": True}))
+
+
+def test_portable_layout_is_refused_naming_its_switches():
+    with pytest.raises(ConfigError, match="GPT-2 layout only \\(got pos-emb rope, norm rmsnorm, "
+                                          "activation swiglu, qk-norm True\\)"):
+        R.check_supported(ModelConfig(**{**TINY, "arch": "portable"}))
+    with pytest.raises(ConfigError, match="activation swiglu"):
+        R.check_supported(ModelConfig(**{**TINY, "arch": "gpt2", "activation": "swiglu"}))
 
 
 def test_state_dict_round_trip_and_mismatch():

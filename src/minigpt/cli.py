@@ -234,8 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--to", required=True, choices=tuple(EXPORTERS),
                    help="hf: a directory AutoModelForCausalLM / AutoTokenizer load, no custom code; "
-                        "gguf: FILE.gguf for llama.cpp, Ollama, LM Studio (float32, exact)")
+                        "gguf: FILE.gguf for llama.cpp, Ollama, LM Studio")
     p.add_argument("--out", required=True, help="the directory (hf) or file (gguf) to write")
+    # checked by export_gguf, not argparse: an unknown name is then one line, as from the API
+    p.add_argument("--outtype", default=None, metavar="TYPE",
+                   help="gguf only: how matrices are stored, f32 (exact) | f16 | bf16 | q8_0 "
+                        "(llama.cpp's converter's names; norms stay f32)")
     _add_load_flags(p, "checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     p.set_defaults(func=cmd_export)
@@ -455,6 +459,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _export_hf(args: argparse.Namespace) -> str:
     from .interop.hf import export_hf
 
+    if args.outtype is not None:
+        raise ConfigError("--outtype applies to --to gguf only; --to hf writes float32")
     s = export_hf(args.run_dir, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
     return (f"exported {s['run_dir']} step {s['step']} as a {s['architecture']} "
             f"({s['params']:,} parameters, {s['tokenizer']} tokenizer) to {s['out']}; load it with "
@@ -464,9 +470,13 @@ def _export_hf(args: argparse.Namespace) -> str:
 def _export_gguf(args: argparse.Namespace) -> str:
     from .interop.gguf import export_gguf
 
-    s = export_gguf(args.run_dir, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
-    return (f"wrote {s['path']}: gguf ({s['architecture']}), step {s['step']}, {s['tokenizer']} "
-            f"tokenizer, {s['bytes']:,} bytes; llama.cpp, Ollama and LM Studio load it")
+    s = export_gguf(args.run_dir, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite,
+                    outtype=args.outtype or "f32")
+    kept = (f"; kept at f16 (rows not a multiple of 32): {', '.join(s['kept_f16'])}"
+            if s["kept_f16"] else "")
+    return (f"wrote {s['path']}: gguf ({s['architecture']}, {s['outtype']}), step {s['step']}, "
+            f"{s['tokenizer']} tokenizer, {s['bytes']:,} bytes; llama.cpp, Ollama and LM Studio "
+            f"load it{kept}")
 
 
 # --to FORMAT -> the function that writes it and returns the line to print

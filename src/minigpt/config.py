@@ -32,12 +32,22 @@ else:  # pragma: no cover
 # measured too and lost at this size (docs/speed.md), so they are switches only. Its QK-norm comes
 # before the rotation (Persimmon's order: exports exactly), which trained as well as the order
 # minigpt had before (docs/speed.md); runs made before then keep theirs (OLD_RUN_SWITCHES).
+# "portable" is Qwen3's layout, which both transformers (Qwen3ForCausalLM) and llama.cpp (qwen3)
+# compute exactly: RMSNorm, a per-head RMS QK-norm with learnt gains before rotary, SwiGLU, no
+# biases, tied embeddings. It is one flag (--arch portable); the default stays "modern" until it
+# wins at equal wall-clock (docs/speed.md).
 ARCHS: dict[str, dict[str, Any]] = {
     "gpt2": dict(pos_emb="learned", norm="layernorm", activation="gelu_tanh", qk_norm=False,
-                 qk_norm_order="after_rope", tie_embeddings=True, bias=True),
+                 qk_norm_order="after_rope", qk_norm_weight=False, tie_embeddings=True, bias=True),
     "modern": dict(pos_emb="rope", norm="layernorm", activation="relu2", qk_norm=True,
-                   qk_norm_order="before_rope", tie_embeddings=True, bias=True),
+                   qk_norm_order="before_rope", qk_norm_weight=False, tie_embeddings=True,
+                   bias=True),
+    "portable": dict(pos_emb="rope", norm="rmsnorm", activation="swiglu", qk_norm=True,
+                     qk_norm_order="before_rope", qk_norm_weight=True, tie_embeddings=True,
+                     bias=False),
 }
+# SwiGLU's hidden width is a multiple of this: q8_0's block (GGUF), so every row quantises
+SWIGLU_MULTIPLE = 32
 # What a config.json that lacks a switch was built with: runs written before qk_norm_order existed
 # normalised queries and keys after the rotary rotation, whatever their arch says today.
 OLD_RUN_SWITCHES: dict[str, Any] = {"qk_norm_order": "after_rope"}
@@ -52,7 +62,7 @@ RENAMED_KEYS = {"engine": "backend"}
 LAYOUT_CHOICES = {
     "pos_emb": ("learned", "rope"),
     "norm": ("layernorm", "rmsnorm"),
-    "activation": ("gelu_tanh", "gelu", "relu2"),
+    "activation": ("gelu_tanh", "gelu", "relu2", "swiglu"),
     "qk_norm_order": ("after_rope", "before_rope"),
 }
 
@@ -98,9 +108,12 @@ class ModelConfig:
                                  "parameters)", LAYOUT_CHOICES["pos_emb"])
     norm: str | None = option(None, "normalisation layer", LAYOUT_CHOICES["norm"])
     activation: str | None = option(None, "MLP activation: gelu_tanh (GPT-2), gelu (exact), relu2 "
-                                    "(ReLU squared)", LAYOUT_CHOICES["activation"])
-    qk_norm: bool | None = option(None, "normalise queries and keys per head, without weights, "
-                                  "with the model's norm")
+                                    "(ReLU squared), swiglu (gated: silu(gate) * up, ~8/3 n-embd "
+                                    "wide)", LAYOUT_CHOICES["activation"])
+    qk_norm: bool | None = option(None, "normalise queries and keys per head with the model's norm")
+    qk_norm_weight: bool | None = option(None, "QK-norm with a learnt gain per head dimension for "
+                                         "queries and one for keys, at the layers' epsilon "
+                                         "(Qwen3's q_norm / k_norm); without: no weights")
     qk_norm_order: str | None = option(None, "where QK-norm sits: after_rope (normalise rotated "
                                        "queries and keys) or before_rope (normalise, then rotate: "
                                        "Persimmon's order, exportable)",
@@ -130,6 +143,14 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The MLP's hidden width: 4 n_embd, or for SwiGLU's three matrices about the same
+        parameters (8/3 n_embd), rounded up to a multiple of SWIGLU_MULTIPLE."""
+        if self.activation != "swiglu":
+            return 4 * self.n_embd
+        return -(-8 * self.n_embd // (3 * SWIGLU_MULTIPLE)) * SWIGLU_MULTIPLE
 
 
 @dataclass
@@ -187,8 +208,9 @@ class TrainConfig:
     backend: str = option("torch", "torch, or reference: the NumPy GPT with a hand-written backward "
                           "(CPU, GPT-2 layout)", BACKENDS)
     init_from: str | None = option(None, "start from existing weights: a minigpt run directory, a "
-                                   "Hugging Face GPT-2 directory, or a Hub name such as gpt2; the "
-                                   "model and tokenizer come from it (docs/finetune.md)")
+                                   "Hugging Face GPT-2, GPT-NeoX, Llama, Persimmon or Qwen3 "
+                                   "directory, or a Hub name such as gpt2; the model and tokenizer "
+                                   "come from it (docs/finetune.md)")
     init_checkpoint: str | None = option(None, "which checkpoint of an --init-from run: best | last "
                                          "| a step number", shown="best")
     # what --init-from resolved to, recorded so a run says which weights it started from

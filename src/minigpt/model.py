@@ -5,7 +5,9 @@ ModelConfig's switches pick the layout, and this file is where they are read. `a
 GPT-2's: learned position embeddings (wpe), LayerNorm, tanh-GELU, biases, LM head tied to wte.
 `arch="modern"`: rotary position embeddings, ReLU^2 MLP, QK-norm (queries and keys normalised per
 head with the model's norm, before the rotary rotation: qk_norm_order before_rope; after_rope, the
-order of runs made before the switch existed, normalises the rotated ones). Parameter names follow
+order of runs made before the switch existed, normalises the rotated ones). `arch="portable"`:
+Qwen3's layout, RMSNorm, SwiGLU MLP, no biases, and a QK-norm with learnt per-dimension gains
+(attn.ln_q, attn.ln_k; qk_norm_weight) before rotary. Parameter names follow
 GPT-2 in every layout (wte, wpe, h, ln_f, lm_head; c_attn, c_proj, c_fc) so checkpoints read like
 the papers and other tools; a layout only adds or drops tensors, it never renames one.
 
@@ -72,6 +74,19 @@ def norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
     return F.layer_norm(x, shape, weight, bias, LAYER_NORM_EPS)
 
 
+def qk_norm(qk: torch.Tensor, gain: torch.Tensor | None, rms: bool) -> torch.Tensor:
+    """Queries and keys, stacked (2, B, H, T, D), normalised per head. Without a gain: the model's
+    norm without weights (RMS at torch's default eps, as runs have always been trained). With one,
+    (2, 1, 1, 1, D) = q's and k's: the norm at the layers' eps, then times the gain (Qwen3's q_norm
+    and k_norm compute x / sqrt(mean(x^2) + eps) * weight)."""
+    if gain is None:
+        return norm(qk, None, None, rms)
+    shape = (qk.size(-1),)
+    if rms:
+        return F.rms_norm(qk, shape, None, RMS_NORM_EPS) * gain
+    return F.layer_norm(qk, shape, None, None, LAYER_NORM_EPS) * gain
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(cfg.n_embd, eps=RMS_NORM_EPS)
@@ -98,13 +113,24 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in that order
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        if cfg.qk_norm and cfg.qk_norm_weight:  # gains of the per-head QK-norm, shared by the heads
+            self.ln_q = nn.RMSNorm(cfg.head_dim)
+            self.ln_k = nn.RMSNorm(cfg.head_dim)
+
+    def qk_gain(self) -> torch.Tensor | None:
+        """The QK-norm's gains as one (2, 1, 1, 1, head_dim) tensor for `qk_norm`, or None."""
+        if not hasattr(self, "ln_q"):
+            return None
+        return torch.stack((self.ln_q.weight, self.ln_k.weight)).view(2, 1, 1, 1, -1)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        # SwiGLU: c_fc's rows are the gate's, then up's (one matrix: one matmul)
+        wide = 2 * cfg.mlp_hidden if cfg.activation == "swiglu" else cfg.mlp_hidden
+        self.c_fc = nn.Linear(cfg.n_embd, wide, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
 
 
 class Block(nn.Module):
@@ -120,7 +146,7 @@ class Block(nn.Module):
         a, m = self.attn, self.mlp
         return (self.ln_1.weight, getattr(self.ln_1, "bias", None), a.c_attn.weight, a.c_attn.bias,
                 a.c_proj.weight, a.c_proj.bias, self.ln_2.weight, getattr(self.ln_2, "bias", None),
-                m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias)
+                m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias, a.qk_gain())
 
 
 def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -245,17 +271,17 @@ class GPT(nn.Module):
                cache: KVCache | None, attention: list[torch.Tensor] | None, dropout: float
                ) -> torch.Tensor:
         """Block i: x + attention(ln_1(x)), then + MLP(ln_2(x)); x (B * T, C)."""
-        w1, b1, wa, ba, wp, bp, w2, b2, wf, bf, wo, bo = tensors
+        w1, b1, wa, ba, wp, bp, w2, b2, wf, bf, wo, bo, gain = tensors
         qkv = F.linear(norm(x, w1, b1, self._rms), wa, ba)
         qkv = qkv.view(B, T, 3, self.config.n_head, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         # split, not indexing: its backward is one concatenation instead of zero-filled copies
         qk, v = qkv.split_with_sizes((2, 1))  # queries and keys together: one set of operations
         if self._qk_norm_first:  # qk_norm_order before_rope: a norm does not commute with a rotation
-            qk = norm(qk, None, None, self._rms)
+            qk = qk_norm(qk, gain, self._rms)
         if rope is not None:
             qk = apply_rotary(qk, *rope)
         if self._qk_norm and not self._qk_norm_first:
-            qk = norm(qk, None, None, self._rms)
+            qk = qk_norm(qk, gain, self._rms)
         q, k = qk.unbind(0)
         v = v.squeeze(0)
         if cache is not None:
@@ -271,6 +297,9 @@ class GPT(nn.Module):
         if self.config.activation == "relu2":
             # in place where no graph is recorded: two allocations fewer per decoded token
             h = F.relu(h).square() if torch.is_grad_enabled() else h.relu_().square_()
+        elif self.config.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
         elif self.config.activation == "gelu":
             h = F.gelu(h)
         else:

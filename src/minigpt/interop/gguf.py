@@ -3,9 +3,12 @@
 Owns the mapping from minigpt's layouts to llama.cpp architectures (read from llama.cpp's
 src/models/*.cpp, not copied): `gpt2` for the GPT-2 layout, `jais2` for the modern layout without
 QK-norm (LayerNorm with biases, fused QKV, rotary in the rotate-half "neox" convention over the whole
-head, ReLU^2 MLP with biases, optional output matrix). Anything else is refused with one line that
-names the blocking switch. Weights are written as float32, as trained: the file is exact, not
-quantised (llama.cpp's own `llama-quantize` can shrink it afterwards).
+head, ReLU^2 MLP with biases, optional output matrix), `qwen3` for the portable layout (RMSNorm,
+separate q/k/v without biases, per-head RMS q/k norms with weights before neox rotary, SwiGLU as
+ffn_gate/ffn_up/ffn_down). Anything else is refused with one line that names the blocking switch. Weights are written as float32 by default, as trained: the file is exact.
+`outtype` (the names of llama.cpp's convert_hf_to_gguf.py --outtype) stores the matrices as f16, bf16
+or q8_0 instead, by the converter's rules: 1-D tensors and norms stay float32, and a matrix whose rows
+do not divide q8_0's block of 32 values falls back to f16 (the export lists which).
 
 The tokenizer is written in GGUF's own form (tokenizer.ggml.*) as a GPT-2 style byte-level BPE, which
 llama.cpp tokenizes the way minigpt does for every kind: `bpe` is that already; `bytes` is the 256
@@ -25,7 +28,7 @@ from .. import checkpoint as ckpt
 from .. import rundir
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from ..model import GPT, ROPE_BASE
+from ..model import GPT, RMS_NORM_EPS, ROPE_BASE
 from ..tokenization import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer
 from ..tokenization.base import BOS, EOS
 from ..tokenization.bpe import _byte_decoder
@@ -37,7 +40,14 @@ ARCHITECTURES = {"gpt2": ("learned", "gelu_tanh"), "jais2": ("rope", "relu2")}
 TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # llama.cpp's token types (gguf.TokenType)
 # GPT-2's printable stand-in of each byte: what byte-level BPE token strings are made of.
 _STAND_IN = {b: c for c, b in _byte_decoder().items()}
-EXPORTABLE = "--arch gpt2, or --arch modern --no-qk-norm"
+EXPORTABLE = "--arch portable, --arch gpt2, or --arch modern --no-qk-norm"
+# what --arch portable is, switch by switch: llama.cpp's qwen3 computes exactly this
+QWEN3 = dict(pos_emb="rope", activation="swiglu", qk_norm=True, qk_norm_weight=True,
+             qk_norm_order="before_rope", bias=False)
+# --outtype -> (how matrices are stored, general.file_type); names and file types as llama.cpp's
+# converter writes them. Held as names so that choosing one needs no `gguf` import.
+OUTTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+            "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
 
 
 def _refuse(reason: str) -> ConfigError:
@@ -48,6 +58,12 @@ def _refuse(reason: str) -> ConfigError:
 def architecture_for(cfg: ModelConfig) -> str:
     """The llama.cpp architecture that computes exactly what this layout computes, or a refusal
     naming the first switch that no llama.cpp architecture matches."""
+    if cfg.norm == "rmsnorm":
+        off = [f"{k} {getattr(cfg, k)}" for k, v in QWEN3.items() if getattr(cfg, k) != v]
+        if off:  # qwen3 is llama.cpp's RMSNorm architecture that computes this family exactly
+            raise _refuse(f"norm rmsnorm is exported as llama.cpp's qwen3, which needs the portable "
+                          f"layout's switches (this run: {', '.join(off)})")
+        return "qwen3"
     if cfg.norm != "layernorm":
         raise _refuse(f"norm {cfg.norm} has no llama.cpp architecture with this layout's other "
                       "choices")
@@ -156,9 +172,25 @@ def _layer_tensors(state: dict[str, np.ndarray], i: int, cfg: ModelConfig) -> di
         f"blk.{i}.ffn_norm.weight": get("ln_2.weight"),
         f"blk.{i}.ffn_norm.bias": get("ln_2.bias", e),
         f"blk.{i}.ffn_up.weight": get("mlp.c_fc.weight"),
-        f"blk.{i}.ffn_up.bias": get("mlp.c_fc.bias", 4 * e),
+        f"blk.{i}.ffn_up.bias": get("mlp.c_fc.bias", cfg.mlp_hidden),
         f"blk.{i}.ffn_down.weight": get("mlp.c_proj.weight"),
         f"blk.{i}.ffn_down.bias": get("mlp.c_proj.bias", e),
+    }
+
+
+def _qwen3_layer(state: dict[str, np.ndarray], i: int, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    h, b, H = f"h.{i}", f"blk.{i}", cfg.mlp_hidden
+    q, k, v = np.split(state[f"{h}.attn.c_attn.weight"], 3)  # rows: all queries, keys, values
+    gate, up = np.split(state[f"{h}.mlp.c_fc.weight"], [H])  # SwiGLU: the gate's rows, then up's
+    return {
+        f"{b}.attn_norm.weight": state[f"{h}.ln_1.weight"],
+        f"{b}.attn_q.weight": q, f"{b}.attn_k.weight": k, f"{b}.attn_v.weight": v,
+        f"{b}.attn_q_norm.weight": state[f"{h}.attn.ln_q.weight"],
+        f"{b}.attn_k_norm.weight": state[f"{h}.attn.ln_k.weight"],
+        f"{b}.attn_output.weight": state[f"{h}.attn.c_proj.weight"],
+        f"{b}.ffn_norm.weight": state[f"{h}.ln_2.weight"],
+        f"{b}.ffn_gate.weight": gate, f"{b}.ffn_up.weight": up,
+        f"{b}.ffn_down.weight": state[f"{h}.mlp.c_proj.weight"],
     }
 
 
@@ -170,32 +202,64 @@ def gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
     out = {"token_embd.weight": state["wte.weight"]}
     if cfg.pos_emb == "learned":
         out["position_embd.weight"] = state["wpe.weight"]
+    rms = cfg.norm == "rmsnorm"  # qwen3: no biases anywhere
     for i in range(cfg.n_layer):
-        out.update(_layer_tensors(state, i, cfg))
+        out.update(_qwen3_layer(state, i, cfg) if rms else _layer_tensors(state, i, cfg))
     out["output_norm.weight"] = state["ln_f.weight"]
-    out["output_norm.bias"] = state.get("ln_f.bias", np.zeros(cfg.n_embd, np.float32))
-    if not cfg.tie_embeddings:  # a tied head: both architectures reuse token_embd when absent
+    if not rms:
+        out["output_norm.bias"] = state.get("ln_f.bias", np.zeros(cfg.n_embd, np.float32))
+    if not cfg.tie_embeddings:  # a tied head: every architecture here reuses token_embd when absent
         out["output.weight"] = state["lm_head.weight"]
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def check_outtype(outtype: str) -> None:
+    if outtype not in OUTTYPES:
+        raise ConfigError(f"unknown GGUF --outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
+
+
+def stored_types(tensors: dict[str, np.ndarray], outtype: str) -> tuple[dict[str, Any], list[str]]:
+    """(tensor name -> GGMLQuantizationType it is stored as, the matrices kept at f16 because their
+    rows do not divide the quantisation block). As llama.cpp's converter: 1-D tensors and norms stay
+    float32 (they are tiny, and llama.cpp computes norms in float32 anyway)."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[OUTTYPES[outtype][0]]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    types, kept = {}, []
+    for name, array in tensors.items():
+        if array.ndim <= 1 or name.endswith("_norm.weight"):
+            types[name] = gguf.GGMLQuantizationType.F32
+        elif array.shape[-1] % block:
+            types[name] = gguf.GGMLQuantizationType.F16
+            kept.append(name)
+        else:
+            types[name] = qtype
+    return types, kept
 
 
 # --- the file -------------------------------------------------------------------------------------
 
 
 def _write_metadata(writer: Any, arch: str, cfg: ModelConfig, tok: Tokenizer, bos_prompts: bool,
-                    name: str, step: int | None) -> None:
+                    name: str, step: int | None, outtype: str) -> None:
     import gguf
 
     writer.add_name(name)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(gguf.LlamaFileType[OUTTYPES[outtype][1]])
     writer.add_context_length(cfg.block_size)
     writer.add_embedding_length(cfg.n_embd)
-    writer.add_feed_forward_length(4 * cfg.n_embd)
+    writer.add_feed_forward_length(cfg.mlp_hidden)
     writer.add_block_count(cfg.n_layer)
     writer.add_head_count(cfg.n_head)
     writer.add_head_count_kv(cfg.n_head)
-    writer.add_layer_norm_eps(LAYERNORM_EPS)
-    if arch == "jais2":
+    if arch == "qwen3":  # one eps for the layers' norms and the per-head q/k norms, as minigpt's
+        writer.add_layer_norm_rms_eps(RMS_NORM_EPS)
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+    else:
+        writer.add_layer_norm_eps(LAYERNORM_EPS)
+    if arch in ("jais2", "qwen3"):
         writer.add_rope_dimension_count(cfg.head_dim)  # the whole head is rotated
         writer.add_rope_freq_base(ROPE_BASE)
     tokens, types, merges = gguf_vocab(tok)
@@ -232,12 +296,15 @@ def _load_model(run_dir: Path, cfg: ModelConfig, checkpoint: str) -> tuple[GPT, 
 
 
 def export_gguf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
-                overwrite: bool = False) -> dict[str, Any]:
-    """Write the run's checkpoint (best | last | a step) as a float32 GGUF file at `out`.
+                overwrite: bool = False, outtype: str = "f32") -> dict[str, Any]:
+    """Write the run's checkpoint (best | last | a step) as a GGUF file at `out`, its matrices
+    stored as `outtype` (f32 | f16 | bf16 | q8_0).
 
     Everything is checked before a byte is written; the file appears whole or not at all (written
-    beside `out`, then renamed). Returns what was written: path, architecture, step, size.
+    beside `out`, then renamed). Returns what was written: path, architecture, step, size, and
+    `kept_f16`, the matrices a q8_0 export stored as f16 instead (rows not a multiple of 32).
     """
+    check_outtype(outtype)
     try:
         import gguf
     except ImportError:
@@ -253,12 +320,14 @@ def export_gguf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
     _check_out(out, overwrite)
     model, meta = _load_model(run_dir, cfg, checkpoint)
     tensors = gguf_tensors(model)
+    types, kept = stored_types(tensors, outtype)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         writer = gguf.GGUFWriter(tmp, arch)
-        _write_metadata(writer, arch, cfg, tok, tcfg.docs is not None, run_dir.name, meta.get("step"))
+        _write_metadata(writer, arch, cfg, tok, tcfg.docs is not None, run_dir.name, meta.get("step"),
+                        outtype)
         for name, array in tensors.items():
-            writer.add_tensor(name, array)
+            writer.add_tensor(name, gguf.quants.quantize(array, types[name]), raw_dtype=types[name])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -268,4 +337,5 @@ def export_gguf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
         tmp.unlink(missing_ok=True)
         raise
     return {"path": str(out), "architecture": arch, "step": meta.get("step"),
-            "tensors": len(tensors), "bytes": out.stat().st_size, "tokenizer": tok.kind}
+            "tensors": len(tensors), "bytes": out.stat().st_size, "tokenizer": tok.kind,
+            "outtype": outtype, "kept_f16": kept}

@@ -262,8 +262,8 @@ def model_card(s: dict[str, Any], arch: hf_model.Architecture, mcfg: ModelConfig
         "name": Path(s["run_dir"]).resolve().name, "version": __version__, "arch": arch.name,
         "summary": arch.summary, "params_text": params, "data": data_text,
         "layout": ", ".join(f"{k}={getattr(mcfg, k)}" for k in (
-            "arch", "pos_emb", "norm", "activation", "qk_norm", "qk_norm_order", "bias",
-            "tie_embeddings")),
+            "arch", "pos_emb", "norm", "activation", "qk_norm", "qk_norm_order", "qk_norm_weight",
+            "bias", "tie_embeddings")),
         **{k: _fmt(s[k]) for k in ("val_loss", "val_bpb", "train_loss")},
         "train_command": train_command(mcfg, tcfg), "run_arg": shlex.quote(s["run_dir"]),
         "out_arg": shlex.quote(s["out"]), "tokenizer_notes": _tokenizer_notes(s["tokenizer"], tcfg),

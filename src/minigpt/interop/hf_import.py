@@ -1,9 +1,11 @@
-"""A Hugging Face GPT-2 directory (transformers' `save_pretrained`, or a Hub snapshot) read into
+"""A Hugging Face directory (transformers' `save_pretrained`, or a Hub snapshot) read into
 minigpt: config.json -> ModelConfig, model.safetensors -> minigpt weights, and tokenizer.json (or
 vocab.json + merges.txt) -> a minigpt BPE tokenizer with `<|endoftext|>` as both BOS and EOS (a
 minigpt char export comes back as the char tokenizer it was).
 
-Only what minigpt computes exactly is accepted: GPT-2 as transformers runs it by default. Anything
+GPT-2 is read here; GPT-NeoX, Llama, Persimmon and Qwen3 (the other classes minigpt exports) by
+hf_classes.py, which inverts the export maps. Only what minigpt computes exactly is accepted: for
+GPT-2, GPT-2 as transformers runs it by default. Anything
 else (another architecture, an untied head, GPT-2 variants such as per-layer attention scaling, a
 LayerNorm epsilon other than minigpt's) is refused with one line, never approximated. Weights are
 read from safetensors only; a directory with a pickled `pytorch_model.bin` alone is refused with a
@@ -24,6 +26,7 @@ from ..errors import CheckpointError, TokenizerError
 from ..fsio import sha256_file
 from ..tokenization import BPETokenizer, CharTokenizer
 from ..tokenization.base import BOS, EOS
+from . import hf_classes
 from .gpt2_names import expected_names, is_conv1d, minigpt_name
 
 ENDOFTEXT = "<|endoftext|>"
@@ -54,11 +57,17 @@ def is_hf_dir(path: Path) -> bool:
     return d is not None and "model_type" in d
 
 
+SUPPORTED = ("gpt2", *hf_classes.CLASSES)
+
+
 def model_config(path: Path, hf: dict[str, Any]) -> ModelConfig:
-    """The minigpt GPT-2 layout that computes exactly what this GPT2Config does."""
+    """The minigpt layout that computes exactly what this config.json does (GPT-2's here)."""
+    if hf.get("model_type") in hf_classes.CLASSES:
+        return hf_classes.model_config(path, hf)
     if hf.get("model_type") != "gpt2":
         raise CheckpointError(f"{path} holds a {hf.get('model_type')!r} model; --init-from reads "
-                              "GPT-2 format (config.json model_type gpt2) or minigpt runs")
+                              f"GPT-2, GPT-NeoX, Llama, Persimmon and Qwen3 directories (config.json "
+                              f"model_type {', '.join(SUPPORTED)}) or minigpt runs")
     for key, value in EXACT_ONLY.items():
         if hf.get(key, value) != value:
             raise CheckpointError(f"{path}: GPT-2 with {key}={hf[key]} is not supported (minigpt "
@@ -112,6 +121,10 @@ def read_state(path: Path, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], s
     raw: dict[str, torch.Tensor] = {}
     for f in files:
         raw.update(read_weights(f))
+    digest = sha256_file(path / WEIGHTS_INDEX if len(files) > 1 or not (path / WEIGHTS).is_file()
+                         else files[0])
+    if cfg.arch != "gpt2":  # a class hf_classes reads (model_config chose the layout)
+        return hf_classes.read_state(path, cfg, raw), digest
     state = {}
     for hf_name, tensor in raw.items():
         name = minigpt_name(hf_name)
@@ -124,8 +137,6 @@ def read_state(path: Path, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], s
     if missing or extra:
         raise CheckpointError(f"{path}: the weights are not those of the GPT-2 config.json describes "
                               f"(missing: {missing[:3]}, unexpected: {extra[:3]})")
-    digest = sha256_file(path / WEIGHTS_INDEX if len(files) > 1 or not (path / WEIGHTS).is_file()
-                     else files[0])
     return state, digest
 
 
@@ -181,7 +192,7 @@ def read_tokenizer(path: Path, special_ids: tuple[int | None, int | None] = (Non
 
 def load_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], BPETokenizer | CharTokenizer,
                                     str]:
-    """(model config, minigpt weights, tokenizer, weights SHA-256) of a GPT-2 directory."""
+    """(model config, minigpt weights, tokenizer, weights SHA-256) of a directory."""
     hf = read_config_json(path) or {}
     cfg = model_config(path, hf)
     # the tokenizer before the weights: a cheap refusal should not wait for a big read

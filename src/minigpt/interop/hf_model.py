@@ -1,6 +1,6 @@
 """minigpt layouts as stock transformers architectures: which one, its config.json, its weights.
 
-Four stock classes between them compute, exactly, every layout but those refused below;
+Five stock classes between them compute, exactly, every layout but those refused below;
 tests/test_export_hf.py checks the logits through transformers' own loader:
 
     --pos-emb learned, LayerNorm, no QK-norm  -> GPT2LMHeadModel       (--arch gpt2)
@@ -8,14 +8,22 @@ tests/test_export_hf.py checks the logits through transformers' own loader:
     --pos-emb rope,    RMSNorm,   no QK-norm  -> LlamaForCausalLM
     --pos-emb rope,    LayerNorm, QK-norm before rotary -> PersimmonForCausalLM
                                                 (--arch modern --qk-norm-order before_rope)
+    --pos-emb rope,    RMSNorm, QK-norm with gains before rotary, SwiGLU, no biases
+                                              -> Qwen3ForCausalLM      (--arch portable)
 
 Every switch maps onto a config field or onto the weights: an activation is a config name; biases
 turned off are zero biases; an untied head is a separate lm_head tensor. GPT-2 stores linear
 layers as Conv1D, (in, out), so matrices are transposed. GPT-NeoX and Persimmon fuse q, k and v per
 head (head 0's q, k, v rows, then head 1's...) where minigpt's c_attn stacks all queries, then all
-keys, then all values. Llama's MLP is gated, down(act(gate(x)) * up(x)): minigpt's c_fc becomes
+keys, then all values. Llama's MLP is gated, down(act(gate(x)) * up(x)): a SwiGLU c_fc (gate rows,
+then up rows) splits into gate_proj and up_proj with act silu; any other activation's c_fc becomes
 gate_proj and up_proj is zero weights with bias 1, so the gate's factor is exactly 1 (the export
-carries that extra matrix). minigpt's rotary embedding already uses the rotate-half convention these
+carries that extra matrix). The non-gated classes (GPT-2, GPT-NeoX, Persimmon) refuse SwiGLU.
+
+Qwen3's q_norm / k_norm are RMS norms of each head's queries and keys before the rotation, with a
+weight of head_dim and the layers' rms_norm_eps: minigpt's QK-norm under --norm rmsnorm
+--qk-norm-weight --qk-norm-order before_rope, exactly. Its MLP is SwiGLU without biases, its
+attention's biases are one switch (attention_bias), so it takes --no-bias only. minigpt's rotary embedding already uses the rotate-half convention these
 models use, with the same base (10000), so queries and keys need no permutation.
 
 Persimmon's per-head q_layernorm / k_layernorm is a LayerNorm of each head's queries and keys before
@@ -28,8 +36,9 @@ every run made before the switch existed): the stock models with a per-head QK L
 (Persimmon, StableLM, Cohere) apply it before the rotation, and a LayerNorm, which subtracts the
 mean, does not commute with one. QK-norm under --norm rmsnorm, in either order: an RMS norm does
 commute with the rotation, but Qwen3's and NanoChat's per-head RMS norms share the layer norms'
-epsilon (minigpt's uses float32's, ~1.2e-7, beside its RMSNorm layers' 1e-6). QK-norm with learned
-positions, and learned positions with RMSNorm: no stock class has either.
+epsilon (minigpt's weightless one uses float32's, ~1.2e-7, beside its RMSNorm layers' 1e-6; with
+--qk-norm-weight it uses theirs and exports as Qwen3). QK-norm with learned positions, and learned
+positions with RMSNorm: no stock class has either.
 """
 
 from __future__ import annotations
@@ -46,7 +55,8 @@ from ..model import ROPE_BASE
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which make_norm keeps
 RMS_NORM_EPS = 1e-6  # make_norm's RMSNorm
 # gelu_pytorch_tanh is GPT-2's gelu_new computed by torch's own tanh-GELU kernel: minigpt's, bit for bit
-ACTIVATIONS = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu2": "relu2"}
+ACTIVATIONS = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu2": "relu2", "swiglu": "silu"}
+PORTABLE = "--arch portable (Qwen3's layout)"
 
 Weights = dict[str, torch.Tensor]
 
@@ -68,28 +78,51 @@ def refusal(cfg: ModelConfig) -> tuple[str, str] | None:
                     "and keys", "train with --no-qk-norm, or with --pos-emb rope --qk-norm-order "
                     "before_rope")
         if cfg.norm == "rmsnorm":
-            return ("minigpt's --qk-norm is an RMS norm of each head's queries and keys with float32's "
-                    "epsilon, and no transformers architecture computes that exactly (Qwen3's and "
-                    "NanoChat's share their layer norms' epsilon)",
-                    "train with --norm layernorm --qk-norm-order before_rope (Persimmon), or with "
-                    "--no-qk-norm")
+            return _qwen3_refusal(cfg)
         if cfg.qk_norm_order == "after_rope":
             return ("minigpt's --qk-norm-order after_rope is a LayerNorm of each head's queries and keys "
                     "after the rotary rotation, and no transformers architecture computes that "
                     "(Persimmon, StableLM and Cohere normalise before the rotation, which a LayerNorm "
                     "does not commute with)",
                     "train with --qk-norm-order before_rope (exported as Persimmon), or with --no-qk-norm")
+        if cfg.activation == "swiglu":
+            return ("Persimmon, the transformers architecture with a per-head QK LayerNorm, has no "
+                    "gated MLP (--activation swiglu)", f"train with {PORTABLE}, or with another "
+                    "--activation")
         return None
     if cfg.pos_emb == "learned" and cfg.norm == "rmsnorm":
         return ("GPT-2, the transformers architecture with learned position embeddings, has no RMSNorm "
                 "(--norm rmsnorm)", "train with --norm layernorm, or with --pos-emb rope")
+    if cfg.activation == "swiglu" and cfg.norm == "layernorm":
+        return ("GPT-2 and GPT-NeoX, the transformers architectures with LayerNorm and no QK-norm, have "
+                "no gated MLP (--activation swiglu)", "train with --norm rmsnorm --pos-emb rope "
+                "(exported as Llama), or with another --activation")
+    return None
+
+
+def _qwen3_refusal(cfg: ModelConfig) -> tuple[str, str] | None:
+    """Why a layout with an RMS QK-norm is not Qwen3's, or None when it is."""
+    if not cfg.qk_norm_weight:
+        return ("minigpt's --qk-norm is an RMS norm of each head's queries and keys with float32's "
+                "epsilon, and no transformers architecture computes that exactly (Qwen3's and "
+                "NanoChat's share their layer norms' epsilon)",
+                f"train with {PORTABLE}, with --norm layernorm --qk-norm-order before_rope "
+                "(Persimmon), or with --no-qk-norm")
+    if cfg.qk_norm_order == "after_rope":
+        return ("Qwen3 applies its QK-norm gains before the rotary rotation, which a per-dimension gain "
+                "does not commute with (--qk-norm-order after_rope)",
+                f"train with --qk-norm-order before_rope ({PORTABLE})")
+    if cfg.activation != "swiglu" or cfg.bias:
+        return ("Qwen3, the transformers architecture with a per-head RMS QK-norm, has a SwiGLU MLP "
+                f"without biases (this run: --activation {cfg.activation}, bias {cfg.bias})",
+                f"train with {PORTABLE}")
     return None
 
 
 def architecture(cfg: ModelConfig) -> Architecture:
     """The stock architecture for a layout `refusal` accepts."""
     if cfg.qk_norm:
-        return PERSIMMON
+        return QWEN3 if cfg.norm == "rmsnorm" else PERSIMMON
     if cfg.pos_emb == "learned":
         return GPT2
     return GPT_NEOX if cfg.norm == "layernorm" else LLAMA
@@ -113,7 +146,7 @@ def _rope(cfg: ModelConfig) -> dict[str, Any]:
 def gpt2_config(cfg: ModelConfig) -> dict[str, Any]:
     return {**_common(cfg, "GPT2LMHeadModel", "gpt2"), "n_positions": cfg.block_size,
             "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
-            "n_head": cfg.n_head, "n_inner": 4 * cfg.n_embd,
+            "n_head": cfg.n_head, "n_inner": cfg.mlp_hidden,
             "activation_function": ACTIVATIONS[cfg.activation],
             "layer_norm_epsilon": LAYER_NORM_EPS, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
             "attn_pdrop": 0.0, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
@@ -124,7 +157,7 @@ def gpt_neox_config(cfg: ModelConfig) -> dict[str, Any]:
     return {**_common(cfg, "GPTNeoXForCausalLM", "gpt_neox"), **_rope(cfg),
             "rotary_pct": 1.0, "rotary_emb_base": ROPE_BASE,
             "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer,
-            "num_attention_heads": cfg.n_head, "intermediate_size": 4 * cfg.n_embd,
+            "num_attention_heads": cfg.n_head, "intermediate_size": cfg.mlp_hidden,
             "hidden_act": ACTIVATIONS[cfg.activation], "layer_norm_eps": LAYER_NORM_EPS,
             "use_parallel_residual": False,  # minigpt's blocks are sequential: x + attn, then + mlp
             "attention_bias": True, "attention_dropout": 0.0, "hidden_dropout": 0.0,
@@ -135,17 +168,27 @@ def llama_config(cfg: ModelConfig) -> dict[str, Any]:
     return {**_common(cfg, "LlamaForCausalLM", "llama"), **_rope(cfg),
             "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer,
             "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head,
-            "head_dim": cfg.head_dim, "intermediate_size": 4 * cfg.n_embd,
+            "head_dim": cfg.head_dim, "intermediate_size": cfg.mlp_hidden,
             "hidden_act": ACTIVATIONS[cfg.activation], "rms_norm_eps": RMS_NORM_EPS,
             "attention_bias": cfg.bias, "mlp_bias": True,  # up_proj's bias carries the 1
             "attention_dropout": 0.0, "pretraining_tp": 1, "initializer_range": 0.02}
+
+
+def qwen3_config(cfg: ModelConfig) -> dict[str, Any]:
+    return {**_common(cfg, "Qwen3ForCausalLM", "qwen3"), **_rope(cfg),
+            "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head,
+            "head_dim": cfg.head_dim, "intermediate_size": cfg.mlp_hidden, "hidden_act": "silu",
+            "rms_norm_eps": RMS_NORM_EPS,  # the layers' and q_norm/k_norm's: minigpt's, both
+            "attention_bias": False, "use_sliding_window": False, "sliding_window": None,
+            "max_window_layers": cfg.n_layer, "attention_dropout": 0.0, "initializer_range": 0.02}
 
 
 def persimmon_config(cfg: ModelConfig) -> dict[str, Any]:
     return {**_common(cfg, "PersimmonForCausalLM", "persimmon"), **_rope(cfg),
             "partial_rotary_factor": 1.0,  # where transformers 4.x reads it
             "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer,
-            "num_attention_heads": cfg.n_head, "intermediate_size": 4 * cfg.n_embd,
+            "num_attention_heads": cfg.n_head, "intermediate_size": cfg.mlp_hidden,
             "hidden_act": ACTIVATIONS[cfg.activation], "layer_norm_eps": LAYER_NORM_EPS,
             "qk_layernorm": True,  # with eps layer_norm_eps: minigpt's QK LayerNorm's (F.layer_norm)
             "hidden_dropout": 0.0, "attention_dropout": 0.0, "initializer_range": 0.02}
@@ -218,12 +261,43 @@ def llama_weights(cfg: ModelConfig, sd: Weights) -> Weights:
             for name, b in zip(("q_proj", "k_proj", "v_proj"), sd[f"{h}.attn.c_attn.bias"].split(C)):
                 out[f"{p}.{i}.self_attn.{name}.bias"] = b
             out[f"{p}.{i}.self_attn.o_proj.bias"] = sd[f"{h}.attn.c_proj.bias"]
-        out[f"{p}.{i}.mlp.gate_proj.weight"] = sd[f"{h}.mlp.c_fc.weight"]
-        out[f"{p}.{i}.mlp.gate_proj.bias"] = _bias(sd, f"{h}.mlp.c_fc.bias", 4 * C)
-        out[f"{p}.{i}.mlp.up_proj.weight"] = torch.zeros(4 * C, C)
-        out[f"{p}.{i}.mlp.up_proj.bias"] = torch.ones(4 * C)
-        out[f"{p}.{i}.mlp.down_proj.weight"] = sd[f"{h}.mlp.c_proj.weight"]
-        out[f"{p}.{i}.mlp.down_proj.bias"] = _bias(sd, f"{h}.mlp.c_proj.bias", C)
+        out.update(_gated_mlp(cfg, sd, h, f"{p}.{i}.mlp", biases=True))
+    return {**out, **_head(cfg, sd, "lm_head.weight")}
+
+
+def _gated_mlp(cfg: ModelConfig, sd: Weights, h: str, to: str, biases: bool) -> Weights:
+    """minigpt's MLP as down(act(gate(x)) * up(x)): SwiGLU's c_fc split into its gate and up rows;
+    any other activation's c_fc as the gate, with up fixed at 1 (zero weights, bias 1)."""
+    C, H = cfg.n_embd, cfg.mlp_hidden
+    if cfg.activation == "swiglu":
+        gate, up = sd[f"{h}.mlp.c_fc.weight"].split(H)
+        out = {f"{to}.gate_proj.weight": gate, f"{to}.up_proj.weight": up}
+        if biases:
+            gate_b, up_b = _bias(sd, f"{h}.mlp.c_fc.bias", 2 * H).split(H)
+            out.update({f"{to}.gate_proj.bias": gate_b, f"{to}.up_proj.bias": up_b})
+    else:
+        out = {f"{to}.gate_proj.weight": sd[f"{h}.mlp.c_fc.weight"],
+               f"{to}.gate_proj.bias": _bias(sd, f"{h}.mlp.c_fc.bias", H),
+               f"{to}.up_proj.weight": torch.zeros(H, C), f"{to}.up_proj.bias": torch.ones(H)}
+    out[f"{to}.down_proj.weight"] = sd[f"{h}.mlp.c_proj.weight"]
+    if biases:
+        out[f"{to}.down_proj.bias"] = _bias(sd, f"{h}.mlp.c_proj.bias", C)
+    return out
+
+
+def qwen3_weights(cfg: ModelConfig, sd: Weights) -> Weights:
+    C, p = cfg.n_embd, "model.layers"
+    out = {"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["ln_f.weight"]}
+    for i in range(cfg.n_layer):
+        h = f"h.{i}"
+        out[f"{p}.{i}.input_layernorm.weight"] = sd[f"{h}.ln_1.weight"]
+        out[f"{p}.{i}.post_attention_layernorm.weight"] = sd[f"{h}.ln_2.weight"]
+        for name, w in zip(("q_proj", "k_proj", "v_proj"), sd[f"{h}.attn.c_attn.weight"].split(C)):
+            out[f"{p}.{i}.self_attn.{name}.weight"] = w
+        out[f"{p}.{i}.self_attn.o_proj.weight"] = sd[f"{h}.attn.c_proj.weight"]
+        out[f"{p}.{i}.self_attn.q_norm.weight"] = sd[f"{h}.attn.ln_q.weight"]
+        out[f"{p}.{i}.self_attn.k_norm.weight"] = sd[f"{h}.attn.ln_k.weight"]
+        out.update(_gated_mlp(cfg, sd, h, f"{p}.{i}.mlp", biases=False))
     return {**out, **_head(cfg, sd, "lm_head.weight")}
 
 
@@ -243,8 +317,9 @@ def persimmon_weights(cfg: ModelConfig, sd: Weights) -> Weights:
         qkv = f"{p}.{i}.self_attn.query_key_value"
         out[f"{qkv}.weight"] = _per_head_qkv(cfg, sd[f"{h}.attn.c_attn.weight"])
         out[f"{qkv}.bias"] = _per_head_qkv(cfg, _bias(sd, f"{h}.attn.c_attn.bias", 3 * C))
-        for norm in ("q_layernorm", "k_layernorm"):  # minigpt's QK-norm has no weights
-            out[f"{p}.{i}.self_attn.{norm}.weight"] = torch.ones(D)
+        for norm, ours in (("q_layernorm", "ln_q"), ("k_layernorm", "ln_k")):
+            # minigpt's gains under --qk-norm-weight; without them, weight 1
+            out[f"{p}.{i}.self_attn.{norm}.weight"] = sd.get(f"{h}.attn.{ours}.weight", torch.ones(D))
             out[f"{p}.{i}.self_attn.{norm}.bias"] = torch.zeros(D)
     return {**out, **_head(cfg, sd, "lm_head.weight")}
 
@@ -264,6 +339,12 @@ LLAMA = Architecture(
     "Llama with rotary embeddings (base 10000) and RMSNorm; minigpt's MLP as Llama's gated one with "
     "`up_proj` fixed at 1 (zero weights, bias 1), an extra n_embd x 4n_embd matrix of zeros per layer",
     llama_config, llama_weights)
+QWEN3 = Architecture(
+    "Qwen3ForCausalLM", "qwen3",
+    "Qwen3: RMSNorm, rotary embeddings over the whole head (base 10000), per-head RMS q_norm / k_norm "
+    "with learnt weights before the rotation (minigpt's QK-norm under `--qk-norm-weight`), SwiGLU MLP "
+    "(minigpt's c_fc split into gate_proj and up_proj), no biases",
+    qwen3_config, qwen3_weights)
 PERSIMMON = Architecture(
     "PersimmonForCausalLM", "persimmon",
     "Persimmon: LayerNorm, rotary embeddings over the whole head (`partial_rotary_factor: 1.0`, base "

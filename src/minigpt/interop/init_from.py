@@ -1,9 +1,9 @@
 """`train --init-from SRC`: what SRC is, what the new run takes from it, and what it records.
 
 SRC is a minigpt run directory (its best checkpoint, or `--init-checkpoint last|STEP`), a local
-Hugging Face GPT-2 directory (hf_import.py), or a Hub name such as `gpt2`, downloaded with
-`huggingface_hub.snapshot_download` (safetensors, config and tokenizer files only). The model
-config and the tokenizer come from SRC; a model flag that contradicts SRC is refused, except
+Hugging Face GPT-2, GPT-NeoX, Llama, Persimmon or Qwen3 directory (hf_import.py), or a Hub name
+such as `gpt2`, downloaded with `huggingface_hub.snapshot_download` (safetensors, config and
+tokenizer files only). The model config and the tokenizer come from SRC; a model flag that contradicts SRC is refused, except
 `--dropout` (a training setting; 0 unless given) and a smaller `--block-size` (the learned position table is cut,
 which computes exactly what the source does on contexts up to that length). The run records the
 source, its step and the SHA-256 of its weights file in config.json (TrainConfig.init_*).
@@ -30,7 +30,7 @@ from . import hf_import
 
 # owner/name or name, as the Hub spells repository ids
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-# what a GPT-2 directory needs; never a pickle
+# what a model directory needs; never a pickle
 HUB_FILES = ["config.json", "*.safetensors", hf_import.WEIGHTS_INDEX, "tokenizer.json",
              "vocab.json", "merges.txt"]
 # model settings a fine-tune may set for itself (see the module docstring)

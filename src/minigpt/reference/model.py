@@ -44,7 +44,8 @@ def check_supported(cfg: ModelConfig) -> None:
             "use --dropout 0 or --backend torch"
         )
     other = [f"{k.replace('_', '-')} {getattr(cfg, k)}" for k, v in ARCHS["gpt2"].items()
-             if k not in ("bias", "qk_norm_order") and getattr(cfg, k) != v]  # order: moot without QK-norm
+             # (order and weights: moot without QK-norm, which is refused itself)
+             if k not in ("bias", "qk_norm_order", "qk_norm_weight") and getattr(cfg, k) != v]
     if other:
         raise ConfigError(
             f"the reference backend implements the GPT-2 layout only (got {', '.join(other)}); "
@@ -72,8 +73,8 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         add(p + "attn.c_attn", (3 * C, C), 3 * C)
         add(p + "attn.c_proj", (C, C), C)
         add(p + "ln_2", (C,), C)
-        add(p + "mlp.c_fc", (4 * C, C), 4 * C)
-        add(p + "mlp.c_proj", (C, 4 * C), C)
+        add(p + "mlp.c_fc", (cfg.mlp_hidden, C), cfg.mlp_hidden)
+        add(p + "mlp.c_proj", (C, cfg.mlp_hidden), C)
     add("ln_f", (C,), C)
     return shapes
 
