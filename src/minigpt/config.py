@@ -49,6 +49,8 @@ LOG_BACKENDS = ("jsonl", "tensorboard", "wandb", "csv")  # jsonl (metrics.jsonl)
 # Keys renamed since 0.1.0, old -> new: config.json, TOML files and keyword arguments that use an
 # old name keep working.
 RENAMED_KEYS = {"engine": "backend"}
+# The projections of a block a LoRA adapter can sit on, by their module names in a block (GPT-2's)
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 LAYOUT_CHOICES = {
     "pos_emb": ("learned", "rope"),
     "norm": ("layernorm", "rmsnorm"),
@@ -106,11 +108,20 @@ class ModelConfig:
                                        "Persimmon's order, exportable)",
                                        LAYOUT_CHOICES["qk_norm_order"])
     tie_embeddings: bool | None = option(None, "the LM head reuses the token embedding matrix")
+    # LoRA (model.py, lora.py): rank 0 = none. With a rank, the weights above are a frozen base and
+    # each target projection W x becomes W x + (alpha / rank) B A x, A (rank, in), B (out, rank).
+    lora_rank: int = option(0, "train low-rank adapters of this rank on a frozen --init-from "
+                            "model instead of every weight (0 = off; docs/finetune.md)")
+    lora_alpha: float = option(16.0, "LoRA scale numerator: adapters add (alpha / rank) B A x")
+    lora_targets: tuple[str, ...] = option(LORA_TARGETS, "projections that get adapters, "
+                                           "comma-separated or repeated", LORA_TARGETS,
+                                           multiple=True)
 
     def __post_init__(self) -> None:
         for name, value in ARCHS.get(self.arch, {}).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        self.lora_targets = tuple(dict.fromkeys(split_names(self.lora_targets)))
 
     def validate(self) -> None:
         check_choices(self)  # arch first: an unknown one leaves its switches None
@@ -126,6 +137,14 @@ class ModelConfig:
         if self.pos_emb == "rope" and self.head_dim % 2:
             raise ConfigError(f"rotary embeddings need an even head size (n-embd / n-head), "
                               f"got {self.head_dim}")
+        if self.lora_rank < 0:
+            raise ConfigError(f"lora-rank must be >= 0 (0 = off), got {self.lora_rank}")
+        if self.lora_rank:
+            if not self.lora_targets:
+                raise ConfigError("lora-targets must name at least one of "
+                                  f"{', '.join(LORA_TARGETS)}")
+            if not self.lora_alpha > 0:
+                raise ConfigError(f"lora-alpha must be > 0, got {self.lora_alpha}")
 
     @property
     def head_dim(self) -> int:
@@ -237,12 +256,16 @@ class TrainConfig:
             raise ConfigError("--init-checkpoint picks a checkpoint of --init-from RUN; give --init-from")
 
 
-def log_backends(value: Any) -> tuple[str, ...]:
-    """--log as given (a string, or a list from repeated flags, TOML or config.json, each item
-    possibly comma-separated) -> distinct names in order, jsonl first: it is always on."""
+def split_names(value: Any) -> list[str]:
+    """A `multiple` field as given (a string, or a list from repeated flags, TOML or config.json,
+    each item possibly comma-separated) -> its names, lower-cased, in order."""
     items = [value] if isinstance(value, str) else list(value or ())
-    names = [n.strip().lower() for item in items for n in str(item).split(",") if n.strip()]
-    return tuple(dict.fromkeys(["jsonl", *names]))
+    return [n.strip().lower() for item in items for n in str(item).split(",") if n.strip()]
+
+
+def log_backends(value: Any) -> tuple[str, ...]:
+    """--log as given -> distinct names in order, jsonl first: it is always on."""
+    return tuple(dict.fromkeys(["jsonl", *split_names(value)]))
 
 
 @dataclass(frozen=True)
@@ -397,6 +420,8 @@ def resolve(
     tcfg = TrainConfig(**_typed(TrainConfig, {**p.train, **backend_train, **given.train}))
     mcfg.validate()
     tcfg.validate()
+    if mcfg.lora_rank and not tcfg.init_from:
+        raise ConfigError("--lora-rank trains adapters on an existing model: give --init-from RUN")
     return mcfg, tcfg
 
 

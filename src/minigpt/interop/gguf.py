@@ -5,7 +5,8 @@ src/models/*.cpp, not copied): `gpt2` for the GPT-2 layout, `jais2` for the mode
 QK-norm (LayerNorm with biases, fused QKV, rotary in the rotate-half "neox" convention over the whole
 head, ReLU^2 MLP with biases, optional output matrix). Anything else is refused with one line that
 names the blocking switch. Weights are written as float32, as trained: the file is exact, not
-quantised (llama.cpp's own `llama-quantize` can shrink it afterwards).
+quantised (llama.cpp's own `llama-quantize` can shrink it afterwards). A LoRA run is written with
+its adapters folded into its base's weights.
 
 The tokenizer is written in GGUF's own form (tokenizer.ggml.*) as a GPT-2 style byte-level BPE, which
 llama.cpp tokenizes the way minigpt does for every kind: `bpe` is that already; `bytes` is the 256
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .. import checkpoint as ckpt
-from .. import rundir
+from .. import lora, rundir
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import GPT, ROPE_BASE
@@ -224,11 +225,11 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"--out {out}: directory {out.parent} is not writable")
 
 
-def _load_model(run_dir: Path, cfg: ModelConfig, checkpoint: str) -> tuple[GPT, dict[str, Any]]:
-    path, meta = ckpt.find_for_inference(run_dir, checkpoint)
-    model = GPT(cfg)
-    ckpt.load_weights(model, path / ckpt.WEIGHTS)
-    return model.eval(), meta
+def _load_model(run_dir: Path, checkpoint: str) -> tuple[GPT, dict[str, Any]]:
+    """The checkpoint's model; a LoRA run's with its adapters folded in (llama.cpp's --lora
+    adapters are not written: a merged file computes the same)."""
+    model, meta = ckpt.load_model(run_dir, checkpoint)
+    return lora.merged(model), meta
 
 
 def export_gguf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
@@ -251,7 +252,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
         raise CheckpointError(f"{run_dir}: tokenizer has {tok.vocab_size} tokens but the model "
                               f"expects {cfg.vocab_size}")
     _check_out(out, overwrite)
-    model, meta = _load_model(run_dir, cfg, checkpoint)
+    model, meta = _load_model(run_dir, checkpoint)
     tensors = gguf_tensors(model)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
