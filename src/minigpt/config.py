@@ -420,8 +420,6 @@ def resolve(
     tcfg = TrainConfig(**_typed(TrainConfig, {**p.train, **backend_train, **given.train}))
     mcfg.validate()
     tcfg.validate()
-    if mcfg.lora_rank and not tcfg.init_from:
-        raise ConfigError("--lora-rank trains adapters on an existing model: give --init-from RUN")
     return mcfg, tcfg
 
 
