@@ -168,6 +168,16 @@ def test_a_full_fine_tune_of_a_lora_run_starts_from_its_merged_weights(adapted, 
     torch.testing.assert_close(logits(start, x), logits(merged, x), rtol=0, atol=1e-6)
 
 
+def test_lora_runs_take_their_own_learning_rate_defaults():
+    from minigpt.config import FINETUNE_DEFAULTS, LORA_DEFAULTS, resolve_finetune
+
+    _, full = resolve_finetune(None, {"init_from": "x"})
+    _, adapters = resolve_finetune(None, {"init_from": "x", "lora_rank": 8})
+    _, given = resolve_finetune(None, {"init_from": "x", "lora_rank": 8, "lr": 1e-3})
+    assert (full.lr, adapters.lr, adapters.min_lr, given.lr) == (
+        FINETUNE_DEFAULTS["lr"], LORA_DEFAULTS["lr"], LORA_DEFAULTS["min_lr"], 1e-3)
+
+
 def test_rank_zero_is_the_plain_model_and_old_configs_read_as_before():
     plain = GPT(ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=8))
     assert not any(lora.is_adapter(k) for k in plain.state_dict())
@@ -196,6 +206,21 @@ def test_the_commands_load_base_and_adapter(adapted, bases):
     engine_text = engine.generate("First", max_new_tokens=8, seed=1)
     assert run_cli("sample", str(adapted), "--prompt", "First", "--max-new-tokens", "8",
                    "--seed", "1").stdout == "First" + engine_text + "\n"
+
+
+def test_the_server_serves_base_and_adapter(adapted):
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from minigpt.serve.app import create_app
+    from test_server import serving
+
+    engine = minigpt.load(adapted)
+    with serving(create_app(engine, model_id="lora")) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "First", "max_tokens": 12,
+                                                       "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == engine.generate("First", max_new_tokens=12,
+                                                             temperature=0)
 
 
 def test_a_missing_or_changed_base_is_one_line(bases, texts, tmp_path):

@@ -317,6 +317,11 @@ DEFAULT_PRESET = "small"
 # come from the source, never from a preset.
 FINETUNE_DEFAULTS: dict[str, Any] = dict(optimizer="adamw", lr=3e-4, min_lr=3e-5, warmup_iters=10,
                                          max_iters=200, eval_interval=50, weight_decay=0.1)
+# With --lora-rank, above FINETUNE_DEFAULTS: a LoRA update moves the weights by (alpha / r) B A,
+# which starts at zero and grows through two small factors, so adapters take ten times full
+# fine-tuning's learning rate: of 3e-4, 1e-3 and 3e-3, the last reached the lowest validation loss
+# at equal steps (benchmarks/lora.py, docs/finetune.md#lora).
+LORA_DEFAULTS: dict[str, Any] = dict(lr=3e-3, min_lr=3e-4)
 
 MODEL_KEYS = {f.name for f in fields(ModelConfig)}
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
@@ -426,7 +431,7 @@ def resolve(
 def resolve_finetune(config_file: str | Path | None = None,
                      overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], TrainConfig]:
     """(the model settings given explicitly, TrainConfig) for a run with --init-from: dataclass
-    defaults < FINETUNE_DEFAULTS < TOML file < flags. The model itself comes from the source, so
+    defaults < FINETUNE_DEFAULTS (< LORA_DEFAULTS with --lora-rank) < TOML file < flags. The model itself comes from the source, so
     the model settings are returned for the caller to check against it, and a preset is refused."""
     given = given_settings(None, config_file, overrides)
     if given.preset:
@@ -434,7 +439,8 @@ def resolve_finetune(config_file: str | Path | None = None,
                           "size: drop --preset")
     if "tokenizer" in given.train or "tokenizer_vocab_size" in given.train:
         raise ConfigError("--init-from brings its model's tokenizer; drop --tokenizer/--vocab-size")
-    tcfg = TrainConfig(**_typed(TrainConfig, {**FINETUNE_DEFAULTS, **given.train}))
+    lora = LORA_DEFAULTS if given.model.get("lora_rank") else {}
+    tcfg = TrainConfig(**_typed(TrainConfig, {**FINETUNE_DEFAULTS, **lora, **given.train}))
     tcfg.validate()
     return _typed(ModelConfig, given.model), tcfg
 
