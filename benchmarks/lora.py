@@ -2,6 +2,7 @@
 
     python benchmarks/lora.py                       # both parts
     python benchmarks/lora.py --skip-loss           # speed and memory only
+    python benchmarks/lora.py --skip-loss --skip-speed --gpt2-size   # a GPT-2-124M-sized model
 
 1. speed and memory: `minigpt bench train` of the largest preset (or --preset) for a few steps, full
    fine-tuning (AdamW on every weight) against LoRA (--lora-rank, AdamW on the adapters), each in
@@ -32,6 +33,11 @@ from minigpt.data.corpus import bundled_corpus
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
+# GPT-2 124M's blocks (12 x 768, 12 heads) at a 256-token context, on the benchmark's character
+# vocabulary: its 85M non-embedding parameters are GPT-2's; its embeddings are 67 rows, not 50,257
+GPT2_SIZE = ["--n-layer", "12", "--n-head", "12", "--n-embd", "768", "--block-size", "256"]
+
+
 def bench(preset: str, batch: int, iters: int, extra: list[str]) -> dict:
     """`minigpt bench train` in a fresh process; its JSON line."""
     cmd = [sys.executable, "-m", "minigpt", "bench", "train", "--preset", preset, "--optimizer",
@@ -47,16 +53,17 @@ def training_state_mb(params: int, trainable: int) -> float:
     return (params + 3 * trainable) * 4 / 2**20
 
 
-def speed(preset: str, batch: int, iters: int, rank: int) -> dict:
+def speed(preset: str, batch: int, iters: int, rank: int, model: list[str]) -> dict:
     rows = {}
     for name, extra in (("full", []), ("lora", ["--lora-rank", str(rank)])):
-        r = bench(preset, batch, iters, extra)
+        r = bench(preset, batch, iters, [*model, *extra])
         rows[name] = {k: r[k] for k in ("params", "trainable_params", "ms_per_iter",
                                         "cpu_ms_per_iter", "tokens_per_iter", "peak_rss_mb",
                                         "threads", "device")}
         rows[name]["training_state_mb"] = round(training_state_mb(r["params"],
                                                                   r["trainable_params"]), 1)
-        print(f"{preset} {name:>4}: {r['trainable_params']:>10,} trained of {r['params']:,}; "
+        label = "gpt2-124m-sized" if model else preset
+        print(f"{label} {name:>4}: {r['trainable_params']:>10,} trained of {r['params']:,}; "
               f"{r['ms_per_iter']:8.1f} ms/step (CPU {r['cpu_ms_per_iter']:.1f}), peak RSS "
               f"{r['peak_rss_mb']:.0f} MB, training state {rows[name]['training_state_mb']} MB")
     return rows
@@ -112,11 +119,16 @@ def main() -> None:
                    help="LoRA learning rates to compare (one run each)")
     p.add_argument("--skip-loss", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--gpt2-size", action="store_true", help="also time a GPT-2-124M-sized model "
+                   "(12 x 768, context 256, batch 1)")
     args = p.parse_args()
     result: dict = {"bench": "lora"}
     if not args.skip_speed:
         result["speed"] = {"preset": args.preset, "batch_size": args.batch_size,
-                           **speed(args.preset, args.batch_size, args.iters, args.rank)}
+                           **speed(args.preset, args.batch_size, args.iters, args.rank, [])}
+    if args.gpt2_size:
+        result["speed_gpt2_size"] = {"batch_size": 1, "block_size": 256, **speed(
+            args.preset, 1, args.iters, args.rank, GPT2_SIZE)}
     if not args.skip_loss:
         with tempfile.TemporaryDirectory(prefix="minigpt-lora-") as tmp:
             result["loss"] = losses(Path(tmp), args.base_steps, args.steps, args.eval_interval,

@@ -42,17 +42,25 @@ def param_count(mcfg: ModelConfig) -> int:
         return GPT(mcfg).num_params()
 
 
+def trainable_param_count(mcfg: ModelConfig) -> int:
+    """Parameters that train: all of them, or a LoRA model's adapters."""
+    with torch.device("meta"):
+        return GPT(mcfg).num_params(trainable=True)
+
+
 def muon_param_count(mcfg: ModelConfig) -> int:
     """Parameters that take Muon steps (the hidden matrices) when training with --optimizer muon."""
     with torch.device("meta"):
-        return sum(p.numel() for n, p in GPT(mcfg).named_parameters() if is_muon_param(n, p))
+        return sum(p.numel() for n, p in GPT(mcfg).named_parameters()
+                   if p.requires_grad and is_muon_param(n, p))
 
 
 def memory_breakdown(mcfg: ModelConfig, params: int, batch_size: int,
                      optimizer: str) -> dict[str, dict[str, int]]:
     """Training memory per device in bytes, for float32 and for bf16/fp16 autocast."""
     muon = muon_param_count(mcfg) if optimizer == "muon" else 0
-    return {name: training_memory(mcfg, params, batch_size, mixed, muon).to_dict()
+    trained = trainable_param_count(mcfg)
+    return {name: training_memory(mcfg, params, batch_size, mixed, muon, trained).to_dict()
             for name, mixed in (("float32", False), ("bfloat16", True))}
 
 
@@ -61,10 +69,9 @@ def lora_info(run_dir: Path, mcfg: ModelConfig, tcfg: Any) -> dict[str, Any] | N
     if not mcfg.lora_rank:
         return None
     ckpt.base_state(run_dir, mcfg, tcfg)
-    with torch.device("meta"):
-        adapters = GPT(mcfg).num_params(trainable=True)
     return {"rank": mcfg.lora_rank, "alpha": mcfg.lora_alpha, "targets": list(mcfg.lora_targets),
-            "adapter_params": adapters, "base": tcfg.init_from, "base_step": tcfg.init_step}
+            "adapter_params": trainable_param_count(mcfg), "base": tcfg.init_from,
+            "base_step": tcfg.init_step}
 
 
 def run_info(run_dir: Path) -> dict[str, Any]:
