@@ -315,3 +315,17 @@ def test_peft_export_needs_adapters(bases, tmp_path):
 
     with pytest.raises(ConfigError, match="has no LoRA adapters"):
         export_peft(bases["gpt2"], tmp_path / "adapter")
+
+
+def test_a_hugging_face_base_is_refused_in_one_line(texts, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from test_init_from import ENDOFTEXT, gpt2_tokenizer
+
+    tok = gpt2_tokenizer(tmp_path / "gpt2")
+    eot = tok.token_to_id(ENDOFTEXT)
+    cfg = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=16, n_embd=32,
+                                  n_layer=2, n_head=2, bos_token_id=eot, eos_token_id=eot)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ConfigError, match="is a Hugging Face model: make it a minigpt run first"):
+        lora_run(tmp_path / "gpt2", texts, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

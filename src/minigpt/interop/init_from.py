@@ -127,12 +127,8 @@ def model_for_run(source: InitSource, given: dict[str, Any]) -> ModelConfig:
     own = {k: given[k] for k in OWN_SETTINGS if k in given}
     if not own.get("lora_rank") and {"lora_alpha", "lora_targets"} & set(own):
         raise ConfigError("--lora-alpha and --lora-targets shape LoRA adapters: give --lora-rank R")
-    if own.get("lora_rank") and (source.kind != "minigpt" or source.adapters):
-        what = "a LoRA run" if source.adapters else "not a minigpt run directory"
-        raise ConfigError(f"--lora-rank trains adapters on a base that every load of the run reads "
-                          f"again, and --init-from {source.source} is {what}: export it as a full "
-                          "run first (minigpt export SRC --merge --out DIR), or train it without "
-                          "--lora-rank")
+    if own.get("lora_rank"):
+        _check_lora_base(source)
     for key, value in given.items():
         if key not in own and getattr(cfg, key) != value:
             flag = "--" + key.replace("_", "-")
@@ -149,6 +145,18 @@ def model_for_run(source: InitSource, given: dict[str, Any]) -> ModelConfig:
     out = dataclasses.replace(cfg, block_size=block, dropout=own.get("dropout", 0.0), **adapters)
     out.validate()
     return out
+
+
+def _check_lora_base(source: InitSource) -> None:
+    """A LoRA run's base is read again at every load: a minigpt run without adapters of its own."""
+    why = f"--lora-rank trains adapters on a base that every load of the run reads again, and " \
+          f"--init-from {source.source} is"
+    if source.adapters:
+        raise ConfigError(f"{why} a LoRA run: export it as a full run first (minigpt export SRC "
+                          "--merge --out DIR), or train it without --lora-rank")
+    if source.kind != "minigpt":
+        raise ConfigError(f"{why} a Hugging Face model: make it a minigpt run first (a full "
+                          "--init-from run), or train it without --lora-rank")
 
 
 def init_config(config_file: str | Path | None,
