@@ -6,7 +6,8 @@ message>`, no traceback, the row's non-zero exit code, and not one file in the w
 changed or deleted. The same table is the one in docs/errors.md; `test_docs_table_matches_the_matrix`
 keeps the two equal (on failure it prints the table to paste).
 
-In messages, `…` stands for text that depends on the torch version (the refusal reason of a pickle).
+In messages, `…` stands for text that depends on the torch version (the refusal reason of a pickle)
+or on the machine (the absolute path a LoRA run records of its base).
 """
 
 from __future__ import annotations
@@ -264,6 +265,43 @@ CASES = [
          "train --data corpus.txt --out new-run --init-from run --preset tiny",
          "minigpt: error: --init-from takes the model from its source; a preset picks a model size: "
          "drop --preset"),
+    # --- LoRA (docs/finetune.md) --------------------------------------------------------------------
+    Case("lora-without-init-from", "--lora-rank without --init-from",
+         "train --data corpus.txt --out new-run --lora-rank 4",
+         "minigpt: error: --lora-rank trains adapters on an existing model: give --init-from RUN"),
+    Case("lora-bad-target", "--lora-targets naming a projection that is not one",
+         "train --data corpus.txt --out new-run --init-from run --lora-rank 4 --lora-targets "
+         "attn.c_attn,lm_head",
+         "minigpt: error: --lora-targets must be one of attn.c_attn, attn.c_proj, mlp.c_fc, "
+         "mlp.c_proj; got 'lm_head'"),
+    Case("lora-negative-rank", "a negative --lora-rank",
+         "train --data corpus.txt --out new-run --init-from run --lora-rank -1",
+         "minigpt: error: lora-rank must be >= 0 (0 = off), got -1"),
+    Case("lora-alpha-without-rank", "--lora-alpha without --lora-rank",
+         "train --data corpus.txt --out new-run --init-from run --lora-alpha 8",
+         "minigpt: error: --lora-alpha and --lora-targets shape LoRA adapters: give --lora-rank R"),
+    Case("lora-on-a-lora-run", "--lora-rank on a LoRA run as the base",
+         "train --data corpus.txt --out new-run --init-from lora-run --lora-rank 4",
+         "minigpt: error: --lora-rank trains adapters on a base that every load of the run reads "
+         "again, and --init-from … is a LoRA run: export it as a full run first (minigpt export SRC "
+         "--merge --out DIR), or train it without --lora-rank"),
+    Case("lora-base-missing", "a LoRA run whose base run's checkpoint was deleted",
+         "sample lora-lost-base",
+         "minigpt: error: lora-lost-base holds LoRA adapters for the base run …/base-gone at step "
+         "10, which is not there any more; put that checkpoint back, or train the adapters again"),
+    Case("lora-base-changed", "a LoRA run whose base run's weights changed since",
+         "sample lora-changed-base",
+         "minigpt: error: lora-changed-base holds LoRA adapters for the weights of …/base-changed at "
+         "step 10, and those weights changed since (SHA-256 differs); train the adapters again on "
+         "the new base"),
+    Case("export-peft-not-lora", "--to peft of a run without LoRA adapters",
+         "export run-gpt2 --to peft --out adapter",
+         "minigpt: error: cannot export run-gpt2 to peft: it has no LoRA adapters (train one with "
+         "--lora-rank R); export the whole model with --to hf"),
+    Case("export-merge-not-lora", "--merge of a run without LoRA adapters",
+         "export run --merge --out merged",
+         "minigpt: error: --merge folds LoRA adapters into their base, and run has none: it is a "
+         "full run already"),
     # --- input formats (issue 14) -------------------------------------------------------------------
     Case("jsonl-malformed-line", "a JSON-lines file with a malformed line 3", "prepare bad.jsonl --out data",
          "minigpt: error: bad.jsonl line 3: not valid JSON (Expecting ',' delimiter at column 14) "
@@ -469,7 +507,24 @@ def workspace(workspace_dir: Path, server) -> Path:
     _cli(f"train --data prepared --out prep-run --max-iters 10 --eval-interval 10 {TINY}", ws)
     _cli("prepare abc.txt --out prepared", ws)
     make_foreign_models(ws, corpus)
+    make_lora_runs(ws)
     return ws
+
+
+def make_lora_runs(ws: Path) -> None:
+    """LoRA runs on `run`: one intact, one whose base is deleted, one whose base changed."""
+    lora = "--lora-rank 2 --max-iters 2 --eval-interval 2 --batch-size 4 --eval-iters 2 " \
+           "--sample-tokens 0 --quiet"
+    _cli(f"train --data corpus.txt --out lora-run --init-from run {lora}", ws)
+    for base, run in (("base-gone", "lora-lost-base"), ("base-changed", "lora-changed-base")):
+        shutil.copytree(ws / "run", ws / base)
+        _cli(f"train --data corpus.txt --out {run} --init-from {base} {lora}", ws)
+    shutil.rmtree(ws / "base-gone" / "checkpoints" / "step-0000010")
+    step = ws / "base-changed" / "checkpoints" / "step-0000010"
+    _flip_byte(step / ckpt.WEIGHTS)  # re-trained in place: a new file with its own checksum
+    meta = json.loads((step / ckpt.META).read_text())
+    meta["sha256"][ckpt.WEIGHTS] = fsio.sha256_file(step / ckpt.WEIGHTS)
+    (step / ckpt.META).write_text(json.dumps(meta))
 
 
 def make_foreign_models(ws: Path, corpus: str) -> None:

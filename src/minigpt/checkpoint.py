@@ -3,6 +3,11 @@
     RUN/checkpoints/step-0000500/{model.safetensors, trainer.pt, meta.json}
     RUN/checkpoints/best.json  {"step": ..., "val_loss": ...}: which step is the best (rundir.py)
 
+A LoRA run's checkpoints hold adapter.safetensors (the adapters alone) in place of model.safetensors:
+its frozen base is the checkpoint of the --init-from run that config.json names by path, step and
+SHA-256 (TrainConfig.init_*), read from there at every load (`base_state`) and refused, in one
+line, when it is gone or its weights changed.
+
 Each checkpoint is written into a temporary directory, every file fsynced, then renamed into place, so a
 crash never leaves a half-written checkpoint under a real name; meta.json holds SHA-256 checksums, so a
 truncated or corrupted file is detected at load time. Weights are safetensors; trainer state (optimizer
@@ -26,12 +31,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import rundir
+from . import lora, rundir
+from .config import ModelConfig, TrainConfig
 from .errors import CheckpointError
 from .fsio import atomic_write_text, fsync_dir, sha256_file
+from .model import GPT
 from .rundir import FORMAT_VERSION, checkpoints_dir
 
 WEIGHTS = "model.safetensors"
+ADAPTER = "adapter.safetensors"  # a LoRA run's checkpoints: the adapters, without their base
 TRAINER = "trainer.pt"
 META = "meta.json"
 
@@ -61,16 +69,30 @@ def read_weights(path: Path, framework: str = "pt") -> dict[str, Any]:
         raise CheckpointError(f"cannot read weights {path}: {e}") from None
 
 
+def weights_file(cfg: ModelConfig) -> str:
+    """The name of the weights file in a checkpoint of a model of `cfg`."""
+    return ADAPTER if cfg.lora_rank else WEIGHTS
+
+
+def saved_state(model: GPT) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores of `model`: every weight, or a LoRA model's adapters alone."""
+    return lora.adapter_state(model) if model.config.lora_rank else weights_state(model)
+
+
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     load_state(model, read_weights(path), path)
 
 
-def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path | str) -> None:
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path | str,
+               part: str = "all") -> None:
     """Copy `state` (minigpt names, tied tensors once) into `model`, refusing any name or shape
-    that does not match; `path` names where the weights came from in the error."""
-    tied = {k for k in model.state_dict() if k not in weights_state(model)}
-    missing = set(model.state_dict()) - set(state) - tied
-    unexpected = set(state) - set(model.state_dict())
+    that does not match; `path` names where the weights came from in the error. `part`: "all"
+    of the model's tensors, its "base" (all but LoRA adapters) or its "adapter"s alone."""
+    names = {k for k in model.state_dict()
+             if part == "all" or lora.is_adapter(k) == (part == "adapter")}
+    tied = {k for k in names if k not in weights_state(model)}
+    missing = names - set(state) - tied
+    unexpected = set(state) - names
     if missing or unexpected:
         raise CheckpointError(
             f"weights in {path} do not match the model config "
@@ -85,6 +107,54 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Pat
                 f"{list(tensor.shape)} in the checkpoint, {list(expected[name].shape)} in the model"
             )
     model.load_state_dict(state, strict=False)
+
+
+def fit_positions(state: dict[str, torch.Tensor], block_size: int) -> dict[str, torch.Tensor]:
+    """`state` for a model of a context up to its own: a learned position table cut to
+    `block_size` rows, which computes exactly what the full one does on contexts that short."""
+    wpe = state.get("wpe.weight")
+    if wpe is not None and wpe.size(0) > block_size:
+        state = {**state, "wpe.weight": wpe[:block_size].clone()}
+    return state
+
+
+def base_state(run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The frozen base weights of LoRA run `run_dir`: its --init-from run's checkpoint at the
+    recorded step, checked against the recorded SHA-256."""
+    base, step = tcfg.init_from, tcfg.init_step
+    if base is None or step is None or tcfg.init_sha256 is None:
+        raise CheckpointError(f"{run_dir} is a LoRA run whose config.json does not name its base "
+                              "run (init_from, init_step, init_sha256)")
+    where = checkpoints_dir(Path(base)) / step_dir_name(step)
+    if not where.is_dir():
+        raise CheckpointError(f"{run_dir} holds LoRA adapters for the base run {base} at step "
+                              f"{step}, which is not there any more; put that checkpoint back, or "
+                              "train the adapters again")
+    meta = verify_checkpoint(where)
+    if meta["sha256"].get(WEIGHTS) != tcfg.init_sha256:
+        raise CheckpointError(f"{run_dir} holds LoRA adapters for the weights of {base} at step "
+                              f"{step}, and those weights changed since (SHA-256 differs); train "
+                              "the adapters again on the new base")
+    return fit_positions(read_weights(where / WEIGHTS), mcfg.block_size)
+
+
+def load_checkpoint(model: GPT, path: Path, run_dir: Path, tcfg: TrainConfig) -> None:
+    """Load checkpoint `path` of `run_dir` into `model`: its weights, or a LoRA run's base and
+    adapters."""
+    if not model.config.lora_rank:
+        return load_weights(model, path / WEIGHTS)
+    load_state(model, base_state(run_dir, model.config, tcfg), tcfg.init_from or "", "base")
+    load_state(model, read_weights(path / ADAPTER), path / ADAPTER, "adapter")
+
+
+def load_model(run_dir: Path, which: str = "best") -> tuple[GPT, dict[str, Any]]:
+    """The model of a run at checkpoint `which` (see find_for_inference), on the CPU in float32,
+    in eval mode; -> (model, the checkpoint's meta.json)."""
+    mcfg, tcfg = rundir.read_config(run_dir)
+    path, meta = find_for_inference(run_dir, which)
+    model = GPT(mcfg)
+    load_checkpoint(model, path, Path(run_dir), tcfg)
+    return model.eval(), meta
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -119,12 +189,13 @@ def save_checkpoint(
     Any failure (disk full, unwritable directory, a crash) leaves the earlier checkpoints untouched.
     """
     root = checkpoints_dir(run_dir)
-    weights = weights_state(model)
+    weights = saved_state(model)
     bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"refusing to save checkpoint at step {step}: {bad[0]} holds NaN or inf")
     try:
-        final = _write_checkpoint(root, step, weights, trainer_state, meta)
+        final = _write_checkpoint(root, step, {weights_file(model.config): weights}, trainer_state,
+                                  meta)
         if is_best:
             rundir.write_best(run_dir, step, meta.get("val_loss"))
     except OSError as e:
@@ -137,9 +208,10 @@ def save_checkpoint(
     return final
 
 
-def _write_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor],
+def _write_checkpoint(root: Path, step: int, weights: dict[str, dict[str, torch.Tensor]],
                       trainer_state: dict[str, Any] | None, meta: dict[str, Any]) -> Path:
-    """Write into a temp dir, fsync every file, then rename it to its final name."""
+    """Write into a temp dir, fsync every file, then rename it to its final name. `weights`:
+    file name -> tensors."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
@@ -147,8 +219,9 @@ def _write_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor],
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_file(weights, str(tmp / WEIGHTS))
-        files = [WEIGHTS]
+        for name, tensors in weights.items():
+            save_file(tensors, str(tmp / name))
+        files = list(weights)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER)
             files.append(TRAINER)

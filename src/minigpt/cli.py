@@ -230,12 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", formatter_class=_Help,
                        help="write a run in another tool's format: a Hugging Face transformers model "
-                            "directory (--to hf) or a GGUF file for llama.cpp (--to gguf)")
+                            "directory (--to hf), a GGUF file for llama.cpp (--to gguf), a PEFT "
+                            "adapter (--to peft), or a LoRA run as a full run (--merge)")
     p.add_argument("run_dir")
-    p.add_argument("--to", required=True, choices=tuple(EXPORTERS),
-                   help="hf: a directory AutoModelForCausalLM / AutoTokenizer load, no custom code; "
-                        "gguf: FILE.gguf for llama.cpp, Ollama, LM Studio")
-    p.add_argument("--out", required=True, help="the directory (hf) or file (gguf) to write")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--to", choices=tuple(EXPORTERS),
+                      help="hf: a directory AutoModelForCausalLM / AutoTokenizer load, no custom "
+                           "code; gguf: FILE.gguf for llama.cpp, Ollama, LM Studio (float32 "
+                           "unless --outtype); peft: a LoRA run's adapters for peft.PeftModel.from_pretrained "
+                           "on its base's hf export (LoRA runs are merged for hf and gguf)")
+    what.add_argument("--merge", action="store_true",
+                      help="a LoRA run with its adapters folded in, as a full run directory")
+    p.add_argument("--out", required=True, help="the directory (hf, peft, --merge) or file (gguf) "
+                                                "to write")
     # checked by export_gguf, not argparse: an unknown name is then one line, as from the API
     p.add_argument("--outtype", default=None, metavar="TYPE",
                    help="gguf only: how matrices are stored, f32 (exact) | f16 | bf16 | q8_0 "
@@ -479,12 +486,29 @@ def _export_gguf(args: argparse.Namespace) -> str:
             f"load it{kept}")
 
 
+def _export_peft(args: argparse.Namespace) -> str:
+    from .interop.peft import export_peft
+
+    s = export_peft(args.run_dir, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
+    return (f"wrote {s['out']}: {s['tensors']} PEFT LoRA tensors ({s['params']:,} parameters) of "
+            f"{s['run_dir']} step {s['step']} for a {s['architecture']}; load them onto the hf "
+            f"export of {s['base']} with peft.PeftModel.from_pretrained(model, {s['out']!r})")
+
+
+def _export_merged(args: argparse.Namespace) -> str:
+    from .interop.merge import export_merged
+
+    s = export_merged(args.run_dir, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
+    return (f"wrote {s['out']}: {s['run_dir']} step {s['step']} with its adapters folded into its "
+            f"base, a full run of {s['params']:,} parameters")
+
+
 # --to FORMAT -> the function that writes it and returns the line to print
-EXPORTERS = {"hf": _export_hf, "gguf": _export_gguf}
+EXPORTERS = {"hf": _export_hf, "gguf": _export_gguf, "peft": _export_peft}
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    print(EXPORTERS[args.to](args))
+    print(_export_merged(args) if args.merge else EXPORTERS[args.to](args))
     return 0
 
 

@@ -59,6 +59,8 @@ LOG_BACKENDS = ("jsonl", "tensorboard", "wandb", "csv")  # jsonl (metrics.jsonl)
 # Keys renamed since 0.1.0, old -> new: config.json, TOML files and keyword arguments that use an
 # old name keep working.
 RENAMED_KEYS = {"engine": "backend"}
+# The projections of a block a LoRA adapter can sit on, by their module names in a block (GPT-2's)
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 LAYOUT_CHOICES = {
     "pos_emb": ("learned", "rope"),
     "norm": ("layernorm", "rmsnorm"),
@@ -119,11 +121,20 @@ class ModelConfig:
                                        "Persimmon's order, exportable)",
                                        LAYOUT_CHOICES["qk_norm_order"])
     tie_embeddings: bool | None = option(None, "the LM head reuses the token embedding matrix")
+    # LoRA (model.py, lora.py): rank 0 = none. With a rank, the weights above are a frozen base and
+    # each target projection W x becomes W x + (alpha / rank) B A x, A (rank, in), B (out, rank).
+    lora_rank: int = option(0, "train low-rank adapters of this rank on a frozen --init-from "
+                            "model instead of every weight (0 = off; docs/finetune.md)")
+    lora_alpha: float = option(16.0, "LoRA scale numerator: adapters add (alpha / rank) B A x")
+    lora_targets: tuple[str, ...] = option(LORA_TARGETS, "projections that get adapters, "
+                                           "comma-separated or repeated", LORA_TARGETS,
+                                           multiple=True)
 
     def __post_init__(self) -> None:
         for name, value in ARCHS.get(self.arch, {}).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        self.lora_targets = tuple(dict.fromkeys(split_names(self.lora_targets)))
 
     def validate(self) -> None:
         check_choices(self)  # arch first: an unknown one leaves its switches None
@@ -139,6 +150,14 @@ class ModelConfig:
         if self.pos_emb == "rope" and self.head_dim % 2:
             raise ConfigError(f"rotary embeddings need an even head size (n-embd / n-head), "
                               f"got {self.head_dim}")
+        if self.lora_rank < 0:
+            raise ConfigError(f"lora-rank must be >= 0 (0 = off), got {self.lora_rank}")
+        if self.lora_rank:
+            if not self.lora_targets:
+                raise ConfigError("lora-targets must name at least one of "
+                                  f"{', '.join(LORA_TARGETS)}")
+            if not self.lora_alpha > 0:
+                raise ConfigError(f"lora-alpha must be > 0, got {self.lora_alpha}")
 
     @property
     def head_dim(self) -> int:
@@ -259,12 +278,16 @@ class TrainConfig:
             raise ConfigError("--init-checkpoint picks a checkpoint of --init-from RUN; give --init-from")
 
 
-def log_backends(value: Any) -> tuple[str, ...]:
-    """--log as given (a string, or a list from repeated flags, TOML or config.json, each item
-    possibly comma-separated) -> distinct names in order, jsonl first: it is always on."""
+def split_names(value: Any) -> list[str]:
+    """A `multiple` field as given (a string, or a list from repeated flags, TOML or config.json,
+    each item possibly comma-separated) -> its names, lower-cased, in order."""
     items = [value] if isinstance(value, str) else list(value or ())
-    names = [n.strip().lower() for item in items for n in str(item).split(",") if n.strip()]
-    return tuple(dict.fromkeys(["jsonl", *names]))
+    return [n.strip().lower() for item in items for n in str(item).split(",") if n.strip()]
+
+
+def log_backends(value: Any) -> tuple[str, ...]:
+    """--log as given -> distinct names in order, jsonl first: it is always on."""
+    return tuple(dict.fromkeys(["jsonl", *split_names(value)]))
 
 
 @dataclass(frozen=True)
@@ -316,6 +339,11 @@ DEFAULT_PRESET = "small"
 # come from the source, never from a preset.
 FINETUNE_DEFAULTS: dict[str, Any] = dict(optimizer="adamw", lr=3e-4, min_lr=3e-5, warmup_iters=10,
                                          max_iters=200, eval_interval=50, weight_decay=0.1)
+# With --lora-rank, above FINETUNE_DEFAULTS: a LoRA update moves the weights by (alpha / r) B A,
+# which starts at zero and grows through two small factors, so adapters take ten times full
+# fine-tuning's learning rate: of 3e-4, 1e-3 and 3e-3, the last reached the lowest validation loss
+# at equal steps (benchmarks/lora.py, docs/finetune.md#lora).
+LORA_DEFAULTS: dict[str, Any] = dict(lr=3e-3, min_lr=3e-4)
 
 MODEL_KEYS = {f.name for f in fields(ModelConfig)}
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
@@ -425,7 +453,7 @@ def resolve(
 def resolve_finetune(config_file: str | Path | None = None,
                      overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], TrainConfig]:
     """(the model settings given explicitly, TrainConfig) for a run with --init-from: dataclass
-    defaults < FINETUNE_DEFAULTS < TOML file < flags. The model itself comes from the source, so
+    defaults < FINETUNE_DEFAULTS (< LORA_DEFAULTS with --lora-rank) < TOML file < flags. The model itself comes from the source, so
     the model settings are returned for the caller to check against it, and a preset is refused."""
     given = given_settings(None, config_file, overrides)
     if given.preset:
@@ -433,7 +461,8 @@ def resolve_finetune(config_file: str | Path | None = None,
                           "size: drop --preset")
     if "tokenizer" in given.train or "tokenizer_vocab_size" in given.train:
         raise ConfigError("--init-from brings its model's tokenizer; drop --tokenizer/--vocab-size")
-    tcfg = TrainConfig(**_typed(TrainConfig, {**FINETUNE_DEFAULTS, **given.train}))
+    lora = LORA_DEFAULTS if given.model.get("lora_rank") else {}
+    tcfg = TrainConfig(**_typed(TrainConfig, {**FINETUNE_DEFAULTS, **lora, **given.train}))
     tcfg.validate()
     return _typed(ModelConfig, given.model), tcfg
 

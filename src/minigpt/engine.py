@@ -149,9 +149,7 @@ def load(run_dir: str | Path, checkpoint: str = "best", device: str = "auto",
         raise CheckpointError(
             f"{run_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model expects {mcfg.vocab_size}"
         )
-    path, meta = ckpt.find_for_inference(run_dir, checkpoint)
-    model = GPT(mcfg)
-    ckpt.load_weights(model, path / ckpt.WEIGHTS)
+    model, meta = ckpt.load_model(run_dir, checkpoint)  # a LoRA run: its base and adapters
     dev = resolve_device(device)
     model.to(device=dev, dtype=resolve_dtype(dtype, dev))
     return Engine(model, tokenizer, bos_prompts=tcfg.docs is not None, step=meta.get("step"))

@@ -22,6 +22,10 @@ torch.nn.functional on the block's tensors, gathered once outside training: deco
 few dozen small operations, and a module call per norm and projection (plus an attribute lookup per
 weight) cost as much again (docs/speed.md).
 
+With `lora_rank` > 0 the weights are a frozen base and each target projection adds a low-rank
+adapter (lora.py): `_layer` computes it through `lora.project`; an evaluating model gathers the
+weights with the adapters folded in, so decoding costs what the base's does.
+
 `forward(..., return_attention=True)` also returns every head's attention weights, computed as an
 explicit softmax(QK^T / sqrt(d) + causal mask) that only this option pays for.
 """
@@ -36,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import lora
 from .config import ModelConfig
 from .kv_cache import KVCache
 
@@ -141,12 +146,18 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def tensors(self) -> tuple[torch.Tensor | None, ...]:
-        """The block's parameters in the order `GPT._layer` takes them (None: a bias it lacks)."""
+    def tensors(self, cfg: ModelConfig, fold: bool) -> tuple:
+        """The block's parameters in the order `GPT._layer` takes them (None: a bias it lacks),
+        then each projection's LoRA adapter (None: none, or folded into its weight with `fold`)."""
         a, m = self.attn, self.mlp
-        return (self.ln_1.weight, getattr(self.ln_1, "bias", None), a.c_attn.weight, a.c_attn.bias,
-                a.c_proj.weight, a.c_proj.bias, self.ln_2.weight, getattr(self.ln_2, "bias", None),
-                m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias, a.qk_gain())
+        projections = (a.c_attn, a.c_proj, m.c_fc, m.c_proj)
+        adapters = [lora.adapter_of(p, cfg) for p in projections]
+        weights = [p.weight for p in projections]
+        if fold:
+            weights, adapters = [lora.fold(w, ad) for w, ad in zip(weights, adapters)], [None] * 4
+        return (self.ln_1.weight, getattr(self.ln_1, "bias", None), weights[0], a.c_attn.bias,
+                weights[1], a.c_proj.bias, self.ln_2.weight, getattr(self.ln_2, "bias", None),
+                weights[2], m.c_fc.bias, weights[3], m.c_proj.bias, a.qk_gain(), *adapters)
 
 
 def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -184,6 +195,8 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # one matrix embeds and un-embeds
         self.init_weights()
+        if cfg.lora_rank:
+            lora.attach(self, cfg)  # after init_weights: B starts at zero, not at N(0, 0.02)
         # the layout's switches, read once
         self._rms = cfg.norm == "rmsnorm"
         self._qk_norm = bool(cfg.qk_norm)
@@ -193,6 +206,14 @@ class GPT(nn.Module):
     def _apply(self, fn, recurse=True):
         self._tensors = None  # .to() / .half() may give parameters new tensors: gather them again
         return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        self._tensors = None  # folded LoRA weights are copies: training moves the adapters
+        return super().train(mode)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._tensors = None  # and so does loading other weights
+        return super().load_state_dict(*args, **kwargs)
 
     def init_weights(self) -> None:
         """GPT-2 init: N(0, 0.02), zero biases, residual projections scaled by 1/sqrt(2 * n_layer).
@@ -250,7 +271,7 @@ class GPT(nn.Module):
         x = _dropout(x, dropout).view(B * T, -1)  # 2-D through the blocks: the projections' shape
         layers = self._tensors
         if layers is None or self.training:  # training gathers them each step: nothing is kept
-            layers = [block.tensors() for block in self.h]
+            layers = [block.tensors(self.config, fold=not self.training) for block in self.h]
             if not self.training:
                 self._tensors = layers
         for i, tensors in enumerate(layers):
@@ -271,8 +292,8 @@ class GPT(nn.Module):
                cache: KVCache | None, attention: list[torch.Tensor] | None, dropout: float
                ) -> torch.Tensor:
         """Block i: x + attention(ln_1(x)), then + MLP(ln_2(x)); x (B * T, C)."""
-        w1, b1, wa, ba, wp, bp, w2, b2, wf, bf, wo, bo, gain = tensors
-        qkv = F.linear(norm(x, w1, b1, self._rms), wa, ba)
+        w1, b1, wa, ba, wp, bp, w2, b2, wf, bf, wo, bo, gain, la, lp, lf, lo = tensors  # l*: LoRA
+        qkv = lora.project(norm(x, w1, b1, self._rms), wa, ba, la)
         qkv = qkv.view(B, T, 3, self.config.n_head, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         # split, not indexing: its backward is one concatenation instead of zero-filled copies
         qk, v = qkv.split_with_sizes((2, 1))  # queries and keys together: one set of operations
@@ -292,8 +313,8 @@ class GPT(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=at.mask, is_causal=at.causal,
                                                dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B * T, -1)  # re-assemble heads
-        x = x + _dropout(F.linear(y, wp, bp), dropout)
-        h = F.linear(norm(x, w2, b2, self._rms), wf, bf)
+        x = x + _dropout(lora.project(y, wp, bp, lp), dropout)
+        h = lora.project(norm(x, w2, b2, self._rms), wf, bf, lf)
         if self.config.activation == "relu2":
             # in place where no graph is recorded: two allocations fewer per decoded token
             h = F.relu(h).square() if torch.is_grad_enabled() else h.relu_().square_()
@@ -304,7 +325,7 @@ class GPT(nn.Module):
             h = F.gelu(h)
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
-        return x + _dropout(F.linear(h, wo, bo), dropout)
+        return x + _dropout(lora.project(h, wo, bo, lo), dropout)
 
     def _positions(self, pos: int | Sequence[int], B: int, T: int, device: torch.device,
                    cached: bool) -> Positions:
@@ -329,8 +350,11 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {end} exceeds block_size {self.config.block_size}")
         return at
 
-    def num_params(self, non_embedding: bool = False) -> int:
-        """Unique parameters (a tied head counts once); optionally without position embeddings."""
+    def num_params(self, non_embedding: bool = False, trainable: bool = False) -> int:
+        """Unique parameters (a tied head counts once); optionally without position embeddings, or
+        only those that train (a LoRA model's adapters)."""
+        if trainable:
+            return sum(p.numel() for p in self.parameters() if p.requires_grad)
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and self.config.pos_emb == "learned":
             n -= self.wpe.weight.numel()

@@ -8,7 +8,8 @@ separate q/k/v without biases, per-head RMS q/k norms with weights before neox r
 ffn_gate/ffn_up/ffn_down). Anything else is refused with one line that names the blocking switch. Weights are written as float32 by default, as trained: the file is exact.
 `outtype` (the names of llama.cpp's convert_hf_to_gguf.py --outtype) stores the matrices as f16, bf16
 or q8_0 instead, by the converter's rules: 1-D tensors and norms stay float32, and a matrix whose rows
-do not divide q8_0's block of 32 values falls back to f16 (the export lists which).
+do not divide q8_0's block of 32 values falls back to f16 (the export lists which). A LoRA run is written with its adapters folded into its
+base's weights.
 
 The tokenizer is written in GGUF's own form (tokenizer.ggml.*) as a GPT-2 style byte-level BPE, which
 llama.cpp tokenizes the way minigpt does for every kind: `bpe` is that already; `bytes` is the 256
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .. import checkpoint as ckpt
-from .. import rundir
+from .. import lora, rundir
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import GPT, RMS_NORM_EPS, ROPE_BASE
@@ -288,11 +289,11 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"--out {out}: directory {out.parent} is not writable")
 
 
-def _load_model(run_dir: Path, cfg: ModelConfig, checkpoint: str) -> tuple[GPT, dict[str, Any]]:
-    path, meta = ckpt.find_for_inference(run_dir, checkpoint)
-    model = GPT(cfg)
-    ckpt.load_weights(model, path / ckpt.WEIGHTS)
-    return model.eval(), meta
+def _load_model(run_dir: Path, checkpoint: str) -> tuple[GPT, dict[str, Any]]:
+    """The checkpoint's model; a LoRA run's with its adapters folded in (llama.cpp's --lora
+    adapters are not written: a merged file computes the same)."""
+    model, meta = ckpt.load_model(run_dir, checkpoint)
+    return lora.merged(model), meta
 
 
 def export_gguf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
@@ -318,7 +319,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
         raise CheckpointError(f"{run_dir}: tokenizer has {tok.vocab_size} tokens but the model "
                               f"expects {cfg.vocab_size}")
     _check_out(out, overwrite)
-    model, meta = _load_model(run_dir, cfg, checkpoint)
+    model, meta = _load_model(run_dir, checkpoint)
     tensors = gguf_tensors(model)
     types, kept = stored_types(tensors, outtype)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

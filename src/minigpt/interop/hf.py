@@ -25,7 +25,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from .. import __version__, rundir
+from .. import __version__, lora, rundir
 from ..config import ModelConfig, TrainConfig, resolve
 from ..data.dataset import is_prepared, load_prepared
 from ..engine import load
@@ -44,11 +44,13 @@ def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
     refused = hf_model.refusal(mcfg)
     if refused:
         raise ConfigError(f"cannot export {run_dir} to hf: {refused[0]}; {refused[1]}")
-    _check_out(out, overwrite)
+    check_out_dir(out, overwrite)
     engine = load(run_dir, checkpoint, device="cpu", dtype="float32")  # weights as trained
-    model, tokenizer = engine.model, engine.tokenizer
+    # a LoRA run: its adapters folded into its base (`--to peft` writes them apart: peft.py)
+    model, tokenizer = lora.merged(engine.model), engine.tokenizer
     arch = hf_model.architecture(mcfg)
-    weights = {k: v.detach().contiguous() for k, v in arch.weights(mcfg, model.state_dict()).items()}
+    weights = {k: v.detach().contiguous()
+               for k, v in arch.weights(model.config, model.state_dict()).items()}
     specials = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
     summary = {
         "run_dir": str(run_dir), "out": str(out), "step": engine.step, "architecture": arch.name,
@@ -64,7 +66,7 @@ def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
         **tokenizer_files(tokenizer, mcfg.block_size, bos_prompts=tcfg.docs is not None),
         "README.md": model_card(summary, arch, mcfg, tcfg, _data_meta(run_dir, tcfg)),
     }
-    _write_directory(out, files, weights)
+    write_directory(out, files, weights)
     return summary
 
 
@@ -84,19 +86,22 @@ def _generation_config(specials: dict[str, int]) -> dict[str, Any]:
 # --- the output directory ------------------------------------------------------------------------
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def check_out_dir(out: Path, overwrite: bool, marker: str = "config.json", what: str = "model"
+                  ) -> None:
+    """--out is new, empty, or (with `overwrite`) an earlier export: a directory holding `marker`."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a directory; choose another --out")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace it, or "
                               "choose another --out")
-        if not (out / "config.json").is_file():
-            raise ConfigError(f"{out} is not a model directory (no config.json); --overwrite replaces "
+        if not (out / marker).is_file():
+            raise ConfigError(f"{out} is not a {what} directory (no {marker}); --overwrite replaces "
                               "only an earlier export, choose another --out")
 
 
-def _write_directory(out: Path, files: dict[str, str], weights: dict[str, Any]) -> None:
+def write_directory(out: Path, files: dict[str, str], weights: dict[str, Any],
+                    weights_name: str = "model.safetensors") -> None:
     """Write everything into a temp directory beside `out`, fsync it, then rename it to `out`."""
     out = Path(os.path.abspath(out))
     created = out.parent  # the top-most directory this call creates, removed again on failure
@@ -107,8 +112,8 @@ def _write_directory(out: Path, files: dict[str, str], weights: dict[str, Any]) 
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     try:
         tmp.mkdir(parents=True)
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        os.chmod(tmp / "model.safetensors", 0o644)  # safetensors creates it owner-only
+        save_file(weights, str(tmp / weights_name), metadata={"format": "pt"})
+        os.chmod(tmp / weights_name, 0o644)  # safetensors creates it owner-only
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
         for p in tmp.iterdir():
@@ -174,6 +179,8 @@ def train_command(mcfg: ModelConfig, tcfg: TrainConfig) -> str:
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             args.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple):  # a `multiple` field: one comma-separated value
+            args += [flag, ",".join(value)]
         else:
             args += [flag, str(value)]
     return shlex.join(args)

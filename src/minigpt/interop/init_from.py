@@ -8,6 +8,10 @@ tokenizer files only). The model config and the tokenizer come from SRC; a model
 which computes exactly what the source does on contexts up to that length). The run records the
 source, its step and the SHA-256 of its weights file in config.json (TrainConfig.init_*).
 
+With `--lora-rank R` the source is the run's frozen base, loaded again from that record at every
+load of the run (checkpoint.base_state), so it must be a minigpt run directory with no adapters of
+its own. A LoRA run as the source of a full fine-tune gives its weights with the adapters folded in.
+
 Everything here runs before the run directory is claimed, so a refused SRC writes nothing.
 """
 
@@ -22,7 +26,7 @@ from typing import Any
 import torch
 
 from .. import checkpoint as ckpt
-from .. import rundir
+from .. import lora, rundir
 from ..config import ModelConfig, TrainConfig, resolve_finetune
 from ..errors import CheckpointError, ConfigError
 from ..tokenization import Tokenizer
@@ -34,7 +38,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 HUB_FILES = ["config.json", "*.safetensors", hf_import.WEIGHTS_INDEX, "tokenizer.json",
              "vocab.json", "merges.txt"]
 # model settings a fine-tune may set for itself (see the module docstring)
-OWN_SETTINGS = ("dropout", "block_size")
+OWN_SETTINGS = ("dropout", "block_size", "lora_rank", "lora_alpha", "lora_targets")
 
 
 @dataclass
@@ -46,6 +50,7 @@ class InitSource:
     model: ModelConfig
     tokenizer: Tokenizer
     state: dict[str, torch.Tensor]  # minigpt names and layout
+    adapters: bool = False  # a LoRA run's weights, folded: not a base for adapters of its own
 
 
 def resolve_source(src: str, checkpoint: str | None = None) -> InitSource:
@@ -82,10 +87,15 @@ def _run_source(path: Path, which: str) -> InitSource:
     if tok.vocab_size != mcfg.vocab_size:
         raise CheckpointError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model "
                               f"expects {mcfg.vocab_size}")
-    where, meta = ckpt.find_for_inference(path, which)  # checks every file's checksum
-    state = ckpt.read_weights(where / ckpt.WEIGHTS)
+    if mcfg.lora_rank:  # base and adapters, folded into one set of weights
+        model, meta = ckpt.load_model(path, which)
+        state = ckpt.weights_state(lora.merged(model))
+    else:
+        where, meta = ckpt.find_for_inference(path, which)  # checks every file's checksum
+        state = ckpt.read_weights(where / ckpt.WEIGHTS)
     return InitSource(str(path.resolve()), "minigpt", int(meta["step"]),
-                      meta["sha256"][ckpt.WEIGHTS], mcfg, tok, state)
+                      meta["sha256"][ckpt.weights_file(mcfg)], lora.base_config(mcfg), tok,
+                      state, adapters=mcfg.lora_rank > 0)
 
 
 def _hf_source(path: Path) -> InitSource:
@@ -115,6 +125,10 @@ def model_for_run(source: InitSource, given: dict[str, Any]) -> ModelConfig:
     must agree with SRC. Cuts `source.state`'s position table to a smaller block size."""
     cfg = source.model
     own = {k: given[k] for k in OWN_SETTINGS if k in given}
+    if not own.get("lora_rank") and {"lora_alpha", "lora_targets"} & set(own):
+        raise ConfigError("--lora-alpha and --lora-targets shape LoRA adapters: give --lora-rank R")
+    if own.get("lora_rank"):
+        _check_lora_base(source)
     for key, value in given.items():
         if key not in own and getattr(cfg, key) != value:
             flag = "--" + key.replace("_", "-")
@@ -124,13 +138,25 @@ def model_for_run(source: InitSource, given: dict[str, Any]) -> ModelConfig:
     if block > cfg.block_size:
         raise ConfigError(f"--block-size {block} is larger than the --init-from model's "
                           f"{cfg.block_size}, which has no positions beyond that")
-    if "wpe.weight" in source.state and block < cfg.block_size:
-        source.state["wpe.weight"] = source.state["wpe.weight"][:block].clone()
+    source.state = ckpt.fit_positions(source.state, block)
     # dropout is a training setting, not part of what the source learnt: 0 unless asked for, as in
     # nanoGPT's fine-tuning config
-    out = dataclasses.replace(cfg, block_size=block, dropout=own.get("dropout", 0.0))
+    adapters = {k: own[k] for k in ("lora_rank", "lora_alpha", "lora_targets") if k in own}
+    out = dataclasses.replace(cfg, block_size=block, dropout=own.get("dropout", 0.0), **adapters)
     out.validate()
     return out
+
+
+def _check_lora_base(source: InitSource) -> None:
+    """A LoRA run's base is read again at every load: a minigpt run without adapters of its own."""
+    why = f"--lora-rank trains adapters on a base that every load of the run reads again, and " \
+          f"--init-from {source.source} is"
+    if source.adapters:
+        raise ConfigError(f"{why} a LoRA run: export it as a full run first (minigpt export SRC "
+                          "--merge --out DIR), or train it without --lora-rank")
+    if source.kind != "minigpt":
+        raise ConfigError(f"{why} a Hugging Face model: make it a minigpt run first (a full "
+                          "--init-from run), or train it without --lora-rank")
 
 
 def init_config(config_file: str | Path | None,

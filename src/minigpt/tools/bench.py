@@ -120,6 +120,7 @@ def bench_train(
         "arch": mcfg.arch,
         "optimizer": tcfg.optimizer,
         "params": trainer.model.num_params(),
+        "trainable_params": trainer.model.num_params(trainable=True),  # fewer: LoRA adapters
         "n_layer": mcfg.n_layer, "n_embd": mcfg.n_embd, "block_size": mcfg.block_size,
         "batch_size": tcfg.batch_size, "grad_accum": tcfg.grad_accum,
         "device": str(device),

@@ -42,22 +42,41 @@ def param_count(mcfg: ModelConfig) -> int:
         return GPT(mcfg).num_params()
 
 
+def trainable_param_count(mcfg: ModelConfig) -> int:
+    """Parameters that train: all of them, or a LoRA model's adapters."""
+    with torch.device("meta"):
+        return GPT(mcfg).num_params(trainable=True)
+
+
 def muon_param_count(mcfg: ModelConfig) -> int:
     """Parameters that take Muon steps (the hidden matrices) when training with --optimizer muon."""
     with torch.device("meta"):
-        return sum(p.numel() for n, p in GPT(mcfg).named_parameters() if is_muon_param(n, p))
+        return sum(p.numel() for n, p in GPT(mcfg).named_parameters()
+                   if p.requires_grad and is_muon_param(n, p))
 
 
 def memory_breakdown(mcfg: ModelConfig, params: int, batch_size: int,
                      optimizer: str) -> dict[str, dict[str, int]]:
     """Training memory per device in bytes, for float32 and for bf16/fp16 autocast."""
     muon = muon_param_count(mcfg) if optimizer == "muon" else 0
-    return {name: training_memory(mcfg, params, batch_size, mixed, muon).to_dict()
+    trained = trainable_param_count(mcfg)
+    return {name: training_memory(mcfg, params, batch_size, mixed, muon, trained).to_dict()
             for name, mixed in (("float32", False), ("bfloat16", True))}
+
+
+def lora_info(run_dir: Path, mcfg: ModelConfig, tcfg: Any) -> dict[str, Any] | None:
+    """A LoRA run's adapters and its base, which must still be there as recorded (else one line)."""
+    if not mcfg.lora_rank:
+        return None
+    ckpt.base_state(run_dir, mcfg, tcfg)
+    return {"rank": mcfg.lora_rank, "alpha": mcfg.lora_alpha, "targets": list(mcfg.lora_targets),
+            "adapter_params": trainable_param_count(mcfg), "base": tcfg.init_from,
+            "base_step": tcfg.init_step}
 
 
 def run_info(run_dir: Path) -> dict[str, Any]:
     mcfg, tcfg = rundir.read_config(run_dir)
+    adapters = lora_info(run_dir, mcfg, tcfg)
     ckpts = ckpt.list_checkpoints(run_dir)
     best = ckpt.best_step(run_dir)
     best_val = rundir.read_best(run_dir)["val_loss"] if best is not None else None
@@ -74,6 +93,7 @@ def run_info(run_dir: Path) -> dict[str, Any]:
         "checkpoints": [s for s, _ in ckpts],
         "init_from": ({"source": tcfg.init_from, "step": tcfg.init_step, "sha256": tcfg.init_sha256}
                       if tcfg.init_from else None),
+        "lora": adapters,
         "model": dataclasses.asdict(mcfg),
         "train": dataclasses.asdict(tcfg),
     }
@@ -99,6 +119,7 @@ def format_run_info(info: dict[str, Any]) -> str:
         f"best val loss:  {best}",
         f"checkpoints:    {', '.join(map(str, info['checkpoints'])) or 'none'}",
         *([_init_line(info["init_from"])] if info.get("init_from") else []),
+        *([_lora_line(info["lora"])] if info.get("lora") else []),
         f"train memory:   {format_bytes(info['memory']['float32']['total'])} float32, "
         f"{format_bytes(info['memory']['bfloat16']['total'])} bf16 per device "
         f"(estimate at batch-size {info['train']['batch_size']}; see docs/gpu.md)",
@@ -112,6 +133,12 @@ def _init_line(init: dict[str, Any]) -> str:
     """Where a run started from (train --init-from): the source, its step, its weights' checksum."""
     step = f"step {init['step']}, " if init["step"] is not None else ""
     return f"initialised from: {init['source']} ({step}sha256 {init['sha256']})"
+
+
+def _lora_line(ad: dict[str, Any]) -> str:
+    return (f"LoRA adapters:  rank {ad['rank']}, alpha {ad['alpha']:g}, on {', '.join(ad['targets'])}"
+            f": {ad['adapter_params']:,} trained parameters on the frozen base {ad['base']} (step "
+            f"{ad['base_step']})")
 
 
 def format_presets(rows: list[dict[str, Any]], vocab_size: int = SHAKESPEARE_VOCAB) -> str:

@@ -10,6 +10,7 @@ per activation element (4 for float32; 2 under bf16/fp16 autocast):
     gradients        4N      float32; under DDP they live in the all-reduce buckets, no second copy
     optimizer        8N      AdamW's exp_avg and exp_avg_sq, float32; with --optimizer muon the M
                              hidden-matrix parameters keep one momentum buffer: 8(N - M) + 4M
+                             (a LoRA run: gradients and optimizer state of its adapters alone)
     autocast copies  2N      bf16/fp16 casts of the weights kept for the backward pass (0 in float32)
     activations      B*T*C*L*(8 + 15a [+ 2a rotary] [+ 2a QK-norm unless it precedes rotary]
                      [+ 2 with dropout]) + B*T*C*(4 + a)
@@ -57,9 +58,12 @@ class MemoryEstimate:
 
 
 def training_memory(mcfg: ModelConfig, n_params: int, batch_size: int,
-                    mixed_precision: bool, muon_params: int = 0) -> MemoryEstimate:
+                    mixed_precision: bool, muon_params: int = 0,
+                    trained_params: int | None = None) -> MemoryEstimate:
     """Bytes per device for one training micro-batch of `batch_size` sequences (see module doc);
-    `muon_params` of the `n_params` take Muon steps (one buffer), the rest AdamW steps (two)."""
+    `trained_params` of the `n_params` train (default: all), `muon_params` of them take Muon steps
+    (one buffer), the rest AdamW steps (two)."""
+    trained = n_params if trained_params is None else trained_params
     a = 2 if mixed_precision else 4
     tokens = batch_size * mcfg.block_size
     per_layer = 8 + 15 * a + (2 if mcfg.dropout > 0 else 0)
@@ -70,8 +74,8 @@ def training_memory(mcfg: ModelConfig, n_params: int, batch_size: int,
     per_layer += 2 * a * kept_copies
     return MemoryEstimate(
         weights=4 * n_params,
-        gradients=4 * n_params,
-        optimizer=8 * (n_params - muon_params) + 4 * muon_params,
+        gradients=4 * trained,
+        optimizer=8 * (trained - muon_params) + 4 * muon_params,
         autocast_copies=2 * n_params if mixed_precision else 0,
         activations=tokens * mcfg.n_embd * (mcfg.n_layer * per_layer + 4 + a),
         logits=tokens * mcfg.vocab_size * (a + 8),

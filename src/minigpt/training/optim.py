@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .. import lora
 from ..config import TrainConfig
 
 
@@ -92,8 +93,10 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 def is_muon_param(name: str, p: torch.nn.Parameter) -> bool:
-    """Hidden matrices only: embeddings and the LM head keep AdamW, as Muon's authors advise."""
-    return p.dim() == 2 and name.startswith("h.")
+    """Hidden matrices only: embeddings and the LM head keep AdamW, as Muon's authors advise. LoRA
+    factors keep it too: orthogonalising a rank-r factor's update gives each of its r directions
+    a unit step, far from a small change of the product B A."""
+    return p.dim() == 2 and name.startswith("h.") and not lora.is_adapter(name)
 
 
 class MuonAdamW(torch.optim.Optimizer):

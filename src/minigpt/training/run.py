@@ -43,6 +43,9 @@ def train(
         mcfg, tcfg, source = init_config(config_file, {**overrides, "preset": preset})
     else:
         mcfg, tcfg = resolve(preset, config_file, overrides)
+        if mcfg.lora_rank:  # (bench train times adapters on a fresh model: no weights needed there)
+            raise ConfigError("--lora-rank trains adapters on an existing model: give "
+                              "--init-from RUN")
     check_backends(tcfg.log)  # a missing tracker package: one line, before --out is touched
     reference = tcfg.backend == "reference"
     if reference:  # NumPy backend: refuse what it cannot do before touching --out

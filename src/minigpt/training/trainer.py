@@ -86,8 +86,12 @@ class Trainer:
         return autocast(self.device, self.dtype)
 
     def describe(self) -> str:
-        t, n = self.tcfg, self.dist.world_size
-        return (f"training {self.model.num_params():,} parameters on {self.device}"
+        t, n, m = self.tcfg, self.dist.world_size, self.mcfg
+        what = f"{self.model.num_params():,} parameters"
+        if m.lora_rank:
+            what = (f"LoRA adapters of rank {m.lora_rank} ({self.model.num_params(trainable=True):,}"
+                    f" parameters) on a frozen base of {what}")
+        return (f"training {what} on {self.device}"
                 f"{f' x {n} processes' if n > 1 else ''}, {dtype_name(self.dtype)}"
                 f"{', compiled' if t.compile else ''}; effective batch {t.batch_size * t.grad_accum * n} "
                 f"sequences ({t.batch_size} x {t.grad_accum} accumulation x {n} processes)")
@@ -118,7 +122,7 @@ class Trainer:
                 f"(train tokens {recorded.get('train')} -> {now['train']}, "
                 f"val tokens {recorded.get('val')} -> {now['val']}); train a new run for this data"
             )
-        ckpt.load_weights(self.model, path / ckpt.WEIGHTS)
+        ckpt.load_checkpoint(self.model, path, self.run_dir, self.tcfg)
         state = ckpt.load_trainer_state(path)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -195,7 +199,8 @@ class Trainer:
                    else nullcontext())  # metrics.jsonl and the --log trackers, rank 0 only
         with metrics as self.metrics, stop_on_signal(self._request_stop, self.dist.is_main):
             if self.initial_state is not None and not from_checkpoint:
-                ckpt.load_state(self.model, self.initial_state, self.tcfg.init_from or "")
+                # a LoRA model's adapters keep their fresh init: B = 0, the base's output exactly
+                ckpt.load_state(self.model, self.initial_state, self.tcfg.init_from or "", "base")
                 self.initial_state = None  # the model holds them now; free the copy
                 self._evaluate_and_save({})
                 last_saved = 0
@@ -286,7 +291,8 @@ class Trainer:
             "best_val_bpb": (split_bits_per_byte(self.best_val_loss, self.data.meta, "val")
                              if math.isfinite(self.best_val_loss) else None),
             "interrupted": self.stop_requested, "elapsed": self.elapsed,
-            "params": self.model.num_params(), "rank": self.dist.rank,
+            "params": self.model.num_params(),
+            "trainable_params": self.model.num_params(trainable=True), "rank": self.dist.rank,
             "world_size": self.dist.world_size, "skipped_steps": self.guard.skipped,
         }
 
