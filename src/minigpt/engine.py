@@ -154,4 +154,4 @@ def load(run_dir: str | Path, checkpoint: str = "best", device: str = "auto",
     ckpt.load_weights(model, path / ckpt.WEIGHTS)
     dev = resolve_device(device)
     model.to(device=dev, dtype=resolve_dtype(dtype, dev))
-    return Engine(model, tokenizer, bos_prompts=tcfg.docs is not None, step=meta.get("step"))
+    return Engine(model, tokenizer, bos_prompts=tcfg.documents, step=meta.get("step"))

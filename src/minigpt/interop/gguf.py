@@ -256,7 +256,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         writer = gguf.GGUFWriter(tmp, arch)
-        _write_metadata(writer, arch, cfg, tok, tcfg.docs is not None, run_dir.name, meta.get("step"))
+        _write_metadata(writer, arch, cfg, tok, tcfg.documents, run_dir.name, meta.get("step"))
         for name, array in tensors.items():
             writer.add_tensor(name, array)
         writer.write_header_to_file()
