@@ -105,7 +105,10 @@ class BatchSampler:
                                    size=self.batch_size * self.world_size)
         if self.mask is not None:  # over the global batch: every rank draws the same numbers
             starts = self._with_learnt_targets(starts)
-        starts = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return self.windows(starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size])
+
+    def windows(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of the windows at `starts`: y is x shifted by one, IGNORE where the mask is 0."""
         windows = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
         x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
         if self.mask is not None:

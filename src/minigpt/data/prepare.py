@@ -186,24 +186,13 @@ def prepare(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = _dtype_for(tok.vocab_size)
-    bins = {s: _TokenFile(out / f"{s}.bin", dtype) for s in ("train", "val")}
-    masks = ({s: _TokenFile(out / MASK.format(split=s), np.dtype(np.uint8)) for s in bins}
-             if chat is not None else None)
-    files_out = [*bins.values(), *(masks or {}).values()]
-    try:
-        with _progress_bar(total, f"{kind} tokenizer: encoding", progress) as bar:
-            # a fresh count: the second pass meets the same bad records again
-            encoder = _Encoder(tok, bins, masks)
-            _encode_splits(files, docs, encoder, plan, bar.update,
-                           Records(text_field, skip_bad_records), chat)
-        for b in files_out:
-            b.commit()
-    except BaseException:
-        for b in files_out:
-            b.abort()
-        raise
+    with _progress_bar(total, f"{kind} tokenizer: encoding", progress) as bar:
+        # a fresh count: the second pass meets the same bad records again
+        encoder = _write_splits(out, files, docs, tok, dtype, plan, bar.update,
+                                Records(text_field, skip_bad_records), chat)
     save_tokenizer(tok, out / TOKENIZER)
-    meta = _meta(tok, dtype, docs, val_fraction, seed, bins, plan, files, tokenizer_options)
+    meta = _meta(tok, dtype, docs, val_fraction, seed, encoder.files, plan, files,
+                 tokenizer_options)
     meta.update(text_field=text_field, skipped_records=records.skipped,
                 first_bad_record=records.first_bad)
     if chat is not None:
@@ -211,6 +200,27 @@ def prepare(
                     **{f"{s}_learnt_tokens": n for s, n in encoder.learnt.items()})
     atomic_write_text(out / META, json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _write_splits(out: Path, files: list[Path], docs: str | None, tok: Tokenizer, dtype: np.dtype,
+                  plan: _SplitPlan, on_read: Callable[[int], None], records: Records,
+                  chat: ChatTemplate | None) -> _Encoder:
+    """Pass 2 into train.bin / val.bin (and, for conversations, their masks), each file in place
+    only once all of them are written; -> the encoder, with its counts."""
+    bins = {s: _TokenFile(out / f"{s}.bin", dtype) for s in ("train", "val")}
+    masks = ({s: _TokenFile(out / MASK.format(split=s), np.dtype(np.uint8)) for s in bins}
+             if chat is not None else None)
+    written = [*bins.values(), *(masks or {}).values()]
+    encoder = _Encoder(tok, bins, masks)
+    try:
+        _encode_splits(files, docs, encoder, plan, on_read, records, chat)
+        for f in written:
+            f.commit()
+    except BaseException:
+        for f in written:
+            f.abort()
+        raise
+    return encoder
 
 
 def _meta(tok: Tokenizer, dtype: np.dtype, docs: str | None, val_fraction: float, seed: int,

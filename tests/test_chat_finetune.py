@@ -1,0 +1,251 @@
+"""Chat fine-tuning (`train --chat`): conversations in OpenAI's `messages` format, rendered with the
+run's chat template, loss on the assistant's replies only, the template stored in the run and used
+by `serve`.
+
+The task the model learns is one with a checkable answer: "reverse abc" -> "cba", over 3-letter
+words; 20 words are never trained on, and the served model must reverse them (greedy, through
+/v1/chat/completions). Fixed steps and seeds: the verdict does not depend on the machine's speed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from minigpt import load, rundir, train
+from minigpt.chat_template import DEFAULT, ChatTemplate, load_template
+from minigpt.data.dataset import IGNORE, BatchSampler, load_prepared
+from minigpt.data.prepare import prepare
+from minigpt.errors import ConfigError, DataError
+from minigpt.model import GPT
+from minigpt.serve.app import create_app
+from test_server import serving
+
+ALPHABET = "abcdefgh"
+HELD_OUT = 20
+SYSTEMS = ["", "Reverse the word.", "You are terse."]
+QA = {"system": "{content}\n", "user": "Q: {content}\n", "assistant": "A: {content}\n",
+      "generation": "A:", "stop": ["\nQ:"]}
+
+
+def words(seed: int = 0) -> tuple[list[str], list[str]]:
+    """(held-out words, training words): every 3-letter word of ALPHABET, shuffled."""
+    rng = random.Random(seed)
+    every = [a + b + c for a in ALPHABET for b in ALPHABET for c in ALPHABET]
+    rng.shuffle(every)
+    return every[:HELD_OUT], every[HELD_OUT:]
+
+
+def conversation(word: str, system: str = "") -> dict:
+    messages = [{"role": "system", "content": system}] if system else []
+    return {"messages": [*messages, {"role": "user", "content": f"reverse {word}"},
+                         {"role": "assistant", "content": word[::-1]}]}
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("chatft")
+    _, seen = words()
+    records = [conversation(w, SYSTEMS[i % len(SYSTEMS)]) for i, w in enumerate(seen[:480])]
+    data = write_jsonl(tmp / "reverse.jsonl", records)
+    summary = train(data=str(data), out=str(tmp / "run"), chat=True, progress=False, device="cpu",
+                    threads=1, n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=16,
+                    max_iters=300, eval_interval=300, eval_iters=2, sample_tokens=0, seed=1)
+    return tmp / "run", summary
+
+
+# ---- the loss mask -------------------------------------------------------------------------------
+
+
+def expected_mask(record: dict) -> list[int]:
+    """The mask of one conversation written out by hand for the default template, one char per
+    token: BOS 0, "Role: content\\n" lines 0 (a developer message is a system one) except
+    " content\\n" after "Assistant:", EOS 1 after a final reply."""
+    mask = [0]
+    for m in record["messages"]:
+        if m["role"] == "assistant":
+            mask += [0] * len("Assistant:") + [1] * len(" " + m["content"] + "\n")
+        else:
+            name = {"developer": "System"}.get(m["role"], m["role"].title())
+            mask += [0] * len(f"{name}: {m['content']}\n")
+    return mask + [int(record["messages"][-1]["role"] == "assistant")]
+
+
+def test_the_mask_is_exactly_the_assistants_tokens(tmp_path):
+    records = [
+        conversation("abc", "Be brief."),
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                      {"role": "user", "content": "reverse ab"},
+                      {"role": "assistant", "content": "ba"}]},
+        {"messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": "q"},
+                      {"role": "assistant", "content": "a"}, {"role": "user", "content": "bye"}]},
+        conversation("hgf"),
+    ] * 3
+    meta = prepare([write_jsonl(tmp_path / "c.jsonl", records)], tmp_path / "data", chat=DEFAULT,
+                   progress=False, val_fraction=0.25)
+    data = load_prepared(tmp_path / "data")
+    tok = data.tokenizer
+    by_text = {DEFAULT.render([(("system" if m["role"] == "developer" else m["role"]),
+                                m["content"]) for m in r["messages"]])[: -len("Assistant:")]: r
+               for r in records}
+    seen = 0
+    for split in ("train", "val"):
+        ids = np.asarray(getattr(data, split)).tolist()
+        mask = np.asarray(getattr(data, f"{split}_mask")).tolist()
+        starts = [i for i, t in enumerate(ids) if t == tok.bos_id] + [len(ids)]
+        for a, b in zip(starts, starts[1:]):
+            record = by_text[tok.decode(ids[a:b])]  # decode drops BOS and EOS
+            assert mask[a:b] == expected_mask(record)
+            seen += 1
+        assert meta[f"{split}_learnt_tokens"] == sum(mask)
+    assert seen == len(records)
+    assert meta["chat_template"] == DEFAULT.to_dict()
+
+    # the sampler's targets are the tokens where the mask is 1 and IGNORE where it is 0, in
+    # every window; and the loss is the mean over the learnt targets alone
+    sampler = BatchSampler(data.train, 16, 4, seed=0, mask=data.train_mask)
+    tokens, mask = np.asarray(data.train), np.asarray(data.train_mask)
+    everywhere = np.arange(len(tokens) - 16)
+    x, y = sampler.windows(everywhere)
+    targets = tokens[everywhere[:, None] + np.arange(1, 17)].astype(np.int64)
+    learnt = mask[everywhere[:, None] + np.arange(1, 17)] == 1
+    assert torch.equal(y, torch.from_numpy(np.where(learnt, targets, IGNORE)))
+    for _ in range(50):  # no drawn window is without a learnt target
+        assert ((sampler.next()[1] != IGNORE).sum(dim=1) > 0).all()
+
+
+def test_the_loss_ignores_masked_targets():
+    from minigpt.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)).eval()
+    x = torch.randint(0, 11, (2, 8))
+    y = torch.randint(0, 11, (2, 8))
+    keep = torch.rand(2, 8) < 0.5
+    logits, loss = model(x, y.masked_fill(~keep, IGNORE))
+    expected = torch.nn.functional.cross_entropy(logits[keep], y[keep])
+    torch.testing.assert_close(loss, expected)
+
+
+# ---- what the fine-tune learns, served ----------------------------------------------------------
+
+
+def test_a_chat_fine_tune_answers_unseen_questions_through_the_server(chat_run):
+    run, summary = chat_run
+    assert summary["step"] == 300
+    assert load_template(run) == DEFAULT  # stored in the run: what serve renders with
+    assert json.loads((run / rundir.CHAT_TEMPLATE).read_text()) == DEFAULT.to_dict()
+    engine = load(run, device="cpu")
+    held_out, _ = words()
+    app = create_app(engine, model_id="reverse", template=load_template(run))
+    correct = []
+    with serving(app) as base, httpx.Client(base_url=base, timeout=60) as client:
+        for word in held_out:
+            r = client.post("/v1/chat/completions", json={
+                "model": "reverse", "temperature": 0, "max_tokens": 12,
+                "messages": [{"role": "user", "content": f"reverse {word}"}]})
+            assert r.status_code == 200, r.text
+            reply = r.json()["choices"][0]
+            correct.append(reply["message"]["content"].strip() == word[::-1])
+    assert sum(correct) >= 0.9 * HELD_OUT, f"{sum(correct)}/{HELD_OUT} reversed"
+
+
+def test_the_run_serves_with_the_template_it_was_trained_with(tmp_path):
+    """A chat run trained with another template stores it, and the server renders chat prompts
+    with it (the prompt's token count is that of the Q:/A: rendering, after BOS); a fine-tune
+    from that run with --init-from keeps it."""
+    (tmp_path / "qa.json").write_text(json.dumps(QA))
+    data = write_jsonl(tmp_path / "c.jsonl", [conversation(w) for w in words()[1][:60]])
+    tiny = dict(progress=False, device="cpu", n_layer=1, n_head=2, n_embd=16, block_size=32,
+                batch_size=4, max_iters=4, eval_interval=4, eval_iters=1, sample_tokens=0)
+    train(data=str(data), out=str(tmp_path / "qa"), chat=True,
+          chat_template=str(tmp_path / "qa.json"), **tiny)
+    qa = ChatTemplate.from_dict(QA, "QA")
+    assert load_template(tmp_path / "qa") == qa
+    messages = [{"role": "user", "content": "reverse abc"}]
+    with serving(create_app(load(tmp_path / "qa", device="cpu"),
+                            template=load_template(tmp_path / "qa"))) as base:
+        r = httpx.post(f"{base}/v1/chat/completions", timeout=60,
+                       json={"messages": messages, "max_tokens": 2, "temperature": 0})
+    assert r.json()["usage"]["prompt_tokens"] == 1 + len(qa.render([("user", "reverse abc")]))
+
+    summary = train(data=str(data), out=str(tmp_path / "tuned"), chat=True,
+                    init_from=str(tmp_path / "qa"), **{**tiny, "n_layer": None, "n_head": None,
+                                                       "n_embd": None, "block_size": None})
+    assert summary["step"] == 4
+    assert load_template(tmp_path / "tuned") == qa
+    meta = json.loads((tmp_path / "tuned" / "data" / "meta.json").read_text())
+    assert meta["chat_template"] == QA and meta["loss_mask"]
+
+
+def test_a_run_without_a_stored_template_serves_with_the_default(tmp_path):
+    (tmp_path / "t.txt").write_text("User: hi\nAssistant: hello\n" * 30)
+    train(data=str(tmp_path / "t.txt"), out=str(tmp_path / "run"), progress=False, device="cpu",
+          n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, max_iters=2,
+          eval_interval=2, eval_iters=1, sample_tokens=0)
+    assert not (tmp_path / "run" / rundir.CHAT_TEMPLATE).exists()
+    assert load_template(tmp_path / "run") == DEFAULT
+
+
+def test_the_playground_chat_tab_goes_through_the_servers_template():
+    """The page sends the conversation as `messages` to /v1/chat/completions, where the server
+    renders it with the run's template; it never renders a prompt itself."""
+    from importlib import resources
+
+    page = (resources.files("minigpt.serve") / "static" / "playground.html").read_text()
+    assert 'streamSSE("/v1/chat/completions"' in page
+    assert "Assistant:" not in page and "User:" not in page
+
+
+# ---- bad records --------------------------------------------------------------------------------
+
+
+BAD = [
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant message to learn from"),
+    ({"messages": [{"role": "bot", "content": "hi"}]},
+     "messages[0].role must be one of system, developer, user, assistant; got 'bot'"),
+    ({"messages": {"role": "user", "content": "hi"}},
+     "messages must be a non-empty array, got an object"),
+    ({"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "x"}]},
+     "messages[0].content must be a string or a non-empty list of text parts, got the number 7"),
+    ({"text": "plain"}, "no field 'messages' (fields: text)"),
+]
+
+
+@pytest.mark.parametrize("record, message", BAD, ids=[m.split(" ")[0] for _, m in BAD])
+def test_a_bad_conversation_names_its_line(tmp_path, record, message):
+    good = [conversation(w) for w in ("abc", "def", "ghh")]
+    path = write_jsonl(tmp_path / "c.jsonl", [good[0], record, *good[1:]])
+    with pytest.raises(DataError) as e:
+        prepare([path], tmp_path / "data", chat=DEFAULT, progress=False)
+    assert str(e.value).startswith(f"{path} line 2: {message}")
+    meta = prepare([path], tmp_path / "data", chat=DEFAULT, progress=False, skip_bad_records=True)
+    assert meta["skipped_records"] == 1 and meta["first_bad_record"].startswith(f"{path} line 2")
+    assert sum(meta["num_docs"].values()) == 3
+
+
+def test_chat_settings_that_cannot_work_are_refused(tmp_path):
+    (tmp_path / "t.txt").write_text("plain text\n" * 50)
+    data = write_jsonl(tmp_path / "c.jsonl", [conversation(w) for w in ("abc", "def")])
+    with pytest.raises(DataError, match="--chat reads JSON lines of conversations"):
+        prepare([tmp_path / "t.txt"], tmp_path / "d", chat=DEFAULT, progress=False)
+    with pytest.raises(ConfigError, match="must begin with the generation prompt"):
+        prepare([data], tmp_path / "d", chat=ChatTemplate(generation="Bot:"), progress=False)
+    with pytest.raises(ConfigError, match="--chat makes each conversation a document"):
+        train(data=str(data), out=str(tmp_path / "r"), chat=True, docs="lines", progress=False)
+    with pytest.raises(ConfigError, match="--chat-template renders conversations for --chat"):
+        train(data=str(data), out=str(tmp_path / "r"), chat_template="x.json", progress=False)
+    with pytest.raises(DataError, match="or pass --chat to train on its conversations"):
+        prepare([data], tmp_path / "d", progress=False)
+    assert not (tmp_path / "r").exists()
