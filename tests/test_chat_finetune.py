@@ -2,15 +2,16 @@
 run's chat template, loss on the assistant's replies only, the template stored in the run and used
 by `serve`.
 
-The task the model learns is one with a checkable answer: "reverse abc" -> "cba", over 3-letter
-words; 20 words are never trained on, and the served model must reverse them (greedy, through
-/v1/chat/completions). Fixed steps and seeds: the verdict does not depend on the machine's speed.
+The task the model learns is one with a checkable answer (benchmarks/chat_reverse.py, which
+prints the same figure): "reverse abc" -> "cba", over 3-letter words; 20 words are never trained
+on, and the served model must reverse them (greedy, through /v1/chat/completions). Fixed steps and
+seeds: the verdict does not depend on the machine's speed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import random
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,7 @@ import torch
 
 from minigpt import load, rundir, train
 from minigpt.chat_template import DEFAULT, ChatTemplate, load_template
+from minigpt.cli import main
 from minigpt.data.dataset import IGNORE, BatchSampler, load_prepared
 from minigpt.data.prepare import prepare
 from minigpt.errors import ConfigError, DataError
@@ -27,42 +29,25 @@ from minigpt.model import GPT
 from minigpt.serve.app import create_app
 from test_server import serving
 
-ALPHABET = "abcdefgh"
-HELD_OUT = 20
-SYSTEMS = ["", "Reverse the word.", "You are terse."]
+_spec = importlib.util.spec_from_file_location(
+    "chat_reverse", Path(__file__).resolve().parents[1] / "benchmarks" / "chat_reverse.py")
+task = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(task)
+conversation, words, write_jsonl = task.conversation, task.words, task.write_jsonl
+STEPS = 300
 QA = {"system": "{content}\n", "user": "Q: {content}\n", "assistant": "A: {content}\n",
       "generation": "A:", "stop": ["\nQ:"]}
 
 
-def words(seed: int = 0) -> tuple[list[str], list[str]]:
-    """(held-out words, training words): every 3-letter word of ALPHABET, shuffled."""
-    rng = random.Random(seed)
-    every = [a + b + c for a in ALPHABET for b in ALPHABET for c in ALPHABET]
-    rng.shuffle(every)
-    return every[:HELD_OUT], every[HELD_OUT:]
-
-
-def conversation(word: str, system: str = "") -> dict:
-    messages = [{"role": "system", "content": system}] if system else []
-    return {"messages": [*messages, {"role": "user", "content": f"reverse {word}"},
-                         {"role": "assistant", "content": word[::-1]}]}
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory):
+    """`minigpt train --chat` from scratch on the task's conversations, one thread."""
     tmp = tmp_path_factory.mktemp("chatft")
-    _, seen = words()
-    records = [conversation(w, SYSTEMS[i % len(SYSTEMS)]) for i, w in enumerate(seen[:480])]
-    data = write_jsonl(tmp / "reverse.jsonl", records)
-    summary = train(data=str(data), out=str(tmp / "run"), chat=True, progress=False, device="cpu",
-                    threads=1, n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=16,
-                    max_iters=300, eval_interval=300, eval_iters=2, sample_tokens=0, seed=1)
-    return tmp / "run", summary
+    data = write_jsonl(tmp / "reverse.jsonl", task.records())
+    assert main(["train", "--data", str(data), "--chat", "--out", str(tmp / "run"), "--quiet",
+                 "--device", "cpu", "--threads", "1", "--max-iters", str(STEPS),
+                 "--eval-interval", str(STEPS), *task.MODEL_FLAGS]) == 0
+    return tmp / "run"
 
 
 # ---- the loss mask -------------------------------------------------------------------------------
@@ -142,23 +127,15 @@ def test_the_loss_ignores_masked_targets():
 
 
 def test_a_chat_fine_tune_answers_unseen_questions_through_the_server(chat_run):
-    run, summary = chat_run
-    assert summary["step"] == 300
-    assert load_template(run) == DEFAULT  # stored in the run: what serve renders with
-    assert json.loads((run / rundir.CHAT_TEMPLATE).read_text()) == DEFAULT.to_dict()
-    engine = load(run, device="cpu")
-    held_out, _ = words()
-    app = create_app(engine, model_id="reverse", template=load_template(run))
-    correct = []
-    with serving(app) as base, httpx.Client(base_url=base, timeout=60) as client:
-        for word in held_out:
-            r = client.post("/v1/chat/completions", json={
-                "model": "reverse", "temperature": 0, "max_tokens": 12,
-                "messages": [{"role": "user", "content": f"reverse {word}"}]})
-            assert r.status_code == 200, r.text
-            reply = r.json()["choices"][0]
-            correct.append(reply["message"]["content"].strip() == word[::-1])
-    assert sum(correct) >= 0.9 * HELD_OUT, f"{sum(correct)}/{HELD_OUT} reversed"
+    assert rundir.read_best(chat_run)["step"] == STEPS
+    # stored in the run: what `serve` renders prompts with (serve.app.serve loads it so)
+    assert json.loads((chat_run / rundir.CHAT_TEMPLATE).read_text()) == DEFAULT.to_dict()
+    assert load_template(chat_run) == DEFAULT
+    held_out, seen = words()
+    assert not set(held_out) & {m["content"].split()[-1] for r in task.records()
+                                for m in r["messages"] if m["role"] == "user"}
+    correct, replies = task.accuracy(chat_run)  # greedy, through /v1/chat/completions
+    assert correct >= 0.9 * len(held_out), f"{correct}/{len(held_out)} reversed: {replies}"
 
 
 def test_the_run_serves_with_the_template_it_was_trained_with(tmp_path):
@@ -166,7 +143,7 @@ def test_the_run_serves_with_the_template_it_was_trained_with(tmp_path):
     with it (the prompt's token count is that of the Q:/A: rendering, after BOS); a fine-tune
     from that run with --init-from keeps it."""
     (tmp_path / "qa.json").write_text(json.dumps(QA))
-    data = write_jsonl(tmp_path / "c.jsonl", [conversation(w) for w in words()[1][:60]])
+    data = write_jsonl(tmp_path / "c.jsonl", task.records()[:60])
     tiny = dict(progress=False, device="cpu", n_layer=1, n_head=2, n_embd=16, block_size=32,
                 batch_size=4, max_iters=4, eval_interval=4, eval_iters=1, sample_tokens=0)
     train(data=str(data), out=str(tmp_path / "qa"), chat=True,
