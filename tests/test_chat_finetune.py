@@ -181,8 +181,9 @@ def test_the_playground_chat_tab_goes_through_the_servers_template():
     from importlib import resources
 
     page = (resources.files("minigpt.serve") / "static" / "playground.html").read_text()
-    assert 'streamSSE("/v1/chat/completions"' in page
-    assert "Assistant:" not in page and "User:" not in page
+    send = page.split("function sendChat()")[1].split("\n}\n")[0]
+    assert 'streamSSE("/v1/chat/completions", request' in send and "messages" in send
+    assert "/v1/completions" not in send and "{content}" not in page
 
 
 # ---- bad records --------------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def write_chat_template(run_dir: Path, template: dict[str, Any]) -> None:
 
 
 def read_chat_template(run_dir: Path) -> Any | None:
-    """The run's chat template as parsed JSON (serve/chat.py checks it), or None when it has none."""
+    """The run's chat template as parsed JSON (chat_template.py checks it), or None when it has none."""
     path = Path(run_dir) / CHAT_TEMPLATE
     if not path.exists():
         return None
