@@ -227,3 +227,44 @@ def test_chat_settings_that_cannot_work_are_refused(tmp_path):
     with pytest.raises(DataError, match="or pass --chat to train on its conversations"):
         prepare([data], tmp_path / "d", progress=False)
     assert not (tmp_path / "r").exists()
+
+
+# ---- resume, other tokenizers -------------------------------------------------------------------
+
+
+def test_a_chat_run_resumes_exactly(tmp_path):
+    """The redrawn windows come from the sampler's own generator, so a chat run stopped and
+    resumed computes what one that never stopped does."""
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "c.jsonl", task.records()[:80])
+    common = dict(data=str(data), chat=True, progress=False, device="cpu", n_layer=1, n_head=2,
+                  n_embd=16, block_size=32, batch_size=4, eval_interval=4, eval_iters=1,
+                  sample_tokens=0, lr_decay_iters=8)
+    train(out=str(tmp_path / "straight"), max_iters=8, **common)
+    train(out=str(tmp_path / "split"), max_iters=4, **common)
+    train(out=str(tmp_path / "split"), max_iters=8, resume=True, progress=False)
+    a, b = (load_file(tmp_path / run / "checkpoints" / "step-0000008" / "model.safetensors")
+            for run in ("straight", "split"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[(r["train_loss"], r["val_loss"]) for r in rundir.read_metrics(tmp_path / run)]
+              for run in ("straight", "split")]
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+def test_the_mask_covers_the_replies_bytes_with_byte_level_tokenizers(tmp_path, tokenizer):
+    """Replies are tokenized apart from the prompt around them, so the learnt tokens decode to
+    exactly the replies (" cba\\n" each), whatever the tokenizer merges elsewhere."""
+    records = task.records()[:40]
+    prepare([write_jsonl(tmp_path / "c.jsonl", records)], tmp_path / "data", chat=DEFAULT,
+            tokenizer=tokenizer, progress=False, **({"vocab_size": 300} if tokenizer == "bpe"
+                                                   else {}))
+    data = load_prepared(tmp_path / "data")
+    replies = []
+    for split in ("train", "val"):
+        ids, mask = np.asarray(getattr(data, split)), np.asarray(getattr(data, f"{split}_mask"))
+        learnt = ids[mask == 1].tolist()
+        assert learnt.count(data.tokenizer.eos_id) == data.meta["num_docs"][split]
+        replies += data.tokenizer.decode(learnt).split("\n")[:-1]
+    assert sorted(replies) == sorted(" " + r["messages"][-1]["content"] for r in records)
