@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minigpt import load, train
+from minigpt.chat_template import DEFAULT, ChatTemplate, load_template
 from minigpt.cli import main
 from minigpt.serve.app import create_app
-from minigpt.serve.chat import DEFAULT, ChatTemplate, load_template
 from minigpt.tokenization.base import BOS
 from test_server import CHROMIUM, CHROMIUM_ARGS, serving
 

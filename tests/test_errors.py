@@ -325,6 +325,54 @@ CASES = [
     Case("truncated-gzip", "a truncated .gz file", "prepare cut.txt.gz --out data",
          "minigpt: error: cut.txt.gz is not a valid gzip file or is truncated (Compressed file ended "
          "before the end-of-stream marker was reached)"),
+    # --- conversations and early stopping (issue 22) -------------------------------------------------
+    Case("chat-no-assistant", "--chat: a conversation without an assistant message",
+         "prepare noreply.jsonl --chat --out data",
+         "minigpt: error: noreply.jsonl line 2: no assistant message to learn from (pass "
+         "--skip-bad-records to skip such records)"),
+    Case("chat-unknown-role", "--chat: a message with an unknown role",
+         "train --data roles.jsonl --chat --out new-run",
+         "minigpt: error: roles.jsonl line 1: messages[1].role must be one of system, developer, "
+         "user, assistant; got 'bot' (pass --skip-bad-records to skip such records)"),
+    Case("chat-messages-not-a-list", "--chat: `messages` that is not a list",
+         "prepare notlist.jsonl --chat --out data",
+         "minigpt: error: notlist.jsonl line 1: messages must be a non-empty array, got an object "
+         "(pass --skip-bad-records to skip such records)"),
+    Case("chat-content-not-text", "--chat: a message whose content is not a string",
+         "prepare number.jsonl --chat --out data",
+         "minigpt: error: number.jsonl line 1: messages[0].content must be a string or a non-empty "
+         "list of text parts, got the number 7 (pass --skip-bad-records to skip such records)"),
+    Case("chat-without-flag", "conversations prepared without --chat",
+         "prepare chats.jsonl --out data",
+         "minigpt: error: chats.jsonl line 1: no field 'text' (fields: messages); choose one with "
+         "--text-field or pass --chat to train on its conversations (pass --skip-bad-records to "
+         "skip such records)"),
+    Case("chat-text-file", "--chat on a text file", "prepare corpus.txt --chat --out data",
+         'minigpt: error: corpus.txt: --chat reads JSON lines of conversations (.jsonl, one '
+         '{"messages": [...]} object per line)'),
+    Case("chat-with-docs", "--chat with a --docs mode",
+         "train --data chats.jsonl --chat --docs lines --out new-run",
+         "minigpt: error: --chat makes each conversation a document; drop --docs"),
+    Case("chat-template-without-chat", "--chat-template without --chat",
+         "train --data chats.jsonl --chat-template qa-template.json --out new-run",
+         "minigpt: error: --chat-template renders conversations for --chat; give --chat"),
+    Case("chat-untrainable-template", "--chat with a template whose assistant line does not begin "
+         "with its generation prompt", "train --data chats.jsonl --chat --chat-template "
+         "bot-template.json --out new-run",
+         "minigpt: error: chat template: the assistant line 'Assistant: {content}\\n' must begin "
+         "with the generation prompt 'Bot:' to train on conversations (what is learnt must be "
+         "what is served)"),
+    Case("chat-prepared-without-chat", "train --chat on data prepared without it",
+         "train --data prepared --chat --out new-run",
+         "minigpt: error: prepared was prepared without --chat; give the conversations' .jsonl "
+         "as --data, or prepare it again with --chat"),
+    Case("chat-reference-backend", "--chat with the NumPy reference backend",
+         "train --data chats.jsonl --chat --backend reference --out new-run",
+         "minigpt: error: the reference backend has no loss mask for conversations (--chat); use "
+         "--backend torch"),
+    Case("negative-patience", "a negative --patience",
+         "train --data corpus.txt --out new-run --patience -1",
+         "minigpt: error: patience must be >= 0 (0 = never stop early), got -1"),
     # --- downloads (issue 14); SERVER is a loopback HTTP server the test starts ----------------------
     Case("download-unknown-name", "a dataset name not in the catalogue", "download shakespear",
          "minigpt: error: unknown dataset 'shakespear': give a name from `minigpt download --list`, "
@@ -445,6 +493,17 @@ def write_format_inputs(ws: Path) -> None:
     pq.write_table(pa.table({"body": ["a", "b"]}), ws / "body.parquet")
     (ws / "fake.parquet").write_text("not parquet at all\n")
     (ws / "cut.txt.gz").write_bytes(gzip.compress(b"some text\n" * 1000)[:40])
+    user, reply = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}
+    for name, bad in (("noreply", {"messages": [user]}),
+                      ("roles", {"messages": [user, {"role": "bot", "content": "yo"}]}),
+                      ("notlist", {"messages": user}),
+                      ("number", {"messages": [{"role": "user", "content": 7}, reply]})):
+        lines = [bad, {"messages": [user, reply]}]
+        (ws / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in
+                                                  (lines[::-1] if name == "noreply" else lines)))
+    (ws / "chats.jsonl").write_text(json.dumps({"messages": [user, reply]}) + "\n")
+    (ws / "qa-template.json").write_text('{"user": "Q: {content}\\n"}')
+    (ws / "bot-template.json").write_text('{"generation": "Bot:"}')
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ import jinja2
 import pytest
 import torch
 
+from minigpt.chat_template import DEFAULT, ChatTemplate
 from minigpt.config import ModelConfig
 from minigpt.engine import Engine
 from minigpt.model import GPT
 from minigpt.serve.app import create_app
-from minigpt.serve.chat import DEFAULT, ChatTemplate
 from minigpt.tokenization import CharTokenizer
 from test_server import serving
 

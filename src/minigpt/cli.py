@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-records", action="store_true",
                    help="skip malformed JSON lines and records without text (counted) instead of "
                         "stopping at the first")
+    p.add_argument("--chat", action="store_true",
+                   help="the files are conversations (JSON lines of OpenAI `messages`): render them "
+                        "with the chat template and mask the loss to the assistant's replies")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="JSON chat template for --chat (default: 'System:/User:/Assistant:' lines)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("download", formatter_class=_Help,
@@ -295,11 +300,16 @@ def _config_overrides(args: argparse.Namespace, classes: tuple = (ModelConfig, T
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from .chat_template import load_template
     from .data.prepare import prepare
 
+    if args.chat_template and not args.chat:
+        raise ConfigError("--chat-template renders conversations for --chat; give --chat")
+    chat = load_template(path=args.chat_template) if args.chat else None  # no file: the default
     meta = prepare(args.inputs, args.out, docs=args.docs, val_fraction=args.val_fraction,
                    seed=args.seed, tokenizer=args.tokenizer, vocab_size=args.tokenizer_vocab_size,
-                   text_field=args.text_field, skip_bad_records=args.skip_bad_records)
+                   text_field=args.text_field, skip_bad_records=args.skip_bad_records,
+                   chat=chat)
     if meta["skipped_records"]:
         print(f"skipped {meta['skipped_records']:,} bad record(s); the first: "
               f"{meta['first_bad_record']}", file=sys.stderr)

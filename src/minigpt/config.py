@@ -191,6 +191,13 @@ class TrainConfig:
                              ".json, .parquet inputs)")
     skip_bad_records: bool = option(False, "skip malformed JSON lines and records without text, "
                                     "counting them, instead of stopping at the first")
+    chat: bool = option(False, "train on conversations: JSON-lines records with OpenAI `messages`, "
+                        "rendered with the chat template, loss on the assistant's replies only "
+                        "(docs/chat-finetune.md)")
+    chat_template: str | None = option(None, "JSON chat template to render conversations with "
+                                       "(--chat); stored in the run for `serve`", metavar="FILE",
+                                       shown="the --init-from run's, else 'System:/User:/"
+                                       "Assistant:' lines")
     tokenizer: str = option("char", "tokenizer to build from the text", cli=False)
     tokenizer_vocab_size: int | None = option(None, "bpe vocabulary size (default 1024)", cli=False)
     max_iters: int = option(2000, "optimizer steps to train")
@@ -211,6 +218,8 @@ class TrainConfig:
     grad_clip: float = option(1.0, "global gradient-norm clip (0 = off)")
     eval_interval: int = option(250, "steps between evaluations (each saves a checkpoint)")
     eval_iters: int = option(20, "batches per split at each evaluation")
+    patience: int = option(0, "stop early after this many evaluations in a row without a better "
+                           "validation loss (0 = never)")
     log_interval: int = option(10, "steps between metrics.jsonl lines")
     log: tuple[str, ...] = option(("jsonl",), "trackers to log to besides metrics.jsonl, "
                                   "comma-separated or repeated", LOG_BACKENDS, multiple=True)
@@ -238,6 +247,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.log = log_backends(self.log)
+
+    @property
+    def documents(self) -> bool:
+        """Trained on BOS ... EOS documents (a --docs mode, or conversations): prompts start
+        with BOS, as the documents did."""
+        return self.docs is not None or self.chat
 
     def validate(self) -> None:
         check_choices(self)
@@ -274,6 +289,12 @@ class TrainConfig:
             raise ConfigError(f"threads must be >= 0 (0 = auto), got {self.threads}")
         if self.muon_lr <= 0:
             raise ConfigError(f"muon-lr must be > 0, got {self.muon_lr}")
+        if self.patience < 0:
+            raise ConfigError(f"patience must be >= 0 (0 = never stop early), got {self.patience}")
+        if self.chat_template is not None and not self.chat:
+            raise ConfigError("--chat-template renders conversations for --chat; give --chat")
+        if self.chat and self.docs is not None:
+            raise ConfigError("--chat makes each conversation a document; drop --docs")
         if self.init_checkpoint is not None and self.init_from is None:
             raise ConfigError("--init-checkpoint picks a checkpoint of --init-from RUN; give --init-from")
 

@@ -152,4 +152,4 @@ def load(run_dir: str | Path, checkpoint: str = "best", device: str = "auto",
     model, meta = ckpt.load_model(run_dir, checkpoint)  # a LoRA run: its base and adapters
     dev = resolve_device(device)
     model.to(device=dev, dtype=resolve_dtype(dtype, dev))
-    return Engine(model, tokenizer, bos_prompts=tcfg.docs is not None, step=meta.get("step"))
+    return Engine(model, tokenizer, bos_prompts=tcfg.documents, step=meta.get("step"))

@@ -241,7 +241,7 @@ class GPT(nn.Module):
         return_attention: bool = False,
     ) -> tuple[torch.Tensor, ...]:
         """idx (B, T) token ids -> (logits (B, T, vocab), loss); loss is mean cross-entropy vs
-        targets, None without them.
+        targets (over those that are not -1), None without them.
 
         cache / pos: the tokens continue a sequence whose keys and values are in `cache` (their own
         are written there): at position `pos` for every row, or, with a list of B positions, one
@@ -282,7 +282,9 @@ class GPT(nn.Module):
         logits = F.linear(x, self.lm_head.weight).view(B, T, -1)  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+            # -1 marks a target no loss is taken on (a conversation's prompt: data/dataset.py)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
+                                   ignore_index=-1)
         if attention is not None:
             return logits, loss, torch.stack(attention)
         return logits, loss

@@ -5,7 +5,9 @@
     RUN/metrics.jsonl          one JSON object per log/eval step
     RUN/data/                  prepared data, when `train --data` was given raw text
     RUN/checkpoints/           one directory per saved step (checkpoint.py) and best.json
-    RUN/chat_template.json     optional, written by the user: how `serve` renders chat messages
+    RUN/chat_template.json     how `serve` renders chat messages: written by `train --chat` (the
+                               template the conversations were rendered with), or by the user;
+                               a run without one serves with the default template
 
 A new run claims its directory through `new_run_dir`, which puts everything back if setting the run
 up fails. Files written by an earlier minigpt keep loading: renamed config keys are read under their
@@ -92,8 +94,12 @@ def read_tokenizer(run_dir: Path) -> Tokenizer:
 # --- chat_template.json -------------------------------------------------------------------------
 
 
+def write_chat_template(run_dir: Path, template: dict[str, Any]) -> None:
+    atomic_write_text(Path(run_dir) / CHAT_TEMPLATE, json.dumps(template, indent=2) + "\n")
+
+
 def read_chat_template(run_dir: Path) -> Any | None:
-    """The run's chat template as parsed JSON (serve/chat.py checks it), or None when it has none."""
+    """The run's chat template as parsed JSON (chat_template.py checks it), or None when it has none."""
     path = Path(run_dir) / CHAT_TEMPLATE
     if not path.exists():
         return None

@@ -20,7 +20,9 @@ def bits_per_byte(loss: float, tokens: int, nbytes: int) -> float:
 
 def split_bits_per_byte(loss: float, meta: Mapping[str, Any], split: str) -> float | None:
     """bits_per_byte for a split of prepared data (its meta.json counts); None if they are missing."""
-    tokens, nbytes = meta.get(f"{split}_tokens"), meta.get(f"{split}_bytes")
+    # conversations: the loss is over the learnt tokens only, and the bytes are theirs (prepare.py)
+    tokens = meta.get(f"{split}_learnt_tokens") or meta.get(f"{split}_tokens")
+    nbytes = meta.get(f"{split}_bytes")
     if not tokens or not nbytes:
         return None
     return bits_per_byte(loss, tokens, nbytes)

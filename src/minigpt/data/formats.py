@@ -214,6 +214,26 @@ def _utf8_size(text: str, where: str, records: Records) -> int | None:
 def _json_records(path: Path, records: Records,
                   on_read: Callable[[int], None] | None) -> Iterator[tuple[str, int]]:
     field = records.text_field
+    for obj, where in json_objects(path, records, on_read):
+        if field not in obj:
+            shown = ", ".join(list(obj)[:5]) or "none"
+            hint = (" or pass --chat to train on its conversations" if "messages" in obj else "")
+            records.bad(f"{where}: no field {field!r} (fields: {shown}); choose one with "
+                        f"--text-field{hint}")
+            continue
+        text = obj[field]
+        if not isinstance(text, str):
+            kind = "null" if text is None else type(text).__name__
+            records.bad(f"{where}: field {field!r} is {kind}, not a string")
+            continue
+        if (nbytes := _utf8_size(text, where, records)) is not None:
+            yield text, nbytes
+
+
+def json_objects(path: Path, records: Records,
+                 on_read: Callable[[int], None] | None = None) -> Iterator[tuple[dict, str]]:
+    """(object, "FILE line N") for every line of a JSON-lines file that holds a JSON object;
+    malformed lines go to `records.bad`."""
     with open_binary(path, on_read) as f:
         lineno = 0
         while line := read_or_fail(f, path, line=True):
@@ -237,18 +257,7 @@ def _json_records(path: Path, records: Records,
             if not isinstance(obj, dict):
                 records.bad(f"{where}: expected a JSON object, got {type(obj).__name__}")
                 continue
-            if field not in obj:
-                shown = ", ".join(list(obj)[:5]) or "none"
-                records.bad(f"{where}: no field {field!r} (fields: {shown}); choose one with "
-                            "--text-field")
-                continue
-            text = obj[field]
-            if not isinstance(text, str):
-                kind = "null" if text is None else type(text).__name__
-                records.bad(f"{where}: field {field!r} is {kind}, not a string")
-                continue
-            if (nbytes := _utf8_size(text, where, records)) is not None:
-                yield text, nbytes
+            yield obj, where
 
 
 def _parquet_file(path: Path):  # noqa: ANN202 - pyarrow.parquet.ParquetFile, imported lazily

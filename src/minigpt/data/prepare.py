@@ -4,12 +4,15 @@
 a data directory:
 
     train.bin, val.bin   token ids, uint16 (uint32 when the vocabulary needs it), read with np.memmap
+    train.mask, val.mask conversations only (--chat): one uint8 per token, 1 where the token is
+                         learnt (the assistant's replies and the EOS after a final reply), 0 elsewhere
     tokenizer.json       the tokenizer built from the corpus
     meta.json            counts, dtype, mode, sources, format version
 
 Two modes: a continuous stream (split by position: the last `val_fraction` is validation, as nanoGPT
 does) and documents (`lines`, `blank`, `files`), each wrapped as BOS ... EOS and split by document with a
-seeded shuffle. `prepare` streams its input (bounded memory, progress bar) and appends to the .bin
+seeded shuffle. Conversations (`chat`, conversations.py) are documents too, rendered with a chat
+template, with a loss mask beside each split. `prepare` streams its input (bounded memory, progress bar) and appends to the .bin
 files as it encodes, so a corpus larger than RAM prepares and trains.
 """
 
@@ -26,12 +29,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ..chat_template import ChatTemplate
 from ..errors import DataError, TokenizerError
 from ..fsio import atomic_write_text
 from ..rundir import FORMAT_VERSION, TOKENIZER
 from ..tokenization import Tokenizer, save_tokenizer, train_tokenizer
+from .conversations import Segments, iter_conversations
 from .corpus import DOC_MODES, Chunk, file_chunks, gather_inputs, iter_documents
-from .dataset import META
+from .dataset import MASK, META
 from .formats import Records
 
 PIECE_CHARS = 1 << 16  # texts handed to encode_batch: small enough to spread over threads
@@ -80,14 +85,20 @@ class _Encoder:
     """Batches pieces of text through `encode_batch` and appends the ids to their split's file.
 
     A document is written as BOS ids EOS; a long one is encoded in pieces, so no single call (and no
-    array of ids) grows with the size of a file.
+    array of ids) grows with the size of a file. A conversation's segments are encoded apart, so a
+    token never straddles a learnt and an unlearnt piece and the mask (in `masks`) is exact: BOS 0,
+    each segment's tokens its learnt flag, the EOS that of the last segment (a final reply ends
+    with a learnt EOS: the model learns to stop).
     """
 
-    def __init__(self, tok: Tokenizer, files: dict[str, _TokenFile]):
-        self.tok, self.files = tok, files
+    def __init__(self, tok: Tokenizer, files: dict[str, _TokenFile],
+                 masks: dict[str, _TokenFile] | None = None):
+        self.tok, self.files, self.masks = tok, files, masks
+        self.learnt = dict.fromkeys(files, 0)  # learnt tokens per split
         self.bos = np.array([tok.bos_id], dtype=np.uint32)
         self.eos = np.array([tok.eos_id], dtype=np.uint32)
-        self.batch: list[tuple[str, str, bool, bool]] = []  # (split, text, BOS before, EOS after)
+        # (split, text, BOS before, EOS after, learnt)
+        self.batch: list[tuple[str, str, bool, bool, bool]] = []
         self.size = 0
 
     def add_text(self, split: str, text: str) -> None:
@@ -99,8 +110,13 @@ class _Encoder:
         for i, piece in enumerate(pieces):
             self._add(split, piece, i == 0, i == len(pieces) - 1)
 
-    def _add(self, split: str, text: str, bos: bool, eos: bool) -> None:
-        self.batch.append((split, text, bos, eos))
+    def add_conversation(self, split: str, segments: Segments) -> None:
+        pieces = [(piece, learnt) for text, learnt in segments for piece in _pieces(text)]
+        for i, (piece, learnt) in enumerate(pieces):
+            self._add(split, piece, i == 0, i == len(pieces) - 1, learnt)
+
+    def _add(self, split: str, text: str, bos: bool, eos: bool, learnt: bool = False) -> None:
+        self.batch.append((split, text, bos, eos, learnt))
         self.size += len(text)
         if self.size >= BATCH_CHARS:
             self.flush()
@@ -108,14 +124,19 @@ class _Encoder:
     def flush(self) -> None:
         if not self.batch:
             return
-        encoded = self.tok.encode_batch([text for _, text, _, _ in self.batch])
+        encoded = self.tok.encode_batch([text for _, text, _, _, _ in self.batch])
         for split, out in self.files.items():
-            parts = []
-            for (s, _, bos, eos), ids in zip(self.batch, encoded):
+            parts, mask = [], []
+            for (s, _, bos, eos, learnt), ids in zip(self.batch, encoded):
                 if s == split:
                     parts.extend([self.bos] * bos + [ids] + [self.eos] * eos)
+                    mask.extend([np.zeros(int(bos), np.uint8), np.full(ids.size + eos, learnt, np.uint8)])
             if parts:
                 out.write(np.concatenate(parts))
+                if self.masks is not None:
+                    mask_ids = np.concatenate(mask)
+                    self.masks[split].write(mask_ids)
+                    self.learnt[split] += int(mask_ids.sum(dtype=np.int64))
         self.batch, self.size = [], 0
 
 
@@ -130,6 +151,7 @@ def prepare(
     progress: bool = True,
     text_field: str = "text",
     skip_bad_records: bool = False,
+    chat: ChatTemplate | None = None,
     **tokenizer_options: Any,
 ) -> dict[str, Any]:
     """Tokenize text, JSON-lines, Parquet and compressed files into `out_dir`; return meta.json.
@@ -139,12 +161,16 @@ def prepare(
     `vocab_size` is the tokenizer's (bpe only), not the model's. `tokenizer` is a kind to learn, or a
     Tokenizer to use as it is (fine-tuning: the data must speak the source model's vocabulary).
     `text_field` names the JSON field / Parquet column of the text; `skip_bad_records` counts bad
-    records (meta's `skipped_records`) instead of stopping at the first.
+    records (meta's `skipped_records`) instead of stopping at the first. `chat`: the files are
+    conversations (JSON lines of `messages`), rendered with this template, with loss masks; meta's
+    `chat_template` records it, and its `*_bytes` count the learnt text (what the loss is over).
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val-fraction must be in (0, 1), got {val_fraction}")
     if docs is not None and docs not in DOC_MODES:
         raise DataError(f"unknown document mode {docs!r}; choose from {', '.join(DOC_MODES)}")
+    if chat is not None and docs is not None:
+        raise DataError("--chat makes each conversation a document; drop --docs")
     files = gather_inputs(inputs)
     if vocab_size is not None:
         tokenizer_options["vocab_size"] = vocab_size
@@ -154,29 +180,47 @@ def prepare(
     records = Records(text_field, skip_bad_records)
     kind = tokenizer if isinstance(tokenizer, str) else tokenizer.kind
     with _progress_bar(total, f"{kind} tokenizer: reading", progress) as bar:
-        tok, units = _learn_tokenizer(files, docs, tokenizer, tokenizer_options, bar.update, records)
-    plan = _SplitPlan.make(units, docs, val_fraction, seed)
+        tok, units = _learn_tokenizer(files, docs, tokenizer, tokenizer_options, bar.update, records,
+                                      chat)
+    plan = _SplitPlan.make(units, docs if chat is None else "chat", val_fraction, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = _dtype_for(tok.vocab_size)
-    bins = {s: _TokenFile(out / f"{s}.bin", dtype) for s in ("train", "val")}
-    try:
-        with _progress_bar(total, f"{kind} tokenizer: encoding", progress) as bar:
-            # a fresh count: the second pass meets the same bad records again
-            _encode_splits(files, docs, tok, plan, bins, bar.update,
-                           Records(text_field, skip_bad_records))
-        for b in bins.values():
-            b.commit()
-    except BaseException:
-        for b in bins.values():
-            b.abort()
-        raise
+    with _progress_bar(total, f"{kind} tokenizer: encoding", progress) as bar:
+        # a fresh count: the second pass meets the same bad records again
+        encoder = _write_splits(out, files, docs, tok, dtype, plan, bar.update,
+                                Records(text_field, skip_bad_records), chat)
     save_tokenizer(tok, out / TOKENIZER)
-    meta = _meta(tok, dtype, docs, val_fraction, seed, bins, plan, files, tokenizer_options)
+    meta = _meta(tok, dtype, docs, val_fraction, seed, encoder.files, plan, files,
+                 tokenizer_options)
     meta.update(text_field=text_field, skipped_records=records.skipped,
                 first_bad_record=records.first_bad)
+    if chat is not None:
+        meta.update(chat_template=chat.to_dict(), loss_mask=True,
+                    **{f"{s}_learnt_tokens": n for s, n in encoder.learnt.items()})
     atomic_write_text(out / META, json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _write_splits(out: Path, files: list[Path], docs: str | None, tok: Tokenizer, dtype: np.dtype,
+                  plan: _SplitPlan, on_read: Callable[[int], None], records: Records,
+                  chat: ChatTemplate | None) -> _Encoder:
+    """Pass 2 into train.bin / val.bin (and, for conversations, their masks), each file in place
+    only once all of them are written; -> the encoder, with its counts."""
+    bins = {s: _TokenFile(out / f"{s}.bin", dtype) for s in ("train", "val")}
+    masks = ({s: _TokenFile(out / MASK.format(split=s), np.dtype(np.uint8)) for s in bins}
+             if chat is not None else None)
+    written = [*bins.values(), *(masks or {}).values()]
+    encoder = _Encoder(tok, bins, masks)
+    try:
+        _encode_splits(files, docs, encoder, plan, on_read, records, chat)
+        for f in written:
+            f.commit()
+    except BaseException:
+        for f in written:
+            f.abort()
+        raise
+    return encoder
 
 
 def _meta(tok: Tokenizer, dtype: np.dtype, docs: str | None, val_fraction: float, seed: int,
@@ -204,7 +248,7 @@ def _meta(tok: Tokenizer, dtype: np.dtype, docs: str | None, val_fraction: float
 
 def _learn_tokenizer(files: list[Path], docs: str | None, kind: str | Tokenizer,
                      options: dict[str, Any], on_read: Callable[[int], None],
-                     records: Records) -> tuple[Tokenizer, int]:
+                     records: Records, chat: ChatTemplate | None) -> tuple[Tokenizer, int]:
     """Pass 1: the tokenizer learnt from the corpus (or the one given, which then checks that it
     can encode every text), and how many characters (stream) or documents the corpus holds: what
     the split needs."""
@@ -213,12 +257,15 @@ def _learn_tokenizer(files: list[Path], docs: str | None, kind: str | Tokenizer,
     def texts() -> Iterator[str]:
         # In pieces: the BPE trainer reads a few hundred texts ahead, and pieces keep that small.
         nonlocal units
-        if docs is None:
-            source: Iterator[str] = (c.text for c in _chunks(files, on_read, records))
+        if chat is not None:
+            source: Iterator[str] = ("".join(text for text, _ in c)
+                                     for c in iter_conversations(files, chat, records, on_read))
+        elif docs is None:
+            source = (c.text for c in _chunks(files, on_read, records))
         else:
             source = iter_documents(files, docs, on_read, records)
         for text in source:
-            units += len(text) if docs is None else 1
+            units += len(text) if docs is None and chat is None else 1
             yield from _pieces(text)
 
     if isinstance(kind, str):
@@ -263,7 +310,8 @@ class _SplitPlan:
                 raise DataError(f"corpus of {units} characters is too short to split")
             return cls(units, cut=cut)
         if units < 2:
-            raise DataError(f"found {units} document(s) with --docs {docs}; need at least 2")
+            raise DataError(f"found {units} conversation(s); need at least 2" if docs == "chat" else
+                            f"found {units} document(s) with --docs {docs}; need at least 2")
         n_val = min(units - 1, max(1, round(units * val_fraction)))
         is_val = np.zeros(units, dtype=bool)
         is_val[np.random.default_rng(seed).permutation(units)[:n_val]] = True
@@ -276,13 +324,19 @@ class _SplitPlan:
         return {"train": self.units - val, "val": val}
 
 
-def _encode_splits(files: list[Path], docs: str | None, tok: Tokenizer, plan: _SplitPlan,
-                   bins: dict[str, _TokenFile], on_read: Callable[[int], None],
-                   records: Records) -> None:
-    """Pass 2: encode in batches and append to train.bin / val.bin."""
-    encoder = _Encoder(tok, bins)
+def _encode_splits(files: list[Path], docs: str | None, encoder: _Encoder, plan: _SplitPlan,
+                   on_read: Callable[[int], None], records: Records,
+                   chat: ChatTemplate | None) -> None:
+    """Pass 2: encode in batches and append to train.bin / val.bin (and the masks)."""
+    bins = encoder.files
     seen = 0
-    if docs is None:
+    if chat is not None:
+        for segments in iter_conversations(files, chat, records, on_read):
+            split = "val" if seen < plan.units and plan.is_val[seen] else "train"
+            bins[split].bytes += sum(len(t.encode("utf-8")) for t, learnt in segments if learnt)
+            encoder.add_conversation(split, segments)
+            seen += 1
+    elif docs is None:
         for chunk in _chunks(files, on_read, records):
             head = chunk.text[: max(0, plan.cut - seen)]
             head_bytes = chunk.nbytes if len(head) == len(chunk.text) else len(head.encode())
@@ -300,6 +354,9 @@ def _encode_splits(files: list[Path], docs: str | None, tok: Tokenizer, plan: _S
     encoder.flush()
     if seen != plan.units:
         raise DataError("the input files changed while they were being prepared; run prepare again")
+    for split, n in encoder.learnt.items():
+        if chat is not None and n == 0:
+            raise DataError(f"the {split} split has no assistant tokens to learn")
 
 
 def _chunks(files: list[Path], on_read: Callable[[int], None], records: Records) -> Iterator[Chunk]:

@@ -325,7 +325,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         writer = gguf.GGUFWriter(tmp, arch)
-        _write_metadata(writer, arch, cfg, tok, tcfg.docs is not None, run_dir.name, meta.get("step"),
+        _write_metadata(writer, arch, cfg, tok, tcfg.documents, run_dir.name, meta.get("step"),
                         outtype)
         for name, array in tensors.items():
             writer.add_tensor(name, gguf.quants.quantize(array, types[name]), raw_dtype=types[name])

@@ -63,7 +63,7 @@ def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
     files = {
         "config.json": _json({**arch.config(mcfg), **specials}),
         "generation_config.json": _json(_generation_config(specials)),
-        **tokenizer_files(tokenizer, mcfg.block_size, bos_prompts=tcfg.docs is not None),
+        **tokenizer_files(tokenizer, mcfg.block_size, bos_prompts=tcfg.documents),
         "README.md": model_card(summary, arch, mcfg, tcfg, _data_meta(run_dir, tcfg)),
     }
     write_directory(out, files, weights)
@@ -280,7 +280,7 @@ def model_card(s: dict[str, Any], arch: hf_model.Architecture, mcfg: ModelConfig
 
 def _tokenizer_notes(kind: str, tcfg: TrainConfig) -> str:
     notes = []
-    if tcfg.docs is not None:
+    if tcfg.documents:
         notes.append("The model was trained on documents that start with BOS, so the tokenizer adds "
                      "BOS to every prompt (as minigpt's engine does).")
     if kind == "char":

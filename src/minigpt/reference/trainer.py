@@ -56,6 +56,9 @@ def check_reference_config(mcfg: ModelConfig, tcfg: TrainConfig) -> None:
     if tcfg.dtype not in ("auto", "float32") or tcfg.compile:
         raise ConfigError("the reference backend trains in float32 without torch.compile; "
                           "drop --dtype/--compile or use --backend torch")
+    if tcfg.chat:
+        raise ConfigError("the reference backend has no loss mask for conversations (--chat); "
+                          "use --backend torch")
     if tcfg.optimizer != "adamw":
         raise ConfigError(
             f"the reference backend implements AdamW only (got --optimizer {tcfg.optimizer}); "

@@ -2,8 +2,8 @@
 
 Endpoints: `GET /` (playground page), `GET /health`, `GET /metrics` (Prometheus), `GET /v1/models`,
 `GET /v1/models/{id}`, `POST /v1/completions` (OpenAI Completions API, SSE streaming),
-`POST /v1/chat/completions` (Chat Completions, through the plain-text template of `chat`; request
-and reply shapes in `chat_api`). With an API key set, every `/v1/*` request needs
+`POST /v1/chat/completions` (Chat Completions, through the run's plain-text template,
+`minigpt.chat_template`; request and reply shapes in `chat_api`). With an API key set, every `/v1/*` request needs
 `Authorization: Bearer KEY`. Requests are checked in `openai_api`; generation runs in one
 continuous batch on the decoding thread (`jobs`, over `minigpt.batching`: the main thread under
 `serve`), never on the event loop; stop strings end a row there too, and its logprobs stop with its text.
@@ -42,12 +42,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..batching import Batcher, BatcherBusy, Prompt
+from ..chat_template import ChatTemplate, load_template
 from ..config import ServeConfig
 from ..engine import Engine
 from ..errors import ConfigError, TokenizerError
 from . import logprobs as lp
 from . import openai_api as oa
-from .chat import ChatTemplate, load_template
 from .chat_api import ChatReply, parse_chat_request
 from .inspect_api import register_inspect
 from .jobs import Job, JobFailed, env_seconds, merge_deltas, next_or_500, submit_job

@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..chat_template import ChatTemplate
 from . import logprobs as lp
 from . import openai_api as oa
-from .chat import ChatTemplate, parse_messages
+from .chat import parse_messages
 from .jobs import Job, JobFailed, merge_deltas, next_or_500
 from .openai_api import APIError, CompletionRequest
 

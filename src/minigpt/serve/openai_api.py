@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..batching import Prompt
+from ..chat_template import json_type as _json_type  # one wording for every type error
 from ..sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -354,20 +355,6 @@ def _number(name: str, value: Any, default: float, lo: float, hi: float) -> floa
             code="invalid_value",
         )
     return float(value)
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return f"the number {value!r}"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array" if value else "an empty array"
-    return "an object"
 
 
 # ---- responses ----------------------------------------------------------------------------------

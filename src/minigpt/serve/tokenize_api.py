@@ -27,11 +27,12 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 
+from ..chat_template import ROLE_ALIASES, ROLES, ChatTemplate
 from ..engine import Engine
 from ..errors import TokenizerError
 from ..tokenization.base import BOS, EOS
 from . import openai_api as oa
-from .chat import ROLE_ALIASES, ROLES, ChatTemplate, parse_messages
+from .chat import parse_messages
 from .logprobs import name
 from .openai_api import APIError
 

@@ -62,8 +62,9 @@ def train(
     with distributed.session(tcfg.device) as dist:  # one process, or one rank under torchrun
         if dist.distributed and reference:
             raise ConfigError("the reference backend trains in one process; start it without torchrun")
-        data_dir = dist.main_first(lambda: set_up_run(mcfg, tcfg, run_dir, resume, from_checkpoint,
-                                                      overwrite, progress, tokenizer))
+        data_dir, tcfg = dist.main_first(lambda: set_up_run(mcfg, tcfg, run_dir, resume,
+                                                            from_checkpoint, overwrite, progress,
+                                                            tokenizer))
         data = load_prepared(data_dir)
         mcfg = dataclasses.replace(mcfg, vocab_size=data.tokenizer.vocab_size)
         if reference:

@@ -1,5 +1,6 @@
-"""Setting a run up: claim the run directory, prepare or reuse the data, write config and
-tokenizer; and the resume policy: the run's own config plus explicit training overrides, refusing a
+"""Setting a run up: claim the run directory, prepare or reuse the data, write config, tokenizer
+and chat template (conversations are rendered with it, and `serve` renders prompts with it); and
+the resume policy: the run's own config plus explicit training overrides, refusing a
 different model, tokenizer or data.
 
 A new run that fails while setting up leaves `--out` as it was; a run killed before its first
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import rundir
+from ..chat_template import DEFAULT, ChatTemplate, load_template
 from ..config import (
     ModelConfig,
     TrainConfig,
@@ -32,13 +34,14 @@ from ..tokenization import Tokenizer
 
 # Settings that shape the prepared data; changing them on resume would change what is being learnt.
 DATA_SHAPING = ("data", "docs", "val_fraction", "tokenizer", "tokenizer_vocab_size", "init_from",
-                "init_checkpoint", "text_field", "skip_bad_records")
+                "init_checkpoint", "text_field", "skip_bad_records", "chat", "chat_template")
 
 
 def set_up_run(mcfg: ModelConfig, tcfg: TrainConfig, run_dir: Path, resume: bool,
                 from_checkpoint: bool, overwrite: bool, progress: bool = True,
-                tokenizer: Tokenizer | None = None) -> Path:
-    """Claim the run directory, prepare the data, write config and tokenizer; -> the data dir.
+                tokenizer: Tokenizer | None = None) -> tuple[Path, TrainConfig]:
+    """Claim the run directory, prepare the data, write config, tokenizer and chat template;
+    -> (the data dir, the config as recorded: with what prepared data brings).
 
     `tokenizer`: the one the data must be encoded with (an --init-from model's) instead of one
     learnt from the text. A new run that fails here leaves --out as it was (rundir.new_run_dir); a
@@ -49,13 +52,48 @@ def set_up_run(mcfg: ModelConfig, tcfg: TrainConfig, run_dir: Path, resume: bool
     with nullcontext() if resume else rundir.new_run_dir(run_dir, overwrite, mcfg, tcfg):
         data = _data_for_run(tcfg, run_dir, from_checkpoint, progress, tokenizer)
         tcfg = _record_data_tokenizer(tcfg, data)
+        tcfg = _record_data_chat(tcfg, data)
         mcfg = dataclasses.replace(mcfg, vocab_size=data.tokenizer.vocab_size)
         for split in ("train", "val"):
             check_split_length(split, len(getattr(data, split)), mcfg.block_size)
         if not from_checkpoint:
             rundir.write_config(run_dir, mcfg, tcfg)
             rundir.write_tokenizer(run_dir, data.tokenizer)
-    return data.path
+            template = data.meta.get("chat_template") or _source_template(tcfg)
+            if template is not None:  # what the model learnt to chat in is what `serve` renders
+                rundir.write_chat_template(run_dir, template)
+    return data.path, tcfg
+
+
+def chat_template_for(tcfg: TrainConfig) -> ChatTemplate:
+    """The template conversations are rendered with: --chat-template FILE, else the --init-from
+    run's (the model already speaks it), else the default."""
+    if tcfg.chat_template is not None:
+        return load_template(path=tcfg.chat_template)
+    source = _source_template(tcfg)
+    return DEFAULT if source is None else ChatTemplate.from_dict(source, str(tcfg.init_from))
+
+
+def _source_template(tcfg: TrainConfig) -> dict[str, Any] | None:
+    """The chat template an --init-from minigpt run stores, if any (a Hugging Face directory's
+    chat_template.json is another format, and not read)."""
+    if tcfg.init_from is None or not rundir.checkpoints_dir(Path(tcfg.init_from)).is_dir():
+        return None
+    return rundir.read_chat_template(Path(tcfg.init_from))
+
+
+def _record_data_chat(tcfg: TrainConfig, data: PreparedData) -> TrainConfig:
+    """Prepared conversations make a chat run (its config says so); --chat on data prepared
+    without it, or another template than the data's, is an error."""
+    stored = data.meta.get("chat_template")
+    if tcfg.chat and stored is None:
+        raise ConfigError(f"{data.path} was prepared without --chat; give the conversations' "
+                          ".jsonl as --data, or prepare it again with --chat")
+    if stored is not None and tcfg.chat_template is not None:
+        if chat_template_for(tcfg).to_dict() != stored:
+            raise ConfigError(f"{data.path} was prepared with another chat template than "
+                              f"{tcfg.chat_template}; drop --chat-template or prepare it again")
+    return dataclasses.replace(tcfg, chat=stored is not None)
 
 
 def resume_config(preset, config_file, overrides) -> tuple[ModelConfig, TrainConfig]:
@@ -114,7 +152,8 @@ def _data_for_run(tcfg: TrainConfig, run_dir: Path, resume: bool, progress: bool
                            tokenizer=tokenizer or tcfg.tokenizer,
                            vocab_size=None if tokenizer else tcfg.tokenizer_vocab_size,
                            progress=progress,
-                           text_field=tcfg.text_field, skip_bad_records=tcfg.skip_bad_records)
+                           text_field=tcfg.text_field, skip_bad_records=tcfg.skip_bad_records,
+                           chat=chat_template_for(tcfg) if tcfg.chat else None)
             if meta["skipped_records"]:
                 print(f"warning: skipped {meta['skipped_records']:,} bad record(s); the first: "
                       f"{meta['first_bad_record']}", file=sys.stderr)

@@ -4,8 +4,11 @@ One step: forward, cross-entropy, backward over `grad_accum` micro-batches, glob
 the optimizer (Muon on hidden matrices and AdamW elsewhere, or AdamW throughout: optim.py) at the LR
 of `optim.lr_at`. Every `eval_interval` steps (and at the end): estimate train/val loss on fixed
 batches, print a short sample, write a checkpoint (and mark it best when val improves).
-Exact resume restores weights, optimizer moments, step, best val loss and the sampler; dropout's RNG
-is seeded per step from (seed, step, rank), so it needs no saved state.
+Exact resume restores weights, optimizer moments, step, best val loss, the count of evaluations
+without a better one (`patience`: early stopping) and the sampler; dropout's RNG is seeded per step
+from (seed, step, rank), so it needs no saved state.
+With `patience` N, the run stops after N evaluations in a row without a better validation loss,
+each of them saved; best.json points at the best step.
 Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and returns (signals.py).
 A run started from existing weights (`initial_state`, train --init-from) loads them, evaluates and
 saves them as step 0 before its first step: the log starts at the source's validation loss, and the
@@ -72,9 +75,11 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, tcfg)
         self.scaler = grad_scaler(self.device, self.dtype)
         self.sampler = BatchSampler(data.train, mcfg.block_size, tcfg.batch_size, tcfg.seed,
-                                    self.dist.rank, self.dist.world_size)
+                                    self.dist.rank, self.dist.world_size, data.train_mask)
         self.step = 0
         self.best_val_loss = math.inf
+        self.evals_without_improvement = 0  # early stopping's count; kept across resumes
+        self.stopped_early = False
         self.elapsed = 0.0  # training seconds across resumes
         self.stop_requested = False
         self.guard = NonFiniteGuard(tcfg.max_bad_steps)
@@ -103,6 +108,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "best_val_loss": self.best_val_loss,
+            "evals_without_improvement": self.evals_without_improvement,
             "elapsed": self.elapsed,
             "sampler": self.sampler.state_dict(),
             "grad_scaler": self.scaler.state_dict(),  # {} unless float16
@@ -131,6 +137,8 @@ class Trainer:
                 self.scaler.load_state_dict(state["grad_scaler"])
             self.step = int(state["step"])
             self.best_val_loss = float(state["best_val_loss"])
+            # states saved before early stopping existed count from 0
+            self.evals_without_improvement = int(state.get("evals_without_improvement", 0))
             self.elapsed = float(state["elapsed"])
             self.guard.load_state_dict(state)
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
@@ -143,6 +151,8 @@ class Trainer:
         is_best = val_loss is not None and val_loss < self.best_val_loss
         if is_best:
             self.best_val_loss = val_loss
+        if val_loss is not None:  # an evaluation: counted before the state is written
+            self.evals_without_improvement = 0 if is_best else self.evals_without_improvement + 1
         meta = {"val_loss": val_loss, "train_loss": train_loss, "best_val_loss": self.best_val_loss,
                 "data_tokens": self.data_tokens()}
         ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.trainer_state(), meta,
@@ -157,7 +167,8 @@ class Trainer:
         out = {}
         for i, split in enumerate(("train", "val")):
             sampler = BatchSampler(getattr(self.data, split), self.mcfg.block_size,
-                                   self.tcfg.batch_size, seed=self.tcfg.seed + 1 + i)
+                                   self.tcfg.batch_size, seed=self.tcfg.seed + 1 + i,
+                                   mask=getattr(self.data, f"{split}_mask"))
             total = torch.zeros((), device=self.device)
             for _ in range(self.tcfg.eval_iters):
                 x, y = sampler.next()
@@ -168,7 +179,7 @@ class Trainer:
         return out
 
     def sample_text(self) -> str:
-        engine = Engine(self.model, self.data.tokenizer, bos_prompts=self.tcfg.docs is not None)
+        engine = Engine(self.model, self.data.tokenizer, bos_prompts=self.tcfg.documents)
         params = EVAL_SAMPLE.replace(max_new_tokens=self.tcfg.sample_tokens, seed=self.tcfg.seed)
         try:
             text = engine.generate("", params)
@@ -204,7 +215,12 @@ class Trainer:
                 self.initial_state = None  # the model holds them now; free the copy
                 self._evaluate_and_save({})
                 last_saved = 0
-            while self.step < tcfg.max_iters and not self._stop_agreed():
+            if self._out_of_patience():
+                self.bar.write(f"already stopped early at step {self.step}: no better validation "
+                               f"loss in {self.evals_without_improvement} evaluations (patience "
+                               f"{tcfg.patience}); raise --patience to train on")
+            while (self.step < tcfg.max_iters and not self.stopped_early
+                   and not self._stop_agreed()):
                 self._loss_sum += self.train_step()
                 self.step += 1
                 self.bar.update(1)
@@ -279,6 +295,18 @@ class Trainer:
                 self.metrics.text(self.step, "sample", sample)  # TensorBoard and W&B show it
         self.dist.barrier()
         self._last_log_time = time.perf_counter()  # evaluation is not training time
+        if self._out_of_patience() and self.dist.is_main:
+            best = rundir.read_best(self.run_dir) or {}
+            self.bar.write(f"stopping early at step {self.step}: no better validation loss in "
+                           f"{self.evals_without_improvement} evaluations (patience "
+                           f"{self.tcfg.patience}); the best, {self.best_val_loss:.4f}, is step "
+                           f"{best.get('step')}")
+
+    def _out_of_patience(self) -> bool:
+        """Whether early stopping ends the run now, agreed by every rank (rank 0 evaluates)."""
+        out = self.tcfg.patience > 0 and self.evals_without_improvement >= self.tcfg.patience
+        self.stopped_early = self.dist.any(out)
+        return self.stopped_early
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if self.metrics:  # rank 0 only
@@ -290,8 +318,8 @@ class Trainer:
             "run_dir": str(self.run_dir), "step": self.step, "best_val_loss": self.best_val_loss,
             "best_val_bpb": (split_bits_per_byte(self.best_val_loss, self.data.meta, "val")
                              if math.isfinite(self.best_val_loss) else None),
-            "interrupted": self.stop_requested, "elapsed": self.elapsed,
-            "params": self.model.num_params(),
+            "interrupted": self.stop_requested, "stopped_early": self.stopped_early,
+            "elapsed": self.elapsed, "params": self.model.num_params(),
             "trainable_params": self.model.num_params(trainable=True), "rank": self.dist.rank,
             "world_size": self.dist.world_size, "skipped_steps": self.guard.skipped,
         }
