@@ -27,6 +27,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
@@ -72,6 +73,22 @@ class Constraint:
     @classmethod
     def choice(cls, options: Sequence[str]) -> Constraint:
         return cls("choice", json.dumps(list(options), ensure_ascii=False))
+
+    @classmethod
+    def from_file(cls, kind: str, path: str) -> Constraint:
+        """A JSON schema ("json_schema") or a grammar ("grammar": GBNF, or Lark for a .lark file)
+        read from a file: `minigpt sample --json-schema FILE | --grammar FILE`."""
+        what = "JSON schema" if kind == "json_schema" else "grammar"
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{what} file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "not valid UTF-8"
+            raise ConfigError(f"cannot read the {what} file {path}: {reason}") from None
+        if kind == "grammar" and path.endswith(".lark"):
+            kind = "lark"
+        return cls(kind, text)
 
     @property
     def name(self) -> str:
