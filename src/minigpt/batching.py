@@ -23,7 +23,9 @@ rows 0..b-1). A row that fills the context window goes on from the last 3/4 of i
 cached keys carry their absolute positions, learned or rotary, so they cannot be shifted in place,
 and generation goes on for any length at the cost of one re-prefill every block_size/4 tokens.
 
-Per row: the UTF-8 mask (`utf8.Utf8Mask`) applied to the logits before choosing, every row's token
+Per row: the UTF-8 mask (`utf8.Utf8Mask`) and a structured-output constraint's mask
+(`structured.ConstraintMask`, for constrained rows only; a row its constraint leads into a dead end
+leaves with "length", and EOS ends a complete one) applied to the logits before choosing, every row's token
 chosen in one `sampling.choose_tokens` call with per-row settings, and with `logprobs` the token's
 log-probability and top k under the distribution it was drawn from. With stop strings, a row's
 events wait while the matcher holds their text back and leave with the text it lets through
