@@ -247,7 +247,11 @@ class ConstraintMask:
                                                      rows)
         x = logits.to(torch.float32, copy=True)
         bitmask = self.bitmask.to(x.device, non_blocking=True)
-        self.xg.apply_token_bitmask_inplace(x, bitmask, vocab_size=self.vocab_size, indices=rows)
+        # xgrammar's C++ kernel on the CPU; elsewhere its plain-torch one, which runs on every
+        # device (its CUDA and triton kernels are compiled at first use)
+        backend = "cpu" if x.device.type == "cpu" else "torch_native"
+        self.xg.apply_token_bitmask_inplace(x, bitmask, vocab_size=self.vocab_size, indices=rows,
+                                            backend=backend)
         index = torch.tensor(rows, device=x.device)
         dead_mask = torch.isneginf(x[index]).all(dim=-1)
         if not dead_mask.any():
