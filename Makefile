@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[serve,data,dev,track,hf,gguf,notebook]"
+	$(BIN)/pip install --quiet -e ".[serve,data,dev,track,hf,gguf,notebook,structured]"
 	touch $@
 
 demo: setup

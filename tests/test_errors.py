@@ -434,6 +434,30 @@ CASES = [
          "minigpt: error: unknown GGUF --outtype 'q4_k'; choose from f32, f16, bf16, q8_0"),
     Case("export-hf-outtype", "--outtype with --to hf", "export run-gpt2 --to hf --out hf-model "
          "--outtype f16", "minigpt: error: --outtype applies to --to gguf only; --to hf writes float32"),
+    # --- structured output (issue 20) ---------------------------------------------------------------
+    Case("sample-bad-regex", "sample --regex with a pattern that does not parse",
+         "sample run --regex K[a-",
+         "minigpt: error: invalid regex: Regex parsing error at position 5: Unclosed '['"),
+    Case("sample-schema-missing", "sample --json-schema naming a file that does not exist",
+         "sample run --json-schema nowhere.json",
+         "minigpt: error: JSON schema file not found: nowhere.json"),
+    Case("sample-schema-not-json", "sample --json-schema of a file that is not JSON",
+         "sample run --json-schema corpus.txt",
+         "minigpt: error: the JSON schema is not valid JSON: Expecting value: line 1 column 1 (char 0)"),
+    Case("sample-schema-invalid", "sample --json-schema of a schema JSON Schema rejects",
+         "sample run --json-schema bad-schema.json",
+         "minigpt: error: invalid JSON schema at properties/age/type: 'int' is not valid under any "
+         "of the given schemas"),
+    Case("sample-grammar-invalid", "sample --grammar of a GBNF grammar with an undefined rule",
+         "sample run --grammar bad.gbnf",
+         "minigpt: error: invalid grammar (GBNF): EBNF parser error at line 1, column 14: Rule "
+         "\"name\" is not defined"),
+    Case("sample-grammar-directory", "sample --grammar naming a directory", "sample run --grammar notes",
+         "minigpt: error: cannot read the grammar file notes: Is a directory"),
+    Case("sample-schema-vocabulary", "sample --json-schema for a model whose vocabulary has no '{'",
+         "sample run --json-schema schema.json",
+         "minigpt: error: no token of this model's vocabulary can begin a text the JSON schema "
+         "allows (the tokenizer lacks the characters it starts with)"),
 ]
 
 
@@ -524,6 +548,9 @@ def workspace(workspace_dir: Path, server) -> Path:
     (ws / "notes" / "todo.txt").write_text("my own notes; minigpt must not touch them\n")
     (ws / "bad-template.json").write_text('{"user": "User: no placeholder\\n"}')
     (ws / "typo-template.json").write_text('{"usr": "User: {content}\\n"}')
+    (ws / "schema.json").write_text('{"type": "object", "properties": {"name": {"type": "string"}}}')
+    (ws / "bad-schema.json").write_text('{"type": "object", "properties": {"age": {"type": "int"}}}')
+    (ws / "bad.gbnf").write_text('root ::= "K" name\n')
 
     _cli(f"train --data corpus.txt --out run --max-iters 10 --eval-interval 10 {TINY}", ws)
     step = Path("checkpoints") / "step-0000010"

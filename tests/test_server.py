@@ -345,6 +345,24 @@ BAD_REQUESTS = [
     ("logprobs bool", {"logprobs": True}, 400, "logprobs"),
     ("wrong model", {"model": "gpt-4"}, 404, "model"),
     ("unencodable characters", {"prompt": "the snowman \u2603 sat"}, 400, "prompt"),
+    # structured output (docs/structured.md)
+    ("invalid regex", {"structured_outputs": {"regex": "K[a-"}}, 400, "structured_outputs"),
+    ("invalid grammar", {"structured_outputs": {"grammar": "root ::= x"}}, 400,
+     "structured_outputs"),
+    ("invalid JSON schema", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "r", "schema": {"type": "strin"}}}}, 400, "response_format"),
+    ("json_schema without schema", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "r"}}}, 400, "response_format.json_schema.schema"),
+    ("response_format type", {"response_format": {"type": "xml"}}, 400, "response_format"),
+    ("response_format and structured_outputs", {"response_format": {"type": "json_object"},
+     "structured_outputs": {"regex": "a"}}, 400, "structured_outputs"),
+    ("two structured_outputs", {"structured_outputs": {"regex": "a", "choice": ["b"]}}, 400,
+     "structured_outputs"),
+    ("empty choice", {"structured_outputs": {"choice": []}}, 400, "structured_outputs.choice"),
+    ("unknown structured_outputs field", {"structured_outputs": {"regexp": "a"}}, 400,
+     "structured_outputs"),
+    ("schema the vocabulary cannot begin", {"response_format": {"type": "json_object"}}, 400,
+     "response_format"),
     ("oversized body", {"prompt": "the " * 20_000}, 413, None),
 ]
 

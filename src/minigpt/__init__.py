@@ -26,8 +26,9 @@ _PUBLIC = {
     "TrainConfig": "minigpt.config",
     "SamplingParams": "minigpt.sampling",
     "MiniGPTError": "minigpt.errors",
+    "Constraint": "minigpt.structured",
 }
-__all__ = ["GPT", "Engine", "MiniGPTError", "ModelConfig", "SamplingParams", "TrainConfig", "load",
+__all__ = ["GPT", "Constraint", "Engine", "MiniGPTError", "ModelConfig", "SamplingParams", "TrainConfig", "load",
            "train"]
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ does the importing
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ does
     from .errors import MiniGPTError
     from .model import GPT
     from .sampling import SamplingParams
+    from .structured import Constraint
     from .training.run import train
 
 

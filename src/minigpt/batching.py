@@ -23,7 +23,9 @@ rows 0..b-1). A row that fills the context window goes on from the last 3/4 of i
 cached keys carry their absolute positions, learned or rotary, so they cannot be shifted in place,
 and generation goes on for any length at the cost of one re-prefill every block_size/4 tokens.
 
-Per row: the UTF-8 mask (`utf8.Utf8Mask`) applied to the logits before choosing, every row's token
+Per row: the UTF-8 mask (`utf8.Utf8Mask`) and a structured-output constraint's mask
+(`structured.ConstraintMask`, for constrained rows only; a row its constraint leads into a dead end
+leaves with "length", and EOS ends a complete one) applied to the logits before choosing, every row's token
 chosen in one `sampling.choose_tokens` call with per-row settings, and with `logprobs` the token's
 log-probability and top k under the distribution it was drawn from. With stop strings, a row's
 events wait while the matcher holds their text back and leave with the text it lets through
@@ -68,6 +70,7 @@ from .sampling import (
     token_logprobs,
 )
 from .stop_strings import StopMatcher
+from .structured import ConstraintMask, RowMatcher
 from .utf8 import Utf8Mask
 
 if TYPE_CHECKING:
@@ -100,8 +103,9 @@ class BatchRequest:
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, stop: Sequence[str],
                  notify: Callable[[], None] | None, device: torch.device,
-                 on_cancel: Callable[[BatchRequest], None]):
+                 on_cancel: Callable[[BatchRequest], None], grammar: Any = None):
         self.prompt_ids, self.params, self.stop = prompt_ids, params, tuple(stop)
+        self.grammar = grammar  # params.constraint compiled for the engine's vocabulary
         self._on_cancel = on_cancel
         self.n = params.num_samples
         self.generator = torch.Generator(device=device)
@@ -177,18 +181,19 @@ class BatchRequest:
 
 class _Row:
     """One sequence in the batch: its tokens so far, its cache length, its text decoding, its
-    UTF-8 mask state and its events held back by a stop string."""
+    UTF-8 mask state, its place in its constraint and its events held back by a stop string."""
 
     __slots__ = ("req", "index", "tokens", "length", "decoder", "stop", "count", "mask",
-                 "held", "produced", "through")
+                 "matcher", "held", "produced", "through")
 
     def __init__(self, req: BatchRequest, index: int, tokens: list[int], length: int,
-                 mask: Utf8Mask | None):
+                 mask: Utf8Mask | None, matcher: RowMatcher | None = None):
         self.req, self.index, self.tokens, self.length = req, index, tokens, length
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stop = StopMatcher(req.stop) if req.stop else None
         self.count = 0  # tokens generated
         self.mask = mask  # this row's own Utf8Mask (one row), None when not masking
+        self.matcher = matcher  # its constraint's matcher, None when unconstrained
         # with stop strings: events whose text the matcher still holds back, with where their
         # text starts; characters produced, and characters the matcher let through
         self.held: deque[tuple[int, StreamEvent]] = deque()
@@ -220,6 +225,7 @@ class Batcher:
         self.prompt_cache = PromptCache(self.model, prompt_cache) if prompt_cache else None
         self.rows: list[_Row] = []  # rows[s] lives in cache row s
         self._settings: RowSettings | None = None  # of self.rows, rebuilt when rows join or leave
+        self._constraint_mask: ConstraintMask | None = None  # made by the first constrained row
         self._line: deque[BatchRequest] = deque()  # submitted, not yet holding rows
         self._prefilling: deque[BatchRequest] = deque()  # holding rows, prompt not yet prefilled
         self._active: set[BatchRequest] = set()  # holding rows
@@ -258,7 +264,12 @@ class Batcher:
         ids = self.engine.encode_prompt(prompt)[-self.block_size:]
         if not ids:
             raise ConfigError("the prompt has no tokens (pass text, or at least one token id)")
-        req = BatchRequest(ids, params, stop, notify, self.engine.device, self._withdraw)
+        # compiled here, in the caller's thread: a constraint the vocabulary cannot begin fails
+        # before anything is queued (the engine keeps compiled grammars, so the server's own
+        # compile before submitting makes this a look-up)
+        grammar = (self.engine.grammars.compile(params.constraint)
+                   if params.constraint is not None else None)
+        req = BatchRequest(ids, params, stop, notify, self.engine.device, self._withdraw, grammar)
         with self._lock:
             if self._closed:
                 raise BatcherBusy("the batcher is closed")
@@ -496,7 +507,9 @@ class Batcher:
         for i in range(req.n):
             self.cache.copy_rows(self.scratch, scratch_row, len(self.rows), length)
             mask = Utf8Mask(self.engine.utf8_table, 1) if masking else None  # states only: CPU
-            row = _Row(req, i, list(req.prompt_ids), length, mask)
+            matcher = (self.engine.grammars.matcher(req.grammar) if req.grammar is not None
+                       else None)
+            row = _Row(req, i, list(req.prompt_ids), length, mask, matcher)
             self.rows.append(row)
             rows.append(row)
         req.live = req.n
@@ -539,7 +552,8 @@ class Batcher:
         """Next token of every row (logits[i] is rows[i]'s) in one `choose_tokens` call: UTF-8
         masked rows choose from masked logits, each request's uniforms come from its own generator,
         and logprobs from the same distribution the tokens were drawn from."""
-        x = distribution(self._masked(logits, rows), settings)
+        masked, dead = self._masked(logits, rows)
+        x = distribution(masked, settings)
         u = None if settings.all_greedy else self._uniforms(rows)
         tokens = choose_tokens(x, settings, u)
         chosen = tokens.tolist()
@@ -554,14 +568,22 @@ class Batcher:
                 top = list(zip(ids, vals))[: rows[i].req.params.logprobs]
                 # a token filtered out has probability 0 (-inf): not an alternative, and not JSON
                 scores[i] = (lp, [(t, v) for t, v in top if v != float("-inf")])
-        self._advance(rows, chosen, scores)
+        for i in dead:
+            scores[i] = (None, None)
+        self._advance(rows, chosen, scores, dead)
 
-    def _masked(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """logits with each masked row's tokens that would break its UTF-8 set to -inf."""
-        if all(r.mask is None for r in rows):
-            return logits  # no table needed (it is built on first use)
-        return self.engine.utf8_table.mask(
-            logits, [None if r.mask is None else r.mask.states[0] for r in rows])
+    def _masked(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, list[int]]:
+        """logits with each masked row's tokens that would break its UTF-8, and each constrained
+        row's tokens its constraint does not allow, set to -inf; and the constrained rows that no
+        token can continue (`ConstraintMask.apply`)."""
+        if any(r.mask is not None for r in rows):  # no table needed otherwise (built on first use)
+            logits = self.engine.utf8_table.mask(
+                logits, [None if r.mask is None else r.mask.states[0] for r in rows])
+        if all(r.matcher is None for r in rows):
+            return logits, []
+        if self._constraint_mask is None:
+            self._constraint_mask = ConstraintMask(self.engine.grammars, self.max_rows)
+        return self._constraint_mask.apply(logits, [r.matcher for r in rows])
 
     def _uniforms(self, rows: list[_Row]) -> torch.Tensor:
         """Every request draws for all n of its rows, also those that left, then keeps its live
@@ -575,12 +597,19 @@ class Batcher:
                             device=self.engine.device).view(-1, 1)
 
     def _advance(self, rows: list[_Row], chosen: list[int],
-                 scores: list[tuple[float | None, list | None]]) -> None:
-        """Record each row's token, emit its event, and let finished rows leave."""
+                 scores: list[tuple[float | None, list | None]], dead: Sequence[int] = ()) -> None:
+        """Record each row's token, emit its event, and let finished rows leave. A dead row (its
+        constraint needs a token the vocabulary lacks) leaves without one, cut off: "length"."""
         eos = self.engine.tokenizer.eos_id
         out: dict[BatchRequest, list[StreamEvent]] = {}
         leaving = set()
-        for r, tok, (lp, top) in zip(rows, chosen, scores):
+        for i, (r, tok, (lp, top)) in enumerate(zip(rows, chosen, scores)):
+            if dead and i in dead:
+                event = StreamEvent(r.index, "", None, "length")
+                events = [event] if r.stop is None else _cut(r, event)
+                out.setdefault(r.req, []).extend(events)
+                leaving.add(id(r))
+                continue
             r.tokens.append(tok)
             if len(r.tokens) > 2 * self.block_size:  # a rebuild needs only the last window
                 del r.tokens[: -self.block_size]
@@ -588,8 +617,11 @@ class Batcher:
             self.tokens_generated += 1
             if r.mask is not None:
                 r.mask.advance([tok])
+            if r.matcher is not None:
+                r.matcher.advance(tok)
             finish = None
-            if r.req.params.stop_at_eos and tok == eos:
+            # a constraint allows EOS only where its text is complete, and nothing after it
+            if tok == eos and (r.req.params.stop_at_eos or r.matcher is not None):
                 text, finish = r.decoder.decode(b"", final=True), "stop"
             else:  # not final: a character cut off by max_new_tokens is dropped, never U+FFFD
                 text = r.decoder.decode(self.engine.tokenizer.token_bytes(tok))

@@ -23,6 +23,7 @@ from .config import (
     resolve,
 )
 from .errors import ConfigError, MiniGPTError
+from .structured import Constraint
 from .tokenization import kinds
 
 LAYOUT_SWITCHES = ("bias", "pos_emb", "norm", "activation", "qk_norm", "qk_norm_order",
@@ -93,7 +94,19 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 def _sampling_from(args: argparse.Namespace) -> SamplingParams:
     names = [f.name for f in dataclasses.fields(SamplingParams)]
-    return SamplingParams().replace(**{k: getattr(args, k) for k in names if hasattr(args, k)})
+    return SamplingParams().replace(**{k: getattr(args, k) for k in names if hasattr(args, k)},
+                                    constraint=_constraint_from(args))
+
+
+def _constraint_from(args: argparse.Namespace) -> Constraint | None:
+    """sample's --regex / --json-schema FILE / --grammar FILE (argparse keeps them exclusive)."""
+    if getattr(args, "regex", None) is not None:
+        return Constraint.regex(args.regex)
+    for kind, path in (("json_schema", getattr(args, "json_schema", None)),
+                       ("grammar", getattr(args, "grammar", None))):
+        if path is not None:
+            return Constraint.from_file(kind, path)
+    return None
 
 
 def _add_tokenizer_flags(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -178,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     _add_sampling_flags(p)
+    shape = p.add_argument_group("structured output (docs/structured.md)").add_mutually_exclusive_group()
+    shape.add_argument("--regex", metavar="PATTERN", help="every sample matches this regex")
+    shape.add_argument("--json-schema", metavar="FILE",
+                       help="every sample is JSON valid under this schema (one line)")
+    shape.add_argument("--grammar", metavar="FILE",
+                       help="every sample is in this grammar: GBNF, or Lark for a .lark file")
     _add_load_flags(p, "checkpoint", "device", "dtype")
     p.set_defaults(func=cmd_sample)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .structured import Constraint
 from .tokenization import bpe, kinds
 
 if sys.version_info >= (3, 11):
@@ -543,6 +544,10 @@ class SamplingParams:
     # not a CLI flag: the server asks for it (OpenAI's `logprobs`); None = not computed
     logprobs: int | None = field(default=None, metadata={
         "help": "log-probability of each sampled token and of the k most likely", "cli": False})
+    # not a flag of its own: `sample --regex/--json-schema/--grammar` and the server's
+    # response_format build it (structured.py); None = unconstrained
+    constraint: Constraint | None = field(default=None, metadata={
+        "help": "the output must match this regex, JSON schema or grammar", "cli": False})
 
     def validate(self) -> SamplingParams:
         if self.max_new_tokens is None or self.max_new_tokens < 1:
@@ -559,6 +564,12 @@ class SamplingParams:
             raise ConfigError(f"min-p must be in [0, 1] (0 = off), got {self.min_p}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ConfigError(f"logprobs must be >= 0, got {self.logprobs}")
+        if self.constraint is not None:
+            if not isinstance(self.constraint, Constraint):
+                raise ConfigError("constraint must be a minigpt.Constraint, e.g. "
+                                  "Constraint.regex('K[a-z]+'), got "
+                                  f"{type(self.constraint).__name__}")
+            self.constraint.validate()
         return self
 
     def replace(self, **changes: Any) -> SamplingParams:

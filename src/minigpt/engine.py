@@ -2,7 +2,7 @@
 its tokenizer and generates through the one generation loop, `batching.Batcher`: `stream` drives a
 batcher of its own synchronously (the CLI, the Python API, the trainer's samples, the benchmarks),
 and the server drives a shared one from its thread. Seeding, the context-window rule, finish
-reasons, the UTF-8 mask, logprobs and stop strings live there, once.
+reasons, the UTF-8 mask, structured-output constraints, logprobs and stop strings live there, once.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .errors import CheckpointError
 from .model import GPT
 from .sampling import SamplingParams
 from .scoring import token_scores
+from .structured import Grammars
 from .tokenization import Tokenizer
 from .utf8 import Utf8Table
 
@@ -61,6 +62,11 @@ class Engine:
     def utf8_table(self) -> Utf8Table:
         """The tokenizer's UTF-8 mask table, built on first use (a loop over the vocabulary)."""
         return Utf8Table.for_tokenizer(self.tokenizer)
+
+    @functools.cached_property
+    def grammars(self) -> Grammars:
+        """Constraints compiled against this tokenizer (structured.py), built on first use."""
+        return Grammars.for_tokenizer(self.tokenizer, self.model.config.vocab_size)
 
     def utf8_masking(self, params: SamplingParams) -> bool:
         """Whether `params` mask invalid UTF-8: as asked, else on for byte-level tokenizers."""

@@ -142,6 +142,8 @@ def create_app(
         # Encoding (and scoring an echoed prompt) is synchronous work proportional to the prompt:
         # keep it off the event loop too.
         prompt_ids = await asyncio.to_thread(_encode_prompts, engine, req.prompts, param)
+        if req.constraint is not None:  # parsed and compiled here: milliseconds to seconds
+            await asyncio.to_thread(_compile_constraint, engine, req)
         echoed = await asyncio.to_thread(_echo_scores, engine, req, prompt_ids)
         texts = _echo_texts(engine, req, prompt_ids)
         job = _submit(batcher, prompt_ids, req, stream_interval, texts, echoed, config.utf8_mask)
@@ -229,6 +231,15 @@ class _Timer:
 
     def end(self) -> None:
         self.metrics.latency.observe(time.perf_counter() - self.received)
+
+
+def _compile_constraint(engine: Engine, req: CompletionRequest) -> None:
+    """Check and compile the request's constraint (the engine keeps it for the batcher's submit);
+    a bad pattern, schema or grammar, or one this vocabulary cannot begin, is a 400."""
+    try:
+        engine.grammars.compile(req.constraint.validate())
+    except ConfigError as e:
+        raise APIError(400, str(e), param=req.constraint_param, code="invalid_value") from None
 
 
 def _encode_prompts(engine: Engine, prompts: Sequence[Prompt],

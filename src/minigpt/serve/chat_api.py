@@ -26,7 +26,7 @@ DEFAULT_CHAT_MAX_TOKENS = 256  # OpenAI's default is "up to the context"; a repl
 CHAT_FIELDS = {
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
     "min_p", "n", "stop", "seed", "stream", "stream_options", "user", "logprobs", "top_logprobs",
-    "logit_bias", "frequency_penalty", "presence_penalty",
+    "logit_bias", "frequency_penalty", "presence_penalty", *oa.STRUCTURED_FIELDS,
 }
 
 
@@ -59,7 +59,7 @@ def parse_chat_request(data: dict[str, Any], model_id: str, max_tokens_limit: in
         top_k_logprobs = 0
     oa._check_unsupported({k: v for k, v in data.items() if k != "logprobs"})
     req = CompletionRequest((prompt,), max_tokens, **sampling, stop=stop, **streaming,
-                            logprobs=top_k_logprobs)
+                            logprobs=top_k_logprobs, **oa.constraint_from(data))
     return ChatRequest(req, logprobs)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from ..batching import Prompt
 from ..chat_template import json_type as _json_type  # one wording for every type error
 from ..sampling import SamplingParams
+from ..structured import Constraint
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_CHOICES = 32  # n x number of prompts in one request
@@ -74,6 +75,9 @@ class CompletionRequest:
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage counts
     echo: bool = False
     logprobs: int | None = None  # the k of `logprobs: k` (chat: top_logprobs); None = not asked
+    # response_format / structured_outputs (`constraint_from`), and the field it came from
+    constraint: Constraint | None = None
+    constraint_param: str | None = None
 
     def sampling(self, utf8_mask: bool | None = None) -> SamplingParams:
         """The engine's settings for one prompt's `n` choices (each prompt starts afresh);
@@ -82,7 +86,7 @@ class CompletionRequest:
                               top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
                               seed=self.seed,
                               num_samples=self.n, logprobs=self.logprobs,
-                              utf8_mask=utf8_mask).validate()
+                              utf8_mask=utf8_mask, constraint=self.constraint).validate()
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
@@ -110,9 +114,12 @@ _NEUTRAL = {
 }
 
 
+# what constrains the output (docs/structured.md): OpenAI's field and vLLM's
+STRUCTURED_FIELDS = {"response_format", "structured_outputs"}
 COMPLETION_FIELDS = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed",
     "stream", "stream_options", "echo", "user", "best_of", "logit_bias", "logprobs", *_NEUTRAL,
+    *STRUCTURED_FIELDS,
 }
 
 
@@ -134,7 +141,80 @@ def parse_completion_request(
     if logprobs is not None:
         logprobs = _int("logprobs", logprobs, 0, 0, MAX_LOGPROBS)
     _check_unsupported(data)
-    return CompletionRequest(prompts, max_tokens, **sampling, **streaming, logprobs=logprobs)
+    return CompletionRequest(prompts, max_tokens, **sampling, **streaming, logprobs=logprobs,
+                             **constraint_from(data))
+
+
+_VLLM_KINDS = ("regex", "json", "choice", "grammar", "json_object")
+
+
+def constraint_from(data: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's `response_format` or vLLM's `structured_outputs`, checked for shape ->
+    CompletionRequest's constraint and constraint_param. What the pattern, schema or grammar
+    says is checked later, off the event loop (`serve.app`), where it is compiled."""
+    fmt, vllm = data.get("response_format"), data.get("structured_outputs")
+    if fmt is not None and vllm is not None:
+        raise APIError(400, "send response_format or structured_outputs, not both",
+                       param="structured_outputs", code="invalid_value")
+    if fmt is not None:
+        return dict(constraint=_response_format(fmt), constraint_param="response_format")
+    if vllm is not None:
+        return dict(constraint=_structured_outputs(vllm), constraint_param="structured_outputs")
+    return {}
+
+
+def _response_format(fmt: Any) -> Constraint | None:
+    _check_type("response_format", fmt, dict)
+    kind = fmt.get("type")
+    allowed = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
+    if kind not in allowed:
+        raise APIError(400, "response_format.type must be one of text, json_object, json_schema; "
+                       f"got {kind!r}", param="response_format", code="invalid_value")
+    _check_fields("response_format", fmt, allowed[kind])
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint.json_object()
+    spec = fmt.get("json_schema")
+    _check_type("response_format.json_schema", spec, dict)
+    _check_fields("response_format.json_schema", spec, {"name", "schema", "strict", "description"})
+    schema = spec.get("schema")
+    _check_type("response_format.json_schema.schema", schema, dict)
+    return Constraint.json_schema(schema)
+
+
+def _structured_outputs(spec: Any) -> Constraint:
+    _check_type("structured_outputs", spec, dict)
+    _check_fields("structured_outputs", spec, set(_VLLM_KINDS))
+    given = [k for k in _VLLM_KINDS if spec.get(k) not in (None, False)]
+    if len(given) != 1:
+        raise APIError(400, f"structured_outputs needs exactly one of {', '.join(_VLLM_KINDS)}; "
+                       f"got {', '.join(given) or 'none'}", param="structured_outputs",
+                       code="invalid_value")
+    kind, value = given[0], spec[given[0]]
+    name = f"structured_outputs.{kind}"
+    if kind == "json_object":
+        _check_type(name, value, bool)
+        return Constraint.json_object()
+    if kind == "json":  # vLLM takes the schema as an object or as its JSON text
+        if not isinstance(value, str):
+            _check_type(name, value, dict)
+        return Constraint.json_schema(value)
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(
+                isinstance(v, str) and v for v in value):
+            raise APIError(400, f"{name} must be a non-empty array of non-empty strings, got "
+                           f"{_json_type(value)}", param=name, code="invalid_type")
+        return Constraint.choice(value)
+    _check_type(name, value, str)
+    return Constraint.regex(value) if kind == "regex" else Constraint.grammar(value)
+
+
+def _check_fields(name: str, obj: dict[str, Any], known: set[str]) -> None:
+    extra = sorted(set(obj) - known)
+    if extra:
+        raise APIError(400, f"unknown {name} field(s): {', '.join(extra)}", param=name,
+                       code="unknown_parameter")
 
 
 def _check_known(data: dict[str, Any], known: set[str]) -> None:
