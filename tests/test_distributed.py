@@ -176,3 +176,37 @@ def test_a_single_process_is_rank_0_of_1_with_no_op_collectives():
     t = torch.tensor(3.0)
     assert ctx.mean(t) is t
     ctx.barrier()
+
+
+def _blocks_sigint(tid: int) -> bool:
+    for line in Path(f"/proc/self/task/{tid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    raise AssertionError("no SigBlk line")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread signal masks in /proc")
+def test_ctrl_c_reaches_the_main_thread_not_the_process_groups_threads(monkeypatch):
+    """torchrun forwards Ctrl-C to every rank; landing on a gloo thread it would interrupt a socket
+    call there (seen once: both ranks stuck in the gradient all-reduce until torchrun killed them).
+    The threads the process group starts block it; the main thread still takes it."""
+    import threading
+
+    import torch.distributed as dist
+
+    from minigpt.training import distributed
+
+    # rank 0 of a job, whose group (of one process here, so that no second rank is needed) is
+    # opened by session() itself as under torchrun
+    real_init = dist.init_process_group
+    monkeypatch.setattr(distributed, "torchrun_env", lambda: (0, 0, 2))
+    monkeypatch.setattr(distributed, "rank_device", lambda name, local_rank, world: torch.device("cpu"))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: real_init(
+        backend, store=dist.HashStore(), rank=0, world_size=1))
+    before = set(os.listdir("/proc/self/task"))
+    with distributed.session("cpu") as ctx:
+        started = set(os.listdir("/proc/self/task")) - before
+        assert ctx.waits is not None and started
+        assert all(_blocks_sigint(int(t)) for t in started)
+        assert not _blocks_sigint(threading.get_native_id())
+    assert not dist.is_initialized()

@@ -15,6 +15,8 @@ wait at a barrier; an error on rank 0 is raised on every rank, so no rank is lef
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -154,16 +156,37 @@ def session(device_name: str | None = "auto") -> Iterator[DistContext]:
         yield DistContext(device)
         return
     owned = not dist.is_initialized()
-    if owned:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
+    with _stop_signals_to_this_thread_only():
+        if owned:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         waits = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    try:
         yield DistContext(device, rank, local_rank, world_size, waits)
     finally:
         if owned:
             dist.destroy_process_group()
+
+
+@contextmanager
+def _stop_signals_to_this_thread_only() -> Iterator[None]:
+    """Block SIGINT and SIGTERM while the process group starts its threads, which inherit the mask.
+
+    torchrun forwards Ctrl-C to every rank. The kernel hands a process's signal to any thread that
+    does not block it, and Python's handlers do not restart interrupted system calls: a signal that
+    lands on a communication thread interrupts its socket call there. Blocked in those threads, the
+    signal reaches the main thread, where the trainer's handler asks the ranks to stop together.
+    A signal sent while the mask is on waits and is delivered when it comes off."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def dropout_seed(seed: int, step: int, rank: int) -> int:
