@@ -275,8 +275,8 @@ def test_the_mask_covers_the_replies_bytes_with_byte_level_tokenizers(tmp_path, 
 
 def test_a_chat_fine_tune_with_lora_stores_serves_and_merges_its_template(tmp_path):
     """`train --chat --init-from BASE --lora-rank 4`: the adapter-only run keeps the template and
-    the loss mask, the server renders chat prompts with that template, and `export --merge` keeps
-    it in the full run."""
+    the loss mask, the server renders chat prompts with that template, and `export --merge` and
+    `--to hf` keep it."""
     qa = ChatTemplate.from_dict(QA, "QA")
     records = task.records()[:60]
     text = "".join(qa.render([(m["role"], m["content"]) for m in r["messages"]])
@@ -310,3 +310,7 @@ def test_a_chat_fine_tune_with_lora_stores_serves_and_merges_its_template(tmp_pa
     assert main(["export", str(run), "--merge", "--out", str(tmp_path / "merged")]) == 0
     assert rundir.read_config(tmp_path / "merged")[0].lora_rank == 0
     assert load_template(tmp_path / "merged") == qa
+    # and the HF export (merged) carries it as tokenizer_config.json's Jinja chat_template
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == qa.to_jinja()
