@@ -17,9 +17,8 @@ byte tokens with no merges; `char` is one token per character, multi-byte charac
 their bytes by merges that only ever join the bytes of one character.
 
 The run's chat template (the stored one, else minigpt's default: what `serve` renders) is written
-as `tokenizer.chat_template`, the Jinja of ChatTemplate.to_jinja, which llama.cpp renders with
-`--jinja`. Without `--jinja` llama.cpp matches a template against the formats it knows by name,
-and this one is none of them.
+as `tokenizer.chat_template`, the Jinja of ChatTemplate.to_jinja: llama.cpp's key, read by its
+`--jinja` mode (its built-in formatter knows only the templates it recognises and refuses this).
 """
 
 from __future__ import annotations
