@@ -45,6 +45,7 @@ def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
     refused = hf_model.refusal(mcfg)
     if refused:
         raise ConfigError(f"cannot export {run_dir} to hf: {refused[0]}; {refused[1]}")
+    template = chat_template.load_template(run_dir)  # what `serve` renders chat prompts with
     check_out_dir(out, overwrite)
     engine = load(run_dir, checkpoint, device="cpu", dtype="float32")  # weights as trained
     # a LoRA run: its adapters folded into its base (`--to peft` writes them apart: peft.py)
@@ -53,7 +54,6 @@ def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
     weights = {k: v.detach().contiguous()
                for k, v in arch.weights(model.config, model.state_dict()).items()}
     specials = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
-    template = chat_template.load_template(run_dir)  # what `serve` renders chat prompts with
     summary = {
         "run_dir": str(run_dir), "out": str(out), "step": engine.step, "architecture": arch.name,
         "model_type": arch.model_type, "params": model.num_params(),
