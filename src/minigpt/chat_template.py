@@ -23,6 +23,9 @@ in a role's line stands for the message text:
 
     {"system": "{content}\\n\\n", "user": "Q: {content}\\n", "assistant": "A: {content}\\n",
      "generation": "A:", "stop": ["\\nQ:"]}
+
+A template is also written as Jinja (`ChatTemplate.to_jinja`) for the tools that render chat
+templates themselves: /tokenizer_info, and the HF and GGUF exports.
 """
 
 from __future__ import annotations

@@ -291,7 +291,7 @@ def _chat_line(source: str | None, template: chat_template.ChatTemplate) -> str:
     which = ("the one this run was trained with (its chat_template.json)" if source == "stored"
              else "minigpt's default")
     example = template.render([("user", "Hi")])
-    return (f"Chat template: {which}, {example!r} for one user message, as Jinja in "
+    return (f"Chat template: {which}, `{example!r}` for one user message, as Jinja in "
             "tokenizer_config.json (`tokenizer.apply_chat_template`).")
 
 
