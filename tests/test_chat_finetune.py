@@ -268,3 +268,49 @@ def test_the_mask_covers_the_replies_bytes_with_byte_level_tokenizers(tmp_path, 
         assert learnt.count(data.tokenizer.eos_id) == data.meta["num_docs"][split]
         replies += data.tokenizer.decode(learnt).split("\n")[:-1]
     assert sorted(replies) == sorted(" " + r["messages"][-1]["content"] for r in records)
+
+
+# ---- chat with LoRA -----------------------------------------------------------------------------
+
+
+def test_a_chat_fine_tune_with_lora_stores_serves_and_merges_its_template(tmp_path):
+    """`train --chat --init-from BASE --lora-rank 4`: the adapter-only run keeps the template and
+    the loss mask, the server renders chat prompts with that template, and `export --merge` and
+    `--to hf` keep it."""
+    qa = ChatTemplate.from_dict(QA, "QA")
+    records = task.records()[:60]
+    text = "".join(qa.render([(m["role"], m["content"]) for m in r["messages"]])
+                   .removesuffix(qa.generation) for r in records)
+    (tmp_path / "base.txt").write_text(text * 2)  # every character the conversations use
+    (tmp_path / "qa.json").write_text(json.dumps(QA))
+    data = write_jsonl(tmp_path / "c.jsonl", records)
+    tiny = ["--quiet", "--device", "cpu", "--threads", "1", "--batch-size", "4", "--max-iters",
+            "4", "--eval-interval", "4", "--eval-iters", "1", "--sample-tokens", "0"]
+    assert main(["train", "--data", str(tmp_path / "base.txt"), "--out", str(tmp_path / "base"),
+                 "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "32",
+                 *tiny]) == 0
+    run = tmp_path / "lora"
+    assert main(["train", "--data", str(data), "--chat", "--chat-template", str(tmp_path / "qa.json"),
+                 "--init-from", str(tmp_path / "base"), "--lora-rank", "4", "--out", str(run),
+                 *tiny]) == 0
+    mcfg, tcfg = rundir.read_config(run)
+    assert mcfg.lora_rank == 4 and tcfg.chat
+    assert load_template(run) == qa
+    meta = json.loads((run / "data" / "meta.json").read_text())
+    assert meta["chat_template"] == QA and meta["loss_mask"]
+    assert meta["train_learnt_tokens"] < meta["train_tokens"]
+
+    messages = [{"role": "user", "content": "reverse abc"}]
+    with serving(create_app(load(run, device="cpu"), template=load_template(run))) as base:
+        r = httpx.post(f"{base}/v1/chat/completions", timeout=60,
+                       json={"messages": messages, "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 1 + len(qa.render([("user", "reverse abc")]))
+
+    assert main(["export", str(run), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    assert rundir.read_config(tmp_path / "merged")[0].lora_rank == 0
+    assert load_template(tmp_path / "merged") == qa
+    # and the HF export (merged) carries it as tokenizer_config.json's Jinja chat_template
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == qa.to_jinja()

@@ -399,6 +399,10 @@ CASES = [
          "architecture computes that (Persimmon, StableLM and Cohere normalise before the rotation, "
          "which a LayerNorm does not commute with); train with --qk-norm-order before_rope (exported "
          "as Persimmon), or with --no-qk-norm"),
+    Case("export-run-chat-template-broken", "export of a run whose chat_template.json is not valid "
+         "JSON", "export bad-chat --to hf --out hf-model",
+         "minigpt: error: bad-chat/chat_template.json is not valid JSON: Expecting property name "
+         "enclosed in double quotes: line 1 column 2 (char 1)"),
     Case("export-out-not-empty", "export into an existing non-empty --out",
          "export run-gpt2 --to hf --out notes",
          "minigpt: error: notes exists and is not empty; pass --overwrite to replace it, or choose "

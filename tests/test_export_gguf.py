@@ -15,6 +15,7 @@ import torch
 from conftest import CORPUS, run_cli
 from minigpt import checkpoint as ckpt
 from minigpt import rundir
+from minigpt.chat_template import DEFAULT, ChatTemplate
 from minigpt.engine import load
 from minigpt.errors import ConfigError
 from minigpt.interop.gguf import OUTTYPES, byte_level, export_gguf
@@ -166,6 +167,35 @@ def test_checkpoint_step_and_last_choose_what_is_exported(runs, tmp_path):
     with pytest.raises(Exception, match="no checkpoint at step 7"):
         export_gguf(runs["gpt2-bpe"], tmp_path / "x.gguf", checkpoint="7")
     assert not (tmp_path / "x.gguf").exists()
+
+
+QA = ChatTemplate(system="{content}\n\n", user="Q: {content}\r\n", assistant="A: {content}\n",
+                  generation="A:", stop=("\nQ:",))
+CHAT = [("system", "Be terse."), ("user", "First?"), ("assistant", "Speak."), ("user", "{{ x }}")]
+
+
+def rendered(jinja_text: str, add_generation_prompt: bool = True) -> str:
+    """The Jinja chat template rendered as transformers and llama-cpp-python render it."""
+    import jinja2.sandbox
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(jinja_text).render(
+        messages=[{"role": r, "content": c} for r, c in CHAT], add_generation_prompt=add_generation_prompt)
+
+
+def test_the_file_carries_the_runs_chat_template(runs, exported, tmp_path):
+    """tokenizer.chat_template (llama.cpp's key) is the run's template as Jinja: the default for a
+    run that stores none, the stored one otherwise; it renders what minigpt's server renders."""
+    meta = fields(gguf.GGUFReader(exported["modern-char"]))
+    assert meta["tokenizer.chat_template"] == DEFAULT.to_jinja()
+    assert rendered(meta["tokenizer.chat_template"]) == DEFAULT.render(CHAT)
+    run = tmp_path / "qa"
+    shutil.copytree(runs["modern-char"], run)
+    rundir.write_chat_template(run, QA.to_dict())
+    export_gguf(run, tmp_path / "qa.gguf")
+    template = fields(gguf.GGUFReader(tmp_path / "qa.gguf"))["tokenizer.chat_template"]
+    assert template == QA.to_jinja() and rendered(template) == QA.render(CHAT)
+    assert rendered(template, False) == QA.render(CHAT).removesuffix("A:")
 
 
 # --- --outtype: how matrices are stored ----------------------------------------------------------
@@ -320,6 +350,15 @@ def test_llama_cpp_tokenizes_exactly_like_minigpt(runs, llama, name):
     assert len(texts) >= 5
     for text in texts:
         assert llama_ids(llama[name], text) == tok.encode(text), repr(text)
+
+
+def test_llama_cpp_reads_the_chat_template_and_renders_the_servers_prompt(llama):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llama["modern-char"].metadata["tokenizer.chat_template"]
+    prompt = Jinja2ChatFormatter(template, eos_token="<|eos|>", bos_token="<|bos|>")(
+        messages=[{"role": r, "content": c} for r, c in CHAT]).prompt
+    assert prompt == DEFAULT.render(CHAT)
 
 
 @pytest.mark.parametrize("name", RUNS)

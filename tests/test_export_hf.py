@@ -25,6 +25,7 @@ import cli_harness
 from conftest import CORPUS
 from minigpt import checkpoint as ckpt
 from minigpt import rundir
+from minigpt.chat_template import DEFAULT, load_template
 from minigpt.config import ModelConfig, TrainConfig, resolve
 from minigpt.engine import load
 from minigpt.interop import hf as hf_export
@@ -333,6 +334,48 @@ def test_documents_runs_add_bos_to_prompts_as_the_engine_does(tmp_path, transfor
     theirs = auto_tokenizer(transformers, ours, tmp_path, bos_prompts=True)
     assert theirs("Speak")["input_ids"] == [ours.bos_id, *ours.encode("Speak")]
     assert theirs("Speak", add_special_tokens=False)["input_ids"] == ours.encode("Speak")
+
+
+# --- the chat template ------------------------------------------------------------------------------
+
+# a template from a JSON file, with what Jinja's template text would not keep ("\r\n", braces)
+CUSTOM = {"system": "{content}\n\n", "user": "Q: {content}\r\n", "assistant": "A: {content} {{x}}\n",
+          "generation": "A:", "stop": ["\nQ:"]}
+CONVERSATIONS = [
+    [("user", "Hi")],
+    [("system", "Be terse."), ("user", "First Citizen?"), ("assistant", "Speak."), ("user", "café 😀")],
+    [("user", "a"), ("assistant", "b\n"), ("user", "{{ c }}")],
+]
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["default", "from-file"])
+def test_the_export_carries_the_chat_template_the_server_renders(tmp_path, transformers, stored):
+    """tokenizer_config.json's `chat_template` is the run's template (stored, else the default) as
+    Jinja: transformers' apply_chat_template renders what minigpt's server renders, and the
+    tokenizer encodes that prompt to the server's ids (BOS included on a documents run)."""
+    run, _ = make_run(tmp_path / "run", tokenizer=ByteTokenizer(), arch="gpt2")
+    template = DEFAULT
+    if stored:
+        (tmp_path / "qa.json").write_text(json.dumps(CUSTOM))
+        template = load_template(path=tmp_path / "qa.json")
+        rundir.write_chat_template(run, template.to_dict())
+        rundir.write_config(run, rundir.read_config(run)[0], TrainConfig(out=str(run), docs="lines"))
+    export_hf(run, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == template.to_jinja()
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert ("Chat template: the one this run was trained with" if stored
+            else "Chat template: minigpt's default") in card
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    engine = load(run, device="cpu")
+    assert engine.bos_prompts == stored  # the stored case is also a documents run
+    for conversation in CONVERSATIONS:
+        wire = [{"role": r, "content": c} for r, c in conversation]
+        prompt = template.render(conversation)  # what /v1/chat/completions renders
+        assert theirs.apply_chat_template(wire, tokenize=False, add_generation_prompt=True) == prompt
+        assert (theirs.apply_chat_template(wire, tokenize=False, add_generation_prompt=False)
+                == prompt.removesuffix(template.generation))
+        assert theirs(prompt)["input_ids"] == engine.encode_prompt(prompt)
 
 
 # --- checkpoints and the output directory -------------------------------------------------------------

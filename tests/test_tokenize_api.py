@@ -74,17 +74,23 @@ def test_messages_are_rendered_with_the_servers_template(url, engine):
 
 
 @pytest.mark.parametrize("template", [DEFAULT, ChatTemplate(
-    system="{content}\n\n", user="Q: {content}\n", assistant="A: {content} {% x %}\n",
-    generation="A:", stop=("\nQ:",))], ids=["default", "custom"])
+    system="{content}\n\n", user="\n  Q: {content}\r\n", assistant="A: {content} {% x %}\n",
+    generation="A:", stop=("\nQ:",)), ChatTemplate(user="« {content} » / {content}\n", generation="",
+                                                   assistant="\"{content}\" {% endraw %}\n")],
+    ids=["default", "custom", "quotes"])
 def test_jinja_chat_template_renders_what_the_template_renders(template):
-    from minigpt.serve.tokenize_api import jinja_template
-
+    """Jinja's own template text would lose "\r" and "{% endraw %}" ends a raw block: the template's
+    text is written as string literals. transformers' environment (trim_blocks, lstrip_blocks) is
+    tested by tests/test_export_hf.py."""
     messages = [("system", "be {{ terse }}"), ("user", "hi"), ("assistant", "yo"), ("user", "?")]
-    jinja = jinja2.Environment().from_string(jinja_template(template))
+    jinja = jinja2.Environment().from_string(template.to_jinja())
     wire = [{"role": "developer" if r == "system" else r, "content": c} for r, c in messages]
+    wire[1]["content"] = [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]
     assert jinja.render(messages=wire, add_generation_prompt=True) == template.render(messages)
     assert (jinja.render(messages=wire, add_generation_prompt=False)
             == template.render(messages).removesuffix(template.generation))
+    with pytest.raises(jinja2.UndefinedError):  # an unknown role fails, as it does in minigpt
+        jinja.render(messages=[{"role": "tool", "content": "x"}])
 
 
 BAD = [

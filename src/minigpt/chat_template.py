@@ -23,6 +23,9 @@ in a role's line stands for the message text:
 
     {"system": "{content}\\n\\n", "user": "Q: {content}\\n", "assistant": "A: {content}\\n",
      "generation": "A:", "stop": ["\\nQ:"]}
+
+A template is also written as Jinja (`ChatTemplate.to_jinja`) for the tools that render chat
+templates themselves: /tokenizer_info, and the HF and GGUF exports.
 """
 
 from __future__ import annotations
@@ -85,6 +88,34 @@ class ChatTemplate:
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "stop": list(self.stop)}
+
+    def to_jinja(self) -> str:
+        """This template as Jinja over `messages` and `add_generation_prompt`, the form Hugging
+        Face tokenizers (tokenizer_config.json's `chat_template`), vLLM (/tokenizer_info) and
+        llama.cpp (GGUF's tokenizer.chat_template, with --jinja) render: it renders what `render`
+        does (without the generation prompt when add_generation_prompt is false).
+
+        The template's text is written as string literals, not `{% raw %}` blocks: Jinja rewrites
+        the newlines of template text ("\r\n" -> "\n") and transformers renders with
+        trim_blocks/lstrip_blocks, which touch template text but never a literal's value. A content
+        given as text parts is joined, and an unknown role raises, as `parse_messages` does."""
+
+        def literal(text: str) -> str:
+            # JSON's escapes are Python's, which Jinja's lexer decodes ("unicode-escape")
+            return "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if text else ""
+
+        content = ("{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+                   "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}")
+        branches = []
+        for role in ROLES:
+            names = [role, *(alias for alias, r in ROLE_ALIASES.items() if r == role)]
+            test = " or ".join(f"message['role'] == '{n}'" for n in names)
+            line = content.join(literal(part) for part in getattr(self, role).split("{content}"))
+            branches.append(f"{{% {'if' if not branches else 'elif'} {test} %}}{line}")
+        unknown = ("{% else %}{{ raise_exception('unknown role ' + message['role'] + ': this "
+                   f"template knows {', '.join([*ROLES, *ROLE_ALIASES])}') }}}}{{% endif %}}")
+        return ("{% for message in messages %}" + "".join(branches) + unknown + "{% endfor %}"
+                "{% if add_generation_prompt %}" + literal(self.generation) + "{% endif %}")
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> ChatTemplate:

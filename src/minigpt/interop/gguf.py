@@ -15,6 +15,10 @@ The tokenizer is written in GGUF's own form (tokenizer.ggml.*) as a GPT-2 style 
 llama.cpp tokenizes the way minigpt does for every kind: `bpe` is that already; `bytes` is the 256
 byte tokens with no merges; `char` is one token per character, multi-byte characters assembled from
 their bytes by merges that only ever join the bytes of one character.
+
+The run's chat template (the stored one, else minigpt's default: what `serve` renders) is written
+as `tokenizer.chat_template`, the Jinja of ChatTemplate.to_jinja: llama.cpp's key, read by its
+`--jinja` mode (its built-in formatter knows only the templates it recognises and refuses this).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 
 from .. import checkpoint as ckpt
 from .. import lora, rundir
+from ..chat_template import load_template
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import GPT, RMS_NORM_EPS, ROPE_BASE
@@ -243,7 +248,7 @@ def stored_types(tensors: dict[str, np.ndarray], outtype: str) -> tuple[dict[str
 
 
 def _write_metadata(writer: Any, arch: str, cfg: ModelConfig, tok: Tokenizer, bos_prompts: bool,
-                    name: str, step: int | None, outtype: str) -> None:
+                    name: str, step: int | None, outtype: str, chat_template: str) -> None:
     import gguf
 
     writer.add_name(name)
@@ -273,6 +278,7 @@ def _write_metadata(writer: Any, arch: str, cfg: ModelConfig, tok: Tokenizer, bo
     writer.add_eos_token_id(tok.eos_id)
     writer.add_add_bos_token(bos_prompts)  # document models: minigpt starts every prompt with BOS
     writer.add_add_eos_token(False)
+    writer.add_chat_template(chat_template)
     writer.add_string("minigpt.tokenizer", tok.kind)
     if step is not None:
         writer.add_uint32("minigpt.step", step)
@@ -314,6 +320,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
     cfg, tcfg = rundir.read_config(run_dir)
     tok = rundir.read_tokenizer(run_dir)
     arch = architecture_for(cfg)
+    template = load_template(run_dir).to_jinja()  # a malformed chat_template.json is refused here
     gguf_vocab(tok)  # refusals first: nothing is loaded or written for a run that cannot export
     if tok.vocab_size != cfg.vocab_size:
         raise CheckpointError(f"{run_dir}: tokenizer has {tok.vocab_size} tokens but the model "
@@ -326,7 +333,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
     try:
         writer = gguf.GGUFWriter(tmp, arch)
         _write_metadata(writer, arch, cfg, tok, tcfg.documents, run_dir.name, meta.get("step"),
-                        outtype)
+                        outtype, template)
         for name, array in tensors.items():
             writer.add_tensor(name, gguf.quants.quantize(array, types[name]), raw_dtype=types[name])
         writer.write_header_to_file()

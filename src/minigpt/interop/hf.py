@@ -4,7 +4,8 @@
     DIR/config.json              a stock architecture's config (hf_model.py says which, and why)
     DIR/model.safetensors        the checkpoint's weights under that architecture's names
     DIR/generation_config.json   BOS/EOS and minigpt's sampling defaults
-    DIR/tokenizer.json, tokenizer_config.json, special_tokens_map.json   (hf_tokenizer.py)
+    DIR/tokenizer.json, tokenizer_config.json, special_tokens_map.json   (hf_tokenizer.py), the
+                                 config with the run's chat template as Jinja (`chat_template`)
     DIR/README.md                a model card: architecture, data, validation loss, the commands
 
 A layout no stock architecture computes exactly is refused before anything is written. DIR is
@@ -25,7 +26,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from .. import __version__, lora, rundir
+from .. import __version__, chat_template, lora, rundir
 from ..config import ModelConfig, TrainConfig, resolve
 from ..data.dataset import is_prepared, load_prepared
 from ..engine import load
@@ -44,6 +45,7 @@ def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
     refused = hf_model.refusal(mcfg)
     if refused:
         raise ConfigError(f"cannot export {run_dir} to hf: {refused[0]}; {refused[1]}")
+    template = chat_template.load_template(run_dir)  # what `serve` renders chat prompts with
     check_out_dir(out, overwrite)
     engine = load(run_dir, checkpoint, device="cpu", dtype="float32")  # weights as trained
     # a LoRA run: its adapters folded into its base (`--to peft` writes them apart: peft.py)
@@ -59,12 +61,14 @@ def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
         "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
         "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
         **_evaluation(run_dir, engine.step), "checkpoint": checkpoint,
+        "chat_template": "stored" if rundir.read_chat_template(run_dir) is not None else "default",
     }
     files = {
         "config.json": _json({**arch.config(mcfg), **specials}),
         "generation_config.json": _json(_generation_config(specials)),
-        **tokenizer_files(tokenizer, mcfg.block_size, bos_prompts=tcfg.documents),
-        "README.md": model_card(summary, arch, mcfg, tcfg, _data_meta(run_dir, tcfg)),
+        **tokenizer_files(tokenizer, mcfg.block_size, bos_prompts=tcfg.documents,
+                          chat_template=template.to_jinja()),
+        "README.md": model_card(summary, arch, mcfg, tcfg, _data_meta(run_dir, tcfg), template),
     }
     write_directory(out, files, weights)
     return summary
@@ -249,11 +253,14 @@ minigpt export {run_arg} --to hf --out {out_arg} --checkpoint {checkpoint}
 `tokenizer.json` encodes and decodes every text as minigpt's {tokenizer} tokenizer does, with the
 same ids. Text that spells `<|bos|>` is text; decode with `skip_special_tokens=True`, as minigpt does.
 {tokenizer_notes}
+
+{chat_line}
 """
 
 
 def model_card(s: dict[str, Any], arch: hf_model.Architecture, mcfg: ModelConfig,
-               tcfg: TrainConfig, data: dict[str, Any] | None) -> str:
+               tcfg: TrainConfig, data: dict[str, Any] | None,
+               template: chat_template.ChatTemplate = chat_template.DEFAULT) -> str:
     extra = s["exported_params"] - s["params"]
     params = f"{s['params']:,}" + (f" ({s['exported_params']:,} stored, of which {extra:,} are fixed "
                                    "zeros and ones: see below)" if extra else "")
@@ -274,8 +281,18 @@ def model_card(s: dict[str, Any], arch: hf_model.Architecture, mcfg: ModelConfig
         **{k: _fmt(s[k]) for k in ("val_loss", "val_bpb", "train_loss")},
         "train_command": train_command(mcfg, tcfg), "run_arg": shlex.quote(s["run_dir"]),
         "out_arg": shlex.quote(s["out"]), "tokenizer_notes": _tokenizer_notes(s["tokenizer"], tcfg),
+        "chat_line": _chat_line(s.get("chat_template"), template),
     }
     return CARD.format(**fields)
+
+
+def _chat_line(source: str | None, template: chat_template.ChatTemplate) -> str:
+    """One line: which chat template tokenizer_config.json carries (`apply_chat_template`)."""
+    which = ("the one this run was trained with (its chat_template.json)" if source == "stored"
+             else "minigpt's default")
+    example = template.render([("user", "Hi")])
+    return (f"Chat template: {which}, `{example!r}` for one user message, as Jinja in "
+            "tokenizer_config.json (`tokenizer.apply_chat_template`).")
 
 
 def _tokenizer_notes(kind: str, tcfg: TrainConfig) -> str:

@@ -10,7 +10,10 @@ BOS and EOS follow as special tokens. As in minigpt, text that spells "<|bos|>" 
 (`split_special_tokens`), decoding drops special tokens when asked to (`skip_special_tokens=True`;
 minigpt always does), and nothing tidies spaces (`clean_up_tokenization_spaces: false`). A run
 trained on documents (`--docs`) starts every prompt with BOS, as its engine does: the tokenizer adds
-it (add_special_tokens, on by default).
+it (add_special_tokens, on by default). The run's chat template goes in as `chat_template`, the
+Jinja that `apply_chat_template` renders (ChatTemplate.to_jinja); it holds no BOS, since text that
+spells "<|bos|>" is text: tokenize the rendered prompt with the tokenizer (which adds BOS where the
+engine does), not with `apply_chat_template(tokenize=True)`, which adds no special tokens.
 
 One difference cannot be expressed: a character a char tokenizer has never seen is an error in
 minigpt; a `tokenizers` model has no way to raise, and skips it.
@@ -55,8 +58,10 @@ def hf_tokenizer(tok: MinigptTokenizer, bos_prompts: bool = False) -> Tokenizer:
     return hf
 
 
-def tokenizer_files(tok: MinigptTokenizer, block_size: int, bos_prompts: bool = False) -> dict[str, str]:
-    """File name -> contents of the tokenizer files for a model directory."""
+def tokenizer_files(tok: MinigptTokenizer, block_size: int, bos_prompts: bool = False,
+                    chat_template: str | None = None) -> dict[str, str]:
+    """File name -> contents of the tokenizer files for a model directory; `chat_template`: the
+    Jinja chat template to carry (tokenizer_config.json's key, which transformers reads)."""
     hf = hf_tokenizer(tok, bos_prompts)
     specials = {"bos_token": BOS, "eos_token": EOS}
     config: dict[str, Any] = {
@@ -72,6 +77,8 @@ def tokenizer_files(tok: MinigptTokenizer, block_size: int, bos_prompts: bool = 
                      "rstrip": False, "single_word": False}
             for i, t in ((tok.bos_id, BOS), (tok.eos_id, EOS))},
     }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
     return {
         "tokenizer.json": hf.to_str(pretty=True) + "\n",
         "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",

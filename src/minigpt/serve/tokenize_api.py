@@ -27,7 +27,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 
-from ..chat_template import ROLE_ALIASES, ROLES, ChatTemplate
+from ..chat_template import ChatTemplate
 from ..engine import Engine
 from ..errors import TokenizerError
 from ..tokenization.base import BOS, EOS
@@ -60,24 +60,6 @@ def encode_text(engine: Engine, text: str, add_special_tokens: bool) -> list[int
     if add_special_tokens and (not ids or engine.bos_prompts) and ids[:1] != [engine.tokenizer.bos_id]:
         ids.insert(0, engine.tokenizer.bos_id)
     return ids
-
-
-def jinja_template(template: ChatTemplate) -> str:
-    """The chat template as a Jinja template over `messages` and `add_generation_prompt`, the form
-    Hugging Face tokenizers and vLLM give: it renders what `ChatTemplate.render` renders."""
-
-    def raw(text: str) -> str:
-        return "{% raw %}" + text + "{% endraw %}" if text else ""
-
-    branches = []
-    for role in ROLES:
-        before, _, after = getattr(template, role).partition("{content}")
-        names = [role, *(alias for alias, r in ROLE_ALIASES.items() if r == role)]
-        test = " or ".join(f"message['role'] == '{n}'" for n in names)
-        branches.append(f"{{% if {test} %}}{raw(before)}{{{{ message['content'] }}}}{raw(after)}"
-                        "{% endif %}")
-    return ("{% for message in messages %}" + "".join(branches) + "{% endfor %}"
-            "{% if add_generation_prompt %}" + raw(template.generation) + "{% endif %}")
 
 
 def parse_tokenize_request(data: dict[str, Any], engine: Engine, model_id: str,
@@ -149,6 +131,6 @@ def register_tokenize(app: FastAPI, engine: Engine, model_id: str, template: Cha
         bos, eos = names[tok.bos_id], names[tok.eos_id]
         return {"tokenizer_class": f"minigpt-{tok.kind}", "bos_token": bos, "eos_token": eos,
                 "pad_token": eos, "model_max_length": engine.block_size,
-                "vocab_size": tok.vocab_size, "chat_template": jinja_template(template)}
+                "vocab_size": tok.vocab_size, "chat_template": template.to_jinja()}
 
     app.include_router(router)
