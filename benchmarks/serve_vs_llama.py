@@ -158,6 +158,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=56)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--minigpt-env", default="", help="extra environment for minigpt serve, "
+                    "e.g. OMP_NUM_THREADS=1 (comma-separated NAME=VALUE)")
     ap.add_argument("--llama-server", default=os.environ.get("MINIGPT_LLAMA_SERVER"))
     args = ap.parse_args()
     if not args.llama_server or not Path(args.llama_server).is_file():
@@ -172,7 +174,8 @@ def main() -> None:
     gguf = tmp / "model.gguf"
     export_gguf(run, gguf)
     lp, mp = free_port(), free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+           **dict(kv.split("=", 1) for kv in args.minigpt_env.split(",") if kv)}
     servers = {
         "llama": (subprocess.Popen(
             [args.llama_server, "-m", str(gguf), "--port", str(lp), "--host", "127.0.0.1",

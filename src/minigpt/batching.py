@@ -37,9 +37,9 @@ uniforms for all of its n rows every step (also for rows that already left), so 
 never depend on the other requests in the batch. What batching can change is rounding: see
 docs/server.md, "Reproducibility".
 
-Threads: `run()` is the loop, in whichever thread calls it. `minigpt serve` calls it from the
-main thread, the one that loaded the model and owns torch's thread pool, and serves HTTP from a
-second thread. A batcher started with its own thread (`start=True`) runs torch there with
+Threads: `run()` is the loop, in whichever thread calls it; `step()` is one turn of it.
+`minigpt serve` steps its batcher from the main thread of a process of its own
+(serve/engine_process.py), the thread that loaded the model and owns torch's thread pool. A batcher started with its own thread (`start=True`) runs torch there with
 `threads` intra-op threads (default: one fewer than torch's pool, at least one). Why not the whole
 pool: GNU OpenMP counts every OpenMP thread of the process, and the loading thread's pool already
 holds one per core; a second full pool makes more OpenMP threads than cores, OpenMP then stops
@@ -370,8 +370,8 @@ class Batcher:
 
     def run(self) -> None:
         """Decode every submitted request until `close()`, in the calling thread: the batcher's own
-        thread, or the main thread when the HTTP side runs in another (`minigpt serve`: the thread
-        that loaded the model owns torch's OpenMP pool, and decodes at its full speed there)."""
+        thread, or the main thread when readers run in another (the thread that loaded the model
+        owns torch's OpenMP pool, and decodes at its full speed there)."""
         with self._lock:
             if self._closed:
                 return

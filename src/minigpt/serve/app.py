@@ -548,7 +548,7 @@ def serve(
     sock = bind_socket(config.host, config.port)
     batcher = EngineProcess(engine, run_dir, checkpoint=checkpoint, device=device, dtype=dtype,
                             max_rows=config.max_concurrency, max_queue=config.max_queue,
-                            prompt_cache=config.prompt_cache)
+                            prompt_cache=config.prompt_cache, threads=config.threads)
     try:
         app = create_app(engine, config, model_id=model_id, template=template, batcher=batcher)
         _announce(sock, config.host, model_id, engine.step, config.api_key)

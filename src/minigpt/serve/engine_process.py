@@ -94,14 +94,15 @@ class EngineProcess:
     that decodes in a child process started from the same run."""
 
     def __init__(self, engine: Engine, run_dir: str | Path, *, checkpoint: str, device: str,
-                 dtype: str, max_rows: int, max_queue: int, prompt_cache: int):
+                 dtype: str, max_rows: int, max_queue: int, prompt_cache: int, threads: int = 0):
         self.engine = engine
         self.max_rows, self.max_queue = max_rows, max_queue
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no copied torch threads
         self._conn, child = ctx.Pipe()
         settings = dict(max_rows=max_rows, prompt_cache=prompt_cache)
         self._process = ctx.Process(target=engine_main, name="minigpt-engine", daemon=True,
-                                    args=(child, str(run_dir), checkpoint, device, dtype, settings))
+                                    args=(child, str(run_dir), checkpoint, device, dtype,
+                                          threads, settings))
         self._process.start()
         child.close()
         self._send_lock = threading.Lock()
@@ -222,16 +223,18 @@ class EngineProcess:
             req._emit([], True, error)
 
 
-def engine_main(conn: Any, run_dir: str, checkpoint: str, device: str, dtype: str,
+def engine_main(conn: Any, run_dir: str, checkpoint: str, device: str, dtype: str, threads: int,
                 settings: dict[str, Any]) -> None:
     """The engine process: load the run, then decode what the HTTP process sends until it says
     close (or goes away). Ctrl-C in a terminal reaches every process of the group: this one
     ignores it and stops when the HTTP side, which decides about shutting down, says so."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from ..cpu import engine_threads
     from ..engine import load
 
     try:
+        engine_threads(threads)
         engine = load(run_dir, checkpoint=checkpoint, device=device, dtype=dtype)
         batcher = Batcher(engine, start=False, max_queue=1 << 30, **settings)  # the line is
     except Exception as e:  # kept on the HTTP side
