@@ -65,10 +65,31 @@ VARIANTS: dict[str, dict] = {
     "Muon lr 0.005": {**RECIPE, "muon_lr": 0.005},
     "Muon lr 0.02": {**RECIPE, "muon_lr": 0.02},
     # Qwen3's layout, which llama.cpp and transformers both compute (issue 21): the default's
-    # candidate, two seeds against the recipe's two
+    # candidate, three seeds against the recipe's three
     "portable layout (arch portable)": {**RECIPE, "arch": "portable"},
     "portable layout seed 2": {**RECIPE, "arch": "portable", "seed": 2},
+    "portable layout seed 3": {**RECIPE, "arch": "portable", "seed": 3},
 }
+
+
+def parse_only(text: str) -> list[str]:
+    """--only's names, split on commas, keeping the commas that are part of a name
+    ("minigpt recipe, seed 2")."""
+    parts, names, i = text.split(","), [], 0
+    while i < len(parts):
+        name, i = parts[i], i + 1
+        while i < len(parts) and any(v == name + "," + parts[i] or v.startswith(name + "," + parts[i] + ",")
+                                     for v in VARIANTS):
+            name, i = name + "," + parts[i], i + 1
+        names.append(name)
+    return names
+
+
+def cost_key(name: str) -> str:
+    """The first variant that trains the same model as `name` up to the seed: variants that differ
+    only in their seed cost the same per step, so they share one calibration and one step count."""
+    same = {k: v for k, v in VARIANTS[name].items() if k != "seed"}
+    return next(n for n, o in VARIANTS.items() if {k: v for k, v in o.items() if k != "seed"} == same)
 
 
 def flags(overrides: dict) -> list[str]:
@@ -84,7 +105,7 @@ def flags(overrides: dict) -> list[str]:
 
 def calibrate(names: list[str], data: Path, rounds: int, cache: Path) -> dict[str, float]:
     known = json.loads(cache.read_text()) if cache.exists() else {}
-    todo = [n for n in names if n not in known]
+    todo = list(dict.fromkeys(cost_key(n) for n in names if cost_key(n) not in known))
     samples: dict[str, list[float]] = {n: [] for n in todo}
     for _ in range(rounds):
         for name in todo:
@@ -93,7 +114,7 @@ def calibrate(names: list[str], data: Path, rounds: int, cache: Path) -> dict[st
             samples[name].append(r["cpu_ms_per_iter"])
     known.update({n: statistics.median(s) for n, s in samples.items()})
     cache.write_text(json.dumps(known, indent=2) + "\n")
-    return known
+    return {n: known[cost_key(n)] for n in names}
 
 
 def train_variant(name: str, iters: int, data: Path, runs: Path) -> float:
@@ -122,7 +143,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="variants trained at once")
     ap.add_argument("--rounds", type=int, default=3, help="calibration rounds")
     args = ap.parse_args()
-    names = args.only.split(",") if args.only else list(VARIANTS)
+    names = parse_only(args.only) if args.only else list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variant(s): {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
