@@ -478,8 +478,7 @@ def test_a_client_gone_mid_body_is_one_log_line_not_a_traceback(engine):
 
 
 def engine_processes(pid: int) -> list[int]:
-    """Live child processes of `pid` started by multiprocessing's spawn (Linux's /proc); not its
-    resource tracker, which ends on its own after the parent."""
+    """Live engine processes that `pid` started (Linux's /proc)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -487,7 +486,7 @@ def engine_processes(pid: int) -> list[int]:
         except OSError:  # it ended meanwhile
             continue
         cmdline = (stat.parent / "cmdline").read_bytes() if stat.parent.exists() else b""
-        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmdline:
+        if int(fields[1]) == pid and fields[0] != "Z" and b"engine_process" in cmdline:
             found.append(int(stat.parent.name))
     return found
 

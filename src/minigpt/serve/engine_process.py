@@ -22,12 +22,16 @@ early, never late).
 
 from __future__ import annotations
 
-import multiprocessing
+import os
 import pickle
 import signal
+import socket
+import subprocess
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -97,14 +101,18 @@ class EngineProcess:
                  dtype: str, max_rows: int, max_queue: int, prompt_cache: int, threads: int = 0):
         self.engine = engine
         self.max_rows, self.max_queue = max_rows, max_queue
-        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no copied torch threads
-        self._conn, child = ctx.Pipe()
-        settings = dict(max_rows=max_rows, prompt_cache=prompt_cache)
-        self._process = ctx.Process(target=engine_main, name="minigpt-engine", daemon=True,
-                                    args=(child, str(run_dir), checkpoint, device, dtype,
-                                          threads, settings))
-        self._process.start()
-        child.close()
+        # A new interpreter running this module, not multiprocessing's spawn: spawn would import
+        # the caller's main script again in the child (a script that calls serve() at top level
+        # would start a second server). The two ends of a socket pair are the pipe.
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", f"from {__name__} import engine_main; "
+             f"engine_main({theirs.fileno()})"], env=env, pass_fds=(theirs.fileno(),))
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._conn.send((str(run_dir), checkpoint, device, dtype, threads,
+                         dict(max_rows=max_rows, prompt_cache=prompt_cache)))
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._requests: dict[int, RemoteRequest] = {}  # sent, not finished: in submission order
@@ -114,7 +122,7 @@ class EngineProcess:
         self._stats: dict[str, Any] = {}
         first = self._receive()
         if first is None or first[0] != "ready":
-            self._process.join(5)
+            self._wait(5)
             raise EngineExited(first[1] if first else "the engine process exited while starting")
         self._stats = first[1]
         self._reader = threading.Thread(target=self._read, name="minigpt-engine-reader",
@@ -169,12 +177,18 @@ class EngineProcess:
         except OSError:  # already gone
             pass
         self._reader.join(30)
-        self._process.join(30)
-        if self._process.is_alive():
+        if self._wait(30) is None:
             self._process.kill()
-            self._process.join(5)
+            self._wait(5)
 
     # ---- internals ------------------------------------------------------------------------------
+
+    def _wait(self, seconds: float) -> int | None:
+        """The engine process's exit status, or None if it is still running after `seconds`."""
+        try:
+            return self._process.wait(seconds)
+        except subprocess.TimeoutExpired:
+            return None
 
     def _waiting(self) -> int:
         return without_rows([r.n for r in self._requests.values()], self.max_rows)
@@ -215,24 +229,28 @@ class EngineProcess:
             closing, self._closed = self._closed, True
         error = None
         if not closing:
-            self._process.join(5)
-            self.failure = (f"the engine process exited (code {self._process.exitcode}); "
+            self.failure = (f"the engine process exited (code {self._wait(5)}); "
                             "restart the server")
             error = EngineExited(self.failure)
         for req in gone:
             req._emit([], True, error)
 
 
-def engine_main(conn: Any, run_dir: str, checkpoint: str, device: str, dtype: str, threads: int,
-                settings: dict[str, Any]) -> None:
-    """The engine process: load the run, then decode what the HTTP process sends until it says
-    close (or goes away). Ctrl-C in a terminal reaches every process of the group: this one
-    ignores it and stops when the HTTP side, which decides about shutting down, says so."""
+def engine_main(fd: int) -> None:
+    """The engine process: load the run the HTTP process names on the socket `fd`, then decode
+    what it sends until it says close (or goes away). Ctrl-C in a terminal reaches every process
+    of the group: this one ignores it and stops when the HTTP side, which decides about shutting
+    down, says so."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from ..cpu import engine_threads
     from ..engine import load
 
+    conn = Connection(fd)
+    try:
+        run_dir, checkpoint, device, dtype, threads, settings = conn.recv()
+    except (EOFError, OSError):
+        return
     try:
         engine_threads(threads)
         engine = load(run_dir, checkpoint=checkpoint, device=device, dtype=dtype)
