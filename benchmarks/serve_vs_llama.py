@@ -1,12 +1,14 @@
-"""`minigpt serve` against llama.cpp's `llama-server` on the same model, threads and client.
+"""`minigpt serve` against llama.cpp's `llama-server` on the same model, cores and client.
 
     python benchmarks/serve_vs_llama.py [--run runs/bench-serve] [--clients 1,8,32] [--duration 10]
-        [--rounds 2] [--threads 2] [--llama-server PATH]
+        [--rounds 2] [--threads 2] [--minigpt-threads 0] [--llama-server PATH]
 
 The run is exported to GGUF (`minigpt export --to gguf`, so its layout must be one llama.cpp has:
 `--arch gpt2`, or `--arch modern --no-qk-norm`; without --run a `small` run of that layout is
 trained first, 200 steps on the bundled Tiny Shakespeare) and both servers start on 127.0.0.1 with
-the same torch/ggml threads and 32 parallel sequences. One client drives both: asyncio in this
+32 parallel sequences: llama-server with `--threads` ggml threads, `minigpt serve` as a user starts
+it (`--threads 0`: its engine process decodes on the idle cores but one, the HTTP process has the
+other; `--minigpt-threads N` for N decoding threads). One client drives both: asyncio in this
 process, a new connection per request, streaming /v1/completions of `--max-tokens` greedy tokens
 from Tiny Shakespeare prompts; its own cost is a few reads and a JSON parse per chunk. Each
 concurrency runs `--rounds` times per server, alternating, for `--duration` seconds each, and
@@ -158,6 +160,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=56)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--minigpt-threads", type=int, default=0,
+                    help="minigpt serve --threads (0: its default)")
     ap.add_argument("--llama-server", default=os.environ.get("MINIGPT_LLAMA_SERVER"))
     args = ap.parse_args()
     if not args.llama_server or not Path(args.llama_server).is_file():
@@ -172,7 +176,7 @@ def main() -> None:
     gguf = tmp / "model.gguf"
     export_gguf(run, gguf)
     lp, mp = free_port(), free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     servers = {
         "llama": (subprocess.Popen(
             [args.llama_server, "-m", str(gguf), "--port", str(lp), "--host", "127.0.0.1",
@@ -181,7 +185,7 @@ def main() -> None:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), lp, "/health"),
         "minigpt": (subprocess.Popen(
             [sys.executable, "-m", "minigpt", "serve", str(run), "--port", str(mp),
-             "--device", "cpu", "--max-concurrency", "32"],
+             "--device", "cpu", "--max-concurrency", "32", "--threads", str(args.minigpt_threads)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), mp, "/health"),
     }
     try:
@@ -215,6 +219,7 @@ def main() -> None:
                            / max(1, summary["llama"][c]["tokens_per_s"]), 2)
                   for c in summary["minigpt"]}
         print(json.dumps({"bench": "serve_vs_llama", "threads": args.threads,
+                          "minigpt_threads": args.minigpt_threads,
                           "max_tokens": args.max_tokens, "duration": args.duration,
                           "rounds": args.rounds, "results": summary,
                           "minigpt_vs_llama_tokens_per_s": ratios}))

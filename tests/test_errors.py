@@ -137,6 +137,8 @@ CASES = [
     # --- serving ------------------------------------------------------------------------------------
     Case("prompt-cache-negative", "serve --prompt-cache below 0", "serve run --prompt-cache -1",
          "minigpt: error: --prompt-cache must be >= 0, got -1"),
+    Case("serve-threads-negative", "serve --threads below 0", "serve run --threads -1",
+         "minigpt: error: --threads must be >= 0, got -1"),
     Case("chat-template-missing", "serve --chat-template: a file that does not exist",
          "serve run --chat-template missing.json",
          "minigpt: error: cannot read chat template missing.json: No such file or directory"),

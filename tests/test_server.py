@@ -477,6 +477,20 @@ def test_a_client_gone_mid_body_is_one_log_line_not_a_traceback(engine):
 # ---- the CLI --------------------------------------------------------------------------------------
 
 
+def engine_processes(pid: int) -> list[int]:
+    """Live engine processes that `pid` started (Linux's /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        cmdline = (stat.parent / "cmdline").read_bytes() if stat.parent.exists() else b""
+        if int(fields[1]) == pid and fields[0] != "Z" and b"engine_process" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_cli_serve_reads_key_from_env_generates_and_stops_on_signal(run_dir, stop):
     env = {**os.environ, "PYTHONPATH": str(SRC), "MINIGPT_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
@@ -496,13 +510,16 @@ def test_cli_serve_reads_key_from_env_generates_and_stops_on_signal(run_dir, sto
         assert httpx.get(f"{base}/v1/models").status_code == 401
         models = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
         assert models.json()["data"][0]["id"] == run_dir.name
-        # decoded by the main thread while HTTP is served from another
+        # decoded by the engine process, this server's one child
         done = httpx.post(f"{base}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                           json={"prompt": "the ", "max_tokens": 5, "temperature": 0}, timeout=60)
         assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 5
+        engines = engine_processes(proc.pid)
+        assert len(engines) == 1
         proc.send_signal(stop)
         assert proc.wait(30) == 0
         assert "server stopped" in proc.stdout.read()
+        assert not any(Path(f"/proc/{pid}").exists() for pid in engines)  # none left behind
     finally:
         if proc.poll() is None:
             proc.kill()

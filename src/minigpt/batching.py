@@ -37,9 +37,9 @@ uniforms for all of its n rows every step (also for rows that already left), so 
 never depend on the other requests in the batch. What batching can change is rounding: see
 docs/server.md, "Reproducibility".
 
-Threads: `run()` is the loop, in whichever thread calls it. `minigpt serve` calls it from the
-main thread, the one that loaded the model and owns torch's thread pool, and serves HTTP from a
-second thread. A batcher started with its own thread (`start=True`) runs torch there with
+Threads: `run()` is the loop, in whichever thread calls it; `step()` is one turn of it.
+`minigpt serve` steps its batcher from the main thread of a process of its own
+(serve/engine_process.py), the thread that loaded the model and owns torch's thread pool. A batcher started with its own thread (`start=True`) runs torch there with
 `threads` intra-op threads (default: one fewer than torch's pool, at least one). Why not the whole
 pool: GNU OpenMP counts every OpenMP thread of the process, and the loading thread's pool already
 holds one per core; a second full pool makes more OpenMP threads than cores, OpenMP then stops
@@ -200,6 +200,42 @@ class _Row:
         self.produced = self.through = 0
 
 
+def prepare_request(engine: Engine, max_rows: int, prompt: Prompt,
+                    params: SamplingParams | None, stop: Sequence[str],
+                    **settings: Any) -> tuple[list[int], SamplingParams, Any]:
+    """A request as a batch of `max_rows` rows runs it: (prompt ids cut to the context, params,
+    compiled constraint), or ConfigError naming what cannot run. Compiled in the caller's thread:
+    a constraint the vocabulary cannot begin fails before anything is queued (the engine keeps
+    compiled grammars, so a second compile of the same constraint is a look-up)."""
+    params = (params or SamplingParams()).replace(**settings)
+    if params.num_samples > max_rows:
+        raise ConfigError(f"{params.num_samples} samples need more rows than the batch has "
+                          f"({max_rows})")
+    if any(not s for s in stop):
+        raise ConfigError("stop strings must be non-empty")
+    ids = engine.encode_prompt(prompt)[-engine.block_size:]
+    if not ids:
+        raise ConfigError("the prompt has no tokens (pass text, or at least one token id)")
+    grammar = engine.grammars.compile(params.constraint) if params.constraint is not None else None
+    return ids, params, grammar
+
+
+def without_rows(sizes: Sequence[int], free: int) -> int:
+    """How many requests of a line (their row counts, in line order) do not get rows when `free`
+    rows are free: the line is first come, first served, so the first that does not fit holds
+    back every one behind it."""
+    for i, n in enumerate(sizes):
+        if n > free:
+            return len(sizes) - i
+        free -= n
+    return 0
+
+
+def busy_message(max_rows: int, max_queue: int) -> str:
+    return (f"all {max_rows} rows are busy and {max_queue} requests are already waiting; "
+            "retry later")
+
+
 class Batcher:
     """Every admitted request decoded in one batch of up to `max_rows` rows, by its own thread
     (`start=True`) or by whoever calls `step()`."""
@@ -217,6 +253,7 @@ class Batcher:
             if value < lo:
                 raise ConfigError(f"{name} must be >= {lo}, got {value}")
         self.engine, self.model = engine, engine.model
+        self.failure: str | None = None  # a batcher in this process decodes while it exists
         self.max_rows, self.max_queue, self.prefill_chunk = max_rows, max_queue, prefill_chunk
         self.block_size = engine.block_size
         self.cache = KVCache.for_model(self.model, max_rows)
@@ -255,40 +292,28 @@ class Batcher:
 
         `notify` is called from the batcher thread when new events are ready (once until they are
         drained): the server uses it to wake its event loop."""
-        params = (params or SamplingParams()).replace(**settings)
-        if params.num_samples > self.max_rows:
-            raise ConfigError(f"{params.num_samples} samples need more rows than the batch has "
-                              f"({self.max_rows})")
-        if any(not s for s in stop):
-            raise ConfigError("stop strings must be non-empty")
-        ids = self.engine.encode_prompt(prompt)[-self.block_size:]
-        if not ids:
-            raise ConfigError("the prompt has no tokens (pass text, or at least one token id)")
-        # compiled here, in the caller's thread: a constraint the vocabulary cannot begin fails
-        # before anything is queued (the engine keeps compiled grammars, so the server's own
-        # compile before submitting makes this a look-up)
-        grammar = (self.engine.grammars.compile(params.constraint)
-                   if params.constraint is not None else None)
+        ids, params, grammar = prepare_request(self.engine, self.max_rows, prompt, params, stop,
+                                               **settings)
         req = BatchRequest(ids, params, stop, notify, self.engine.device, self._withdraw, grammar)
         with self._lock:
             if self._closed:
                 raise BatcherBusy("the batcher is closed")
             if self._queued(extra=req) > self.max_queue:
-                raise BatcherBusy(f"all {self.max_rows} rows are busy and {self.max_queue} "
-                                  "requests are already waiting; retry later")
+                raise BatcherBusy(busy_message(self.max_rows, self.max_queue))
             self._line.append(req)
             self._lock.notify()
         return req
 
     def _queued(self, extra: BatchRequest | None = None) -> int:
-        """Requests in line that will not get rows at the next step (line order; lock held)."""
-        free = self.max_rows - self._reserved
+        """Requests in line that will not get rows at the next step (lock held)."""
         line = [*self._line, extra] if extra is not None else self._line
-        for i, req in enumerate(line):
-            if req.n > free:
-                return len(line) - i
-            free -= req.n
-        return 0
+        return without_rows([req.n for req in line], self.max_rows - self._reserved)
+
+    @property
+    def has_work(self) -> bool:
+        """Requests in line or holding rows: a step would do something."""
+        with self._lock:
+            return bool(self._line or self._reserved)
 
     @property
     def waiting(self) -> int:
@@ -345,8 +370,8 @@ class Batcher:
 
     def run(self) -> None:
         """Decode every submitted request until `close()`, in the calling thread: the batcher's own
-        thread, or the main thread when the HTTP side runs in another (`minigpt serve`: the thread
-        that loaded the model owns torch's OpenMP pool, and decodes at its full speed there)."""
+        thread, or the main thread when readers run in another (the thread that loaded the model
+        owns torch's OpenMP pool, and decodes at its full speed there)."""
         with self._lock:
             if self._closed:
                 return

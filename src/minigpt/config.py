@@ -605,6 +605,8 @@ class ServeConfig:
     prompt_cache: int = option(8, "recent prompts and replies whose keys and values a request "
                                "that starts the same way reuses (0 = off; each takes one row of "
                                "the KV cache)")
+    threads: int = option(0, "CPU threads the engine process decodes with (0 = auto: the idle "
+                          "cores but one, which the HTTP side keeps; OMP_NUM_THREADS if set)")
     # None: the batcher's own default (serve/app.py: 5 ms), which MINIGPT_STREAM_INTERVAL can set
     stream_interval: float | None = option(
         None, "seconds a stream gathers new text into one chunk (a stream's first text is never "
@@ -621,7 +623,7 @@ class ServeConfig:
         if self.api_key == "":
             raise ConfigError("the API key must not be empty")
         for name, lowest in (("max_tokens_limit", 1), ("max_concurrency", 1), ("max_queue", 0),
-                             ("max_body_bytes", 1), ("prompt_cache", 0)):
+                             ("max_body_bytes", 1), ("prompt_cache", 0), ("threads", 0)):
             if getattr(self, name) < lowest:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= {lowest}, got "
                                   f"{getattr(self, name)}")

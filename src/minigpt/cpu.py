@@ -40,6 +40,17 @@ def configure_threads(threads: int = 0) -> int:
     return threads
 
 
+def engine_threads(threads: int = 0) -> int:
+    """`configure_threads` for a process that decodes beside another that serves it (`minigpt
+    serve`'s engine process): auto leaves one idle core to the other, whose work (HTTP, JSON) would
+    otherwise take turns on a core with one of the engine's OpenMP threads, stalling every
+    operation at its barrier."""
+    if threads <= 0 and not os.environ.get("OMP_NUM_THREADS"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = max(1, min(cores or 1, round((cores or 1) - busy_cores())) - 1)
+    return configure_threads(threads)
+
+
 def busy_cores(interval: float = 0.2) -> float:
     """How many cores other processes keep busy right now.
 

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import shlex
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from ..config import ModelConfig, TrainConfig, resolve
 from ..data.dataset import is_prepared, load_prepared
 from ..engine import load
 from ..errors import ConfigError, MiniGPTError
-from ..fsio import fsync_dir
+from ..fsio import replaced_dir
 from ..sampling import SamplingParams
 from . import hf_model
 from .hf_tokenizer import tokenizer_files
@@ -107,15 +106,7 @@ def check_out_dir(out: Path, overwrite: bool, marker: str = "config.json", what:
 def write_directory(out: Path, files: dict[str, str], weights: dict[str, Any],
                     weights_name: str = "model.safetensors") -> None:
     """Write everything into a temp directory beside `out`, fsync it, then rename it to `out`."""
-    out = Path(os.path.abspath(out))
-    created = out.parent  # the top-most directory this call creates, removed again on failure
-    while not created.parent.exists():
-        created = created.parent
-    created = None if created.exists() else created
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    try:
-        tmp.mkdir(parents=True)
+    with replaced_dir(out) as tmp:
         save_file(weights, str(tmp / weights_name), metadata={"format": "pt"})
         os.chmod(tmp / weights_name, 0o644)  # safetensors creates it owner-only
         for name, text in files.items():
@@ -123,19 +114,6 @@ def write_directory(out: Path, files: dict[str, str], weights: dict[str, Any],
         for p in tmp.iterdir():
             with open(p, "rb+") as f:
                 os.fsync(f.fileno())
-        fsync_dir(tmp)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
-    fsync_dir(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --- what the model card says --------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 from .. import checkpoint as ckpt
 from .. import lora, rundir
 from ..errors import ConfigError
-from ..fsio import fsync_dir
+from ..fsio import replaced_dir
 
 
 def export_merged(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
@@ -33,11 +33,7 @@ def export_merged(run_dir: str | Path, out: str | Path, checkpoint: str = "best"
     _check_out(out, run_dir, overwrite)
     model, meta = ckpt.load_model(run_dir, checkpoint)
     full = lora.merged(model)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with replaced_dir(out) as tmp:
         rundir.write_config(tmp, full.config, dataclasses.replace(tcfg, out=str(out)))
         rundir.write_tokenizer(tmp, rundir.read_tokenizer(run_dir))
         for name in (rundir.METRICS, rundir.CHAT_TEMPLATE, "data"):
@@ -51,16 +47,6 @@ def export_merged(run_dir: str | Path, out: str | Path, checkpoint: str = "best"
         kept = {k: meta.get(k) for k in ("val_loss", "train_loss", "best_val_loss", "data_tokens")}
         ckpt.save_checkpoint(tmp, meta["step"], full, None, {**kept, "merged_from": origin},
                              keep=1, is_best=True)
-        fsync_dir(tmp)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return {"run_dir": str(run_dir), "out": str(out), "step": meta["step"],
             "params": full.num_params(), "base": tcfg.init_from}
 

@@ -5,8 +5,8 @@ Endpoints: `GET /` (playground page), `GET /health`, `GET /metrics` (Prometheus)
 `POST /v1/chat/completions` (Chat Completions, through the run's plain-text template,
 `minigpt.chat_template`; request and reply shapes in `chat_api`). With an API key set, every `/v1/*` request needs
 `Authorization: Bearer KEY`. Requests are checked in `openai_api`; generation runs in one
-continuous batch on the decoding thread (`jobs`, over `minigpt.batching`: the main thread under
-`serve`), never on the event loop; stop strings end a row there too, and its logprobs stop with its text.
+continuous batch (`jobs`, over `minigpt.batching`: in a process of its own under `serve`,
+`engine_process`), never on the event loop; stop strings end a row there too, and its logprobs stop with its text.
 
     app = create_app(minigpt.load("runs/x"), api_key="secret")   # in-process, e.g. for tests
     serve("runs/x", ServeConfig(port=8000))                       # what the CLI runs
@@ -23,18 +23,17 @@ import dataclasses
 import hmac
 import json
 import logging
-import signal
 import socket
 import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import anyio
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -49,6 +48,7 @@ from ..errors import ConfigError, TokenizerError
 from . import logprobs as lp
 from . import openai_api as oa
 from .chat_api import ChatReply, parse_chat_request
+from .engine_process import EngineExited, EngineProcess
 from .inspect_api import register_inspect
 from .jobs import Job, JobFailed, env_seconds, merge_deltas, next_or_500, submit_job
 from .logprobs import Scored
@@ -65,14 +65,14 @@ def create_app(
     *,
     model_id: str = "minigpt",
     template: ChatTemplate | None = None,
-    batcher: Batcher | None = None,
+    batcher: Batcher | EngineProcess | None = None,
     **settings: Any,
 ) -> FastAPI:
     """The ASGI app serving `engine` under the name `model_id`, as `config` says; `settings` are
     ServeConfig fields by name over it (`create_app(engine, max_queue=8)`). `template`: the chat
     template already loaded (serve's, from the run), else config.chat_template's file, else the
-    default. `batcher`: one whose `run()` the caller drives (`serve`: the main thread decodes);
-    without it, one with its own thread. The app closes it when it shuts down."""
+    default. `batcher`: the one to decode on (`serve`'s: an EngineProcess); without it, a Batcher
+    with its own thread in this process. The app closes it when it shuts down."""
     config = _with(config, settings)
     template = template or load_template(None, config.chat_template)
     stream_interval = (config.stream_interval if config.stream_interval is not None
@@ -100,8 +100,10 @@ def create_app(
         return HTMLResponse(page)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
+    async def health() -> JSONResponse:
+        if batcher.failure is not None:  # the engine process is gone: nothing can be generated
+            return JSONResponse({"status": "error", "error": batcher.failure}, status_code=503)
+        return JSONResponse({
             "status": "ok",
             "model": model_id,
             "auth": config.api_key is not None,
@@ -110,7 +112,7 @@ def create_app(
             "max_queue": config.max_queue,
             "running": batcher.running,
             "waiting": batcher.waiting,
-        }
+        })
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
@@ -437,6 +439,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         return reply(429, APIError(429, str(e), code="server_busy", type="server_busy").body(),
                      {"Retry-After": "1"})
 
+    @app.exception_handler(EngineExited)
+    async def engine_gone(_: Request, e: EngineExited) -> JSONResponse:
+        return reply(503, oa.error_body(str(e), "server_error"))
+
     @app.exception_handler(ClientDisconnect)
     async def gone(request: Request, _: ClientDisconnect) -> Response:
         # a client that gave up mid-upload (lm-eval's retries do) is news, not a server fault
@@ -506,6 +512,18 @@ def make_batcher(engine: Engine, config: ServeConfig, start: bool) -> Batcher:
                    start=start, prompt_cache=config.prompt_cache)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's, except that the signal that stopped it is not raised again once it has shut down
+    (uvicorn does, for the exit status a signal gives): `minigpt serve` stopped by Ctrl-C or
+    SIGTERM ends with its own last line and status 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            getattr(self, "_captured_signals", []).clear()
+
+
 def serve(
     run_dir: str | Path,
     config: ServeConfig | None = None,
@@ -519,47 +537,23 @@ def serve(
     """Load a run and serve it until Ctrl-C (or SIGTERM), which stops it cleanly. `config` and
     `settings` as for create_app; the chat template defaults to the run's chat_template.json.
 
-    The main thread decodes (`Batcher.run`) and uvicorn serves HTTP from a second thread: the
-    thread that loaded the model owns torch's OpenMP pool, and the same steps driven from another
-    thread ran 1.3-2x slower (docs/speed.md, "Where decoding runs")."""
-    import uvicorn
-
+    Decoding runs in a process of its own (`engine_process`), whose main thread has the GIL to
+    itself; this process serves HTTP (docs/server.md, "Where `minigpt serve` decodes")."""
     from ..engine import load
 
     config = _with(config, settings)  # bad settings fail before the model loads
     template = load_template(run_dir, config.chat_template)  # and so does a bad template
     engine = load(run_dir, checkpoint=checkpoint, device=device, dtype=dtype)
     model_id = Path(run_dir).resolve().name
-    batcher = make_batcher(engine, config, start=False)
-    app = create_app(engine, config, model_id=model_id, template=template, batcher=batcher)
     sock = bind_socket(config.host, config.port)
-    _announce(sock, config.host, model_id, engine.step, config.api_key)
-    # The decoding thread and the event loop take turns on the GIL. A shorter switch interval than
-    # Python's 5 ms was a suspect for the per-token cost, but measured on a loaded 2-core machine
-    # it did not help (docs/server.md), so it is only an option.
-    switch = env_seconds("MINIGPT_SWITCH_INTERVAL", None)
-    if switch:
-        sys.setswitchinterval(switch)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
-
-    def stop(signum: int, _frame: Any) -> None:  # uvicorn's own handlers work in the main thread only
-        if server.should_exit and signum == signal.SIGINT:
-            server.force_exit = True  # a second Ctrl-C: do not wait for open streams
-        server.should_exit = True
-
-    def http() -> None:
-        try:
-            server.run(sockets=[sock])
-        finally:
-            batcher.close()  # the app's shutdown closes it too; this also covers a failed start
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    thread = threading.Thread(target=http, name="minigpt-http")
+    batcher = EngineProcess(engine, run_dir, checkpoint=checkpoint, device=device, dtype=dtype,
+                            max_rows=config.max_concurrency, max_queue=config.max_queue,
+                            prompt_cache=config.prompt_cache, threads=config.threads)
     try:
-        thread.start()
-        batcher.run()
-        thread.join()
+        app = create_app(engine, config, model_id=model_id, template=template, batcher=batcher)
+        _announce(sock, config.host, model_id, engine.step, config.api_key)
+        server = _Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+        server.run(sockets=[sock])
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        batcher.close()  # the app's shutdown closes it too; this also covers a failed start
     print("minigpt: server stopped", flush=True)
