@@ -246,7 +246,8 @@ def gpt_neox_weights(cfg: ModelConfig, sd: Weights) -> Weights:
     return {**out, **_head(cfg, sd, "embed_out.weight")}
 
 
-def llama_weights(cfg: ModelConfig, sd: Weights) -> Weights:
+def llama_weights(cfg: ModelConfig, sd: Weights, qk_norms: bool = False) -> Weights:
+    """Llama's names; with `qk_norms`, Qwen3's (Llama's plus per-head q/k norms, no biases)."""
     C, p = cfg.n_embd, "model.layers"
     out = {"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["ln_f.weight"]}
     for i in range(cfg.n_layer):
@@ -261,7 +262,10 @@ def llama_weights(cfg: ModelConfig, sd: Weights) -> Weights:
             for name, b in zip(("q_proj", "k_proj", "v_proj"), sd[f"{h}.attn.c_attn.bias"].split(C)):
                 out[f"{p}.{i}.self_attn.{name}.bias"] = b
             out[f"{p}.{i}.self_attn.o_proj.bias"] = sd[f"{h}.attn.c_proj.bias"]
-        out.update(_gated_mlp(cfg, sd, h, f"{p}.{i}.mlp", biases=True))
+        if qk_norms:
+            out[f"{p}.{i}.self_attn.q_norm.weight"] = sd[f"{h}.attn.ln_q.weight"]
+            out[f"{p}.{i}.self_attn.k_norm.weight"] = sd[f"{h}.attn.ln_k.weight"]
+        out.update(_gated_mlp(cfg, sd, h, f"{p}.{i}.mlp", biases=not qk_norms))
     return {**out, **_head(cfg, sd, "lm_head.weight")}
 
 
@@ -286,19 +290,7 @@ def _gated_mlp(cfg: ModelConfig, sd: Weights, h: str, to: str, biases: bool) -> 
 
 
 def qwen3_weights(cfg: ModelConfig, sd: Weights) -> Weights:
-    C, p = cfg.n_embd, "model.layers"
-    out = {"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["ln_f.weight"]}
-    for i in range(cfg.n_layer):
-        h = f"h.{i}"
-        out[f"{p}.{i}.input_layernorm.weight"] = sd[f"{h}.ln_1.weight"]
-        out[f"{p}.{i}.post_attention_layernorm.weight"] = sd[f"{h}.ln_2.weight"]
-        for name, w in zip(("q_proj", "k_proj", "v_proj"), sd[f"{h}.attn.c_attn.weight"].split(C)):
-            out[f"{p}.{i}.self_attn.{name}.weight"] = w
-        out[f"{p}.{i}.self_attn.o_proj.weight"] = sd[f"{h}.attn.c_proj.weight"]
-        out[f"{p}.{i}.self_attn.q_norm.weight"] = sd[f"{h}.attn.ln_q.weight"]
-        out[f"{p}.{i}.self_attn.k_norm.weight"] = sd[f"{h}.attn.ln_k.weight"]
-        out.update(_gated_mlp(cfg, sd, h, f"{p}.{i}.mlp", biases=False))
-    return {**out, **_head(cfg, sd, "lm_head.weight")}
+    return llama_weights(cfg, sd, qk_norms=True)
 
 
 def persimmon_weights(cfg: ModelConfig, sd: Weights) -> Weights:
