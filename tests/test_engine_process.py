@@ -17,9 +17,9 @@ from test_server import run_dir, serving  # noqa: F401  (run_dir: the trained ru
 
 
 def start(run, **limits) -> EngineProcess:
-    engine = load(run, device="cpu")
     settings = dict(max_rows=4, max_queue=4, prompt_cache=0) | limits
-    return EngineProcess(engine, run, checkpoint="best", device="cpu", dtype="auto", **settings)
+    process = EngineProcess(run, checkpoint="best", device="cpu", dtype="auto", **settings)
+    return process.connect(load(run, device="cpu"))
 
 
 def collect(req) -> tuple[str, list[int], list[str | None]]:

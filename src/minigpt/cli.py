@@ -422,16 +422,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        from .serve.app import serve
-    except ImportError as e:
-        raise ConfigError(f"serving needs the 'serve' extra ({e.name} is missing): "
-                          "pip install 'minigpt[serve]'") from None
+    from . import rundir
+    from .serve.engine_process import EngineProcess
+
     given = _config_overrides(args, (ServeConfig,))
     if "api_key" not in given and os.environ.get("MINIGPT_API_KEY"):
         given["api_key"] = os.environ["MINIGPT_API_KEY"]
-    serve(args.run_dir, ServeConfig(**given), checkpoint=args.checkpoint, device=args.device,
-          dtype=args.dtype)
+    config = ServeConfig(**given).validate()
+    rundir.read_config(Path(args.run_dir))  # not a run: one line, and no engine started for it
+    # started before this process imports torch and the server: both load at once
+    engine = EngineProcess.for_serving(args.run_dir, config, checkpoint=args.checkpoint,
+                                       device=args.device, dtype=args.dtype)
+    try:
+        from .serve.app import serve
+    except ImportError as e:
+        engine.close()
+        raise ConfigError(f"serving needs the 'serve' extra ({e.name} is missing): "
+                          "pip install 'minigpt[serve]'") from None
+    serve(args.run_dir, config, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
+          engine_process=engine)
     return 0
 
 

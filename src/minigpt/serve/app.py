@@ -532,24 +532,28 @@ def serve(
     device: str = "auto",
     dtype: str = "auto",
     log_level: str = "info",
+    engine_process: EngineProcess | None = None,
     **settings: Any,
 ) -> None:
     """Load a run and serve it until Ctrl-C (or SIGTERM), which stops it cleanly. `config` and
     `settings` as for create_app; the chat template defaults to the run's chat_template.json.
+    `engine_process`: one already started for this run and config (the CLI starts it before it
+    imports torch), else one is started here.
 
     Decoding runs in a process of its own (`engine_process`), whose main thread has the GIL to
-    itself; this process serves HTTP (docs/server.md, "Where `minigpt serve` decodes")."""
+    itself; this process serves HTTP (docs/server.md, "Concurrency: continuous batching")."""
     from ..engine import load
 
     config = _with(config, settings)  # bad settings fail before the model loads
-    template = load_template(run_dir, config.chat_template)  # and so does a bad template
-    engine = load(run_dir, checkpoint=checkpoint, device=device, dtype=dtype)
-    model_id = Path(run_dir).resolve().name
-    sock = bind_socket(config.host, config.port)
-    batcher = EngineProcess(engine, run_dir, checkpoint=checkpoint, device=device, dtype=dtype,
-                            max_rows=config.max_concurrency, max_queue=config.max_queue,
-                            prompt_cache=config.prompt_cache, threads=config.threads)
+    # the engine process loads the run while this process loads its own copy
+    batcher = engine_process or EngineProcess.for_serving(run_dir, config, checkpoint=checkpoint,
+                                                         device=device, dtype=dtype)
     try:
+        template = load_template(run_dir, config.chat_template)  # a bad one: before the load
+        engine = load(run_dir, checkpoint=checkpoint, device=device, dtype=dtype)
+        model_id = Path(run_dir).resolve().name
+        sock = bind_socket(config.host, config.port)
+        batcher.connect(engine)
         app = create_app(engine, config, model_id=model_id, template=template, batcher=batcher)
         _announce(sock, config.host, model_id, engine.step, config.api_key)
         server = _Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))

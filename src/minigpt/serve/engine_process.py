@@ -33,24 +33,21 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..batching import (
-    Batcher,
-    BatcherBusy,
-    BatchRequest,
-    Prompt,
-    StreamEvent,
-    busy_message,
-    prepare_request,
-    without_rows,
-)
-from ..engine import Engine
-from ..sampling import SamplingParams
+from ..errors import MiniGPTError
+
+# torch is imported when first needed, not with this module: the CLI starts the engine process
+# before its own process imports torch, so that the two imports (seconds each) overlap.
+if TYPE_CHECKING:
+    from ..batching import Batcher, BatchRequest, Prompt, StreamEvent
+    from ..config import ServeConfig
+    from ..engine import Engine
+    from ..sampling import SamplingParams
 
 
-class EngineExited(RuntimeError):
-    """The engine process is gone (it crashed, or was killed)."""
+class EngineExited(MiniGPTError):
+    """The engine process is gone (it crashed, was killed, or could not load the run)."""
 
 
 class RemoteRequest:
@@ -95,11 +92,15 @@ class RemoteRequest:
 
 class EngineProcess:
     """The Batcher interface the app uses (submit, running, waiting, stats, close), over a batcher
-    that decodes in a child process started from the same run."""
+    that decodes in a child process started from the same run.
 
-    def __init__(self, engine: Engine, run_dir: str | Path, *, checkpoint: str, device: str,
-                 dtype: str, max_rows: int, max_queue: int, prompt_cache: int, threads: int = 0):
-        self.engine = engine
+    Made in two steps so that both processes load the run at once: the constructor starts the
+    child, which loads the run while this process loads its own copy; `connect(engine)` then waits
+    for the child to be ready."""
+
+    def __init__(self, run_dir: str | Path, *, checkpoint: str, device: str, dtype: str,
+                 max_rows: int, max_queue: int, prompt_cache: int, threads: int = 0):
+        self.engine: Engine | None = None
         self.max_rows, self.max_queue = max_rows, max_queue
         # A new interpreter running this module, not multiprocessing's spawn: spawn would import
         # the caller's main script again in the child (a script that calls serve() at top level
@@ -120,20 +121,37 @@ class EngineProcess:
         self._closed = False
         self.failure: str | None = None  # why the engine is gone, when it went by itself
         self._stats: dict[str, Any] = {}
+        self._reader: threading.Thread | None = None
+
+    @classmethod
+    def for_serving(cls, run_dir: str | Path, config: ServeConfig, *, checkpoint: str, device: str,
+                    dtype: str) -> EngineProcess:
+        """The engine process of `minigpt serve RUN` with these settings."""
+        return cls(run_dir, checkpoint=checkpoint, device=device, dtype=dtype,
+                   max_rows=config.max_concurrency, max_queue=config.max_queue,
+                   prompt_cache=config.prompt_cache, threads=config.threads)
+
+    def connect(self, engine: Engine) -> EngineProcess:
+        """Wait until the child has loaded the run; `engine`, this process's copy of it, checks
+        and tokenizes requests."""
+        self.engine = engine
         first = self._receive()
         if first is None or first[0] != "ready":
-            self._wait(5)
+            self.close()
             raise EngineExited(first[1] if first else "the engine process exited while starting")
         self._stats = first[1]
         self._reader = threading.Thread(target=self._read, name="minigpt-engine-reader",
                                         daemon=True)
         self._reader.start()
+        return self
 
     # ---- what the app calls (the event loop's thread) ----------------------------------------
 
     def submit(self, prompt: Prompt = "", params: SamplingParams | None = None, *,
                stop: Sequence[str] = (), notify: Callable[[], None] | None = None,
                **settings: Any) -> RemoteRequest:
+        from ..batching import BatcherBusy, busy_message, prepare_request, without_rows
+
         ids, params, _ = prepare_request(self.engine, self.max_rows, prompt, params, stop,
                                          **settings)
         with self._lock:
@@ -176,8 +194,9 @@ class EngineProcess:
             self._send(("close",))
         except OSError:  # already gone
             pass
-        self._reader.join(30)
-        if self._wait(30) is None:
+        if self._reader is not None:
+            self._reader.join(30)
+        if self._wait(30 if self._reader is not None else 0) is None:
             self._process.kill()
             self._wait(5)
 
@@ -191,6 +210,8 @@ class EngineProcess:
             return None
 
     def _waiting(self) -> int:
+        from ..batching import without_rows
+
         return without_rows([r.n for r in self._requests.values()], self.max_rows)
 
     def _cancel(self, req: RemoteRequest) -> None:
@@ -243,6 +264,7 @@ def engine_main(fd: int) -> None:
     down, says so."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from ..batching import Batcher
     from ..cpu import engine_threads
     from ..engine import load
 
