@@ -436,7 +436,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from .serve.app import serve
     except ImportError as e:
-        engine.close()
+        if engine is not None:
+            engine.close()
         raise ConfigError(f"serving needs the 'serve' extra ({e.name} is missing): "
                           "pip install 'minigpt[serve]'") from None
     serve(args.run_dir, config, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,

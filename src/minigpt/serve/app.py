@@ -553,11 +553,13 @@ def serve(
         engine = load(run_dir, checkpoint=checkpoint, device=device, dtype=dtype)
         model_id = Path(run_dir).resolve().name
         sock = bind_socket(config.host, config.port)
-        batcher.connect(engine)
+        if batcher is not None:
+            batcher.connect(engine)
         app = create_app(engine, config, model_id=model_id, template=template, batcher=batcher)
         _announce(sock, config.host, model_id, engine.step, config.api_key)
         server = _Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
         server.run(sockets=[sock])
     finally:
-        batcher.close()  # the app's shutdown closes it too; this also covers a failed start
+        if batcher is not None:
+            batcher.close()  # the app's shutdown closes it too; this also covers a failed start
     print("minigpt: server stopped", flush=True)

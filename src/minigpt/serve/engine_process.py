@@ -46,6 +46,11 @@ if TYPE_CHECKING:
     from ..sampling import SamplingParams
 
 
+# The child inherits its end of a socket pair (subprocess's pass_fds): POSIX systems. Elsewhere
+# (Windows) the server decodes in its own process, on a batcher thread.
+SUPPORTED = os.name == "posix"
+
+
 class EngineExited(MiniGPTError):
     """The engine process is gone (it crashed, was killed, or could not load the run)."""
 
@@ -125,8 +130,11 @@ class EngineProcess:
 
     @classmethod
     def for_serving(cls, run_dir: str | Path, config: ServeConfig, *, checkpoint: str, device: str,
-                    dtype: str) -> EngineProcess:
-        """The engine process of `minigpt serve RUN` with these settings."""
+                    dtype: str) -> EngineProcess | None:
+        """The engine process of `minigpt serve RUN` with these settings (None where there is
+        none: the server then decodes on a thread of its own process)."""
+        if not SUPPORTED:
+            return None
         return cls(run_dir, checkpoint=checkpoint, device=device, dtype=dtype,
                    max_rows=config.max_concurrency, max_queue=config.max_queue,
                    prompt_cache=config.prompt_cache, threads=config.threads)
