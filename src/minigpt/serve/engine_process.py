@@ -284,8 +284,9 @@ def engine_main(fd: int) -> None:
     try:
         engine_threads(threads)
         engine = load(run_dir, checkpoint=checkpoint, device=device, dtype=dtype)
-        batcher = Batcher(engine, start=False, max_queue=1 << 30, **settings)  # the line is
-    except Exception as e:  # kept on the HTTP side
+        # no limit of its own on the waiting line: the HTTP side keeps it
+        batcher = Batcher(engine, start=False, max_queue=1 << 30, **settings)
+    except Exception as e:
         conn.send(("failed", f"the engine process could not load {run_dir}: {e}"))
         return
     conn.send(("ready", batcher.stats()))
