@@ -39,8 +39,8 @@ docs/server.md, "Reproducibility".
 
 Threads: `run()` is the loop, in whichever thread calls it; `step()` is one turn of it.
 `minigpt serve` steps its batcher from the main thread of a process of its own
-(serve/engine_process.py), the thread that loaded the model and owns torch's thread pool. A batcher started with its own thread (`start=True`) runs torch there with
-`threads` intra-op threads (default: one fewer than torch's pool, at least one). Why not the whole
+(serve/engine_process.py), the thread that loaded the model and owns torch's thread pool. A
+batcher started with its own thread (`start=True`) runs torch there with `threads` intra-op threads (default: one fewer than torch's pool, at least one). Why not the whole
 pool: GNU OpenMP counts every OpenMP thread of the process, and the loading thread's pool already
 holds one per core; a second full pool makes more OpenMP threads than cores, OpenMP then stops
 spinning between operations, and every matrix product waits for its workers to wake through the
@@ -253,7 +253,7 @@ class Batcher:
             if value < lo:
                 raise ConfigError(f"{name} must be >= {lo}, got {value}")
         self.engine, self.model = engine, engine.model
-        self.failure: str | None = None  # a batcher in this process decodes while it exists
+        self.failure: str | None = None  # as EngineProcess's: why decoding stopped (never, here)
         self.max_rows, self.max_queue, self.prefill_chunk = max_rows, max_queue, prefill_chunk
         self.block_size = engine.block_size
         self.cache = KVCache.for_model(self.model, max_rows)
