@@ -40,11 +40,12 @@ docs/server.md, "Reproducibility".
 Threads: `run()` is the loop, in whichever thread calls it; `step()` is one turn of it.
 `minigpt serve` steps its batcher from the main thread of a process of its own
 (serve/engine_process.py), the thread that loaded the model and owns torch's thread pool. A
-batcher started with its own thread (`start=True`) runs torch there with `threads` intra-op threads (default: one fewer than torch's pool, at least one). Why not the whole
-pool: GNU OpenMP counts every OpenMP thread of the process, and the loading thread's pool already
-holds one per core; a second full pool makes more OpenMP threads than cores, OpenMP then stops
-spinning between operations, and every matrix product waits for its workers to wake through the
-kernel: a decode step ran 2x slower that way here (docs/speed.md).
+batcher started with its own thread (`start=True`) runs torch there with `threads` intra-op
+threads (default: one fewer than torch's pool, at least one). Why not the whole pool: GNU OpenMP
+counts every OpenMP thread of the process, and the loading thread's pool already holds one per
+core; a second full pool makes more OpenMP threads than cores, OpenMP then stops spinning between
+operations, and every matrix product waits for its workers to wake through the kernel: a decode
+step ran 2x slower that way here (docs/speed.md).
 """
 
 from __future__ import annotations
