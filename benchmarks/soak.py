@@ -6,8 +6,8 @@ hanging up mid-stream or mid-upload, and the server must end as it started.
 Starts `minigpt serve` on 127.0.0.1 and drives it with `--clients` asyncio clients (one process, a
 new connection per request): streaming and non-streaming /v1/completions and chat requests with
 random prompts, lengths, n and seeds; a `--drop` fraction of them disconnect at a random point
-(while sending the body, while waiting, while streaming). The server's RSS is read from
-/proc/PID/status after a one-minute warm-up and at the end; when the load stops, /health's running
+(while sending the body, while waiting, while streaming). The server's RSS (its process and the
+engine process) is read from /proc after a one-minute warm-up and at the end; when the load stops, /health's running
 and waiting must come back to 0 and /metrics must answer. Last line: JSON, with `ok` true when RSS
 grew under 10%, no rows leaked, no request got a 5xx and the server logged no traceback.
 """
@@ -33,10 +33,21 @@ PROMPTS = ["ROMEO:", "JULIET:\n", "First Citizen:", "KING HENRY:\nMy lord, ", "T
 
 
 def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    """Resident memory of the server and its children (the engine process), in KiB."""
+    total, found = 0, False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(stat.parent.name) != pid and int(fields[1]) != pid:
+                continue
+            for line in (stat.parent / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total, found = total + int(line.split()[1]), True
+        except OSError:  # it ended meanwhile
+            continue
+    if not found:
+        raise RuntimeError("no VmRSS")
+    return total
 
 
 def request_body(rng: random.Random) -> tuple[str, dict]:
