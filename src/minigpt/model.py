@@ -73,10 +73,56 @@ def norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
          ) -> torch.Tensor:
     """The model's norm over the last dimension: RMSNorm (eps 1e-6) or LayerNorm (torch's eps,
     1e-5). Without weights it is the QK-norm (RMSNorm then at torch's default eps)."""
-    shape = (x.size(-1),)
     if rms:
-        return F.rms_norm(x, shape, weight, RMS_NORM_EPS if weight is not None else None)
-    return F.layer_norm(x, shape, weight, bias, LAYER_NORM_EPS)
+        return rms_norm(x, weight, RMS_NORM_EPS if weight is not None else None)
+    return F.layer_norm(x, (x.size(-1),), weight, bias, LAYER_NORM_EPS)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None) -> torch.Tensor:
+    """F.rms_norm over the last dimension: x / sqrt(mean(x^2) + eps) * weight; eps None is torch's
+    default, float32's machine epsilon for float32.
+
+    Where a graph is recorded for float32 CPU tensors, the same arithmetic as an autograd Function
+    with its backward written out: torch's CPU rms_norm is composite, and its recorded graph (pow,
+    mean, add, rsqrt, two muls, each with its own backward) made an RMSNorm training step markedly
+    dearer than a LayerNorm one (measured in docs/speed.md, benchmarks/rms_norm.py). Everywhere else
+    (decoding, other dtypes, GPUs with their fused kernels) it is F.rms_norm itself.
+    """
+    if (x.dtype is torch.float32 and x.device.type == "cpu" and torch.is_grad_enabled()
+            and (weight is None or weight.dtype is torch.float32)):
+        return _RMSNormCPU.apply(x, weight, torch.finfo(x.dtype).eps if eps is None else eps)
+    return F.rms_norm(x, (x.size(-1),), weight, eps)
+
+
+class _RMSNormCPU(torch.autograd.Function):
+    """y = n * w, n = x * r, r = rsqrt(mean(x^2) + eps): the forward is F.rms_norm's own sequence
+    of operations (the same values); the backward is dx = r * (g w - n * mean(g w n)) and dw = the
+    sum of g n over the leading dimensions, from one product g n: its column sums are dw and its
+    rows times w are the means (a matrix-vector product, cheaper here than another pass)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        n = x * r
+        ctx.save_for_backward(n, r, weight)
+        return n if weight is None else n * weight
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        n, r, weight = ctx.saved_tensors
+        d = n.size(-1)
+        gn = g * n
+        gw = gn.reshape(-1, d).sum(0) if weight is not None and ctx.needs_input_grad[1] else None
+        gx = None
+        if ctx.needs_input_grad[0]:
+            if weight is None:
+                m = gn.sum(-1, keepdim=True).div_(-d)  # -mean(g n)
+                gx = torch.addcmul(g, n, m)
+            else:
+                m = (gn @ weight).unsqueeze_(-1).div_(-d)  # -mean(g w n)
+                gx = (g * weight).addcmul_(n, m)
+            gx.mul_(r)
+        return gx, gw, None
 
 
 def qk_norm(qk: torch.Tensor, gain: torch.Tensor | None, rms: bool) -> torch.Tensor:
@@ -86,10 +132,9 @@ def qk_norm(qk: torch.Tensor, gain: torch.Tensor | None, rms: bool) -> torch.Ten
     and k_norm compute x / sqrt(mean(x^2) + eps) * weight)."""
     if gain is None:
         return norm(qk, None, None, rms)
-    shape = (qk.size(-1),)
     if rms:
-        return F.rms_norm(qk, shape, None, RMS_NORM_EPS) * gain
-    return F.layer_norm(qk, shape, None, None, LAYER_NORM_EPS) * gain
+        return rms_norm(qk, None, RMS_NORM_EPS) * gain
+    return F.layer_norm(qk, (qk.size(-1),), None, None, LAYER_NORM_EPS) * gain
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
