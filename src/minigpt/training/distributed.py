@@ -156,16 +156,16 @@ def session(device_name: str | None = "auto") -> Iterator[DistContext]:
         yield DistContext(device)
         return
     owned = not dist.is_initialized()
-    with _stop_signals_to_this_thread_only():
-        if owned:
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        waits = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     try:
+        with _stop_signals_to_this_thread_only():
+            if owned:
+                if device.type == "cuda":
+                    torch.cuda.set_device(device)
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            waits = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
         yield DistContext(device, rank, local_rank, world_size, waits)
     finally:
-        if owned:
+        if owned and dist.is_initialized():
             dist.destroy_process_group()
 
 
