@@ -64,6 +64,9 @@ VARIANTS: dict[str, dict] = {
     "warmup 100": {**RECIPE, "warmup_iters": 100},
     "Muon lr 0.005": {**RECIPE, "muon_lr": 0.005},
     "Muon lr 0.02": {**RECIPE, "muon_lr": 0.02},
+    # the schedule: decay to zero (modded-nanogpt's runs end at lr 0) instead of to lr / 10
+    "decay to lr 0": {**RECIPE, "min_lr": 0.0},
+    "decay to lr 0, seed 2": {**RECIPE, "min_lr": 0.0, "seed": 2},
     # Qwen3's layout, which llama.cpp and transformers both compute (issue 21): the default's
     # candidate, three seeds against the recipe's three
     "portable layout (arch portable)": {**RECIPE, "arch": "portable"},
@@ -85,11 +88,19 @@ def parse_only(text: str) -> list[str]:
     return names
 
 
+# Settings that change what a step learns but not what it costs: variants that differ only in
+# these share one calibration and so one step count (measured apart, noise alone gave the same
+# step 8% apart, and the comparison would have been of step counts).
+COST_NEUTRAL = {"seed", "lr", "min_lr", "muon_lr", "warmup_iters", "weight_decay"}
+
+
 def cost_key(name: str) -> str:
-    """The first variant that trains the same model as `name` up to the seed: variants that differ
-    only in their seed cost the same per step, so they share one calibration and one step count."""
-    same = {k: v for k, v in VARIANTS[name].items() if k != "seed"}
-    return next(n for n, o in VARIANTS.items() if {k: v for k, v in o.items() if k != "seed"} == same)
+    """The first variant whose steps cost what `name`'s do (the same but for COST_NEUTRAL
+    settings): they share one calibration and one step count."""
+    def costly(o: dict) -> dict:
+        return {k: v for k, v in o.items() if k not in COST_NEUTRAL}
+
+    return next(n for n, o in VARIANTS.items() if costly(o) == costly(VARIANTS[name]))
 
 
 def flags(overrides: dict) -> list[str]:
@@ -120,8 +131,10 @@ def calibrate(names: list[str], data: Path, rounds: int, cache: Path) -> dict[st
 def train_variant(name: str, iters: int, data: Path, runs: Path) -> float:
     run = runs / name
     result = run / "ablation.json"
-    if result.exists():
-        return json.loads(result.read_text())["val_loss"]
+    if result.exists():  # scored before, at this step count (a new calibration may change it)
+        kept = json.loads(result.read_text())
+        if kept.get("iters") == iters:
+            return kept["val_loss"]
     done = [s for s, _ in ckpt.list_checkpoints(run)] if run.exists() else []
     if iters not in done:  # a run finished before an interruption is not trained again
         cmd = [sys.executable, "-m", "minigpt", "train", "--data", str(data), "--out", str(run),
