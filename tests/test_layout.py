@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "minigpt"
 ROOMS = ("data", "training", "reference", "serve", "tools", "interop", "cli")
 CORE = ("errors", "fsio", "config", "tokenization", "rundir", "checkpoint", "model", "kv_cache",
         "decode", "sampling", "device", "cpu", "engine", "utf8", "inspection",
-        "batching", "stop_strings", "chat_template")
+        "batching", "request_events", "stop_strings", "chat_template")
 # declarative tables, allowed to be long: the argparse parser and the FastAPI routes
 LONG_TABLES = {("cli.py", "build_parser"), ("serve/app.py", "create_app")}
 

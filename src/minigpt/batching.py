@@ -54,8 +54,7 @@ import codecs
 import dataclasses
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -63,6 +62,7 @@ import torch
 from .errors import ConfigError
 from .kv_cache import KVCache
 from .prompt_cache import PromptCache
+from .request_events import EventBuffer, StreamEvent
 from .sampling import (
     RowSettings,
     SamplingParams,
@@ -81,46 +81,26 @@ Prompt = str | Sequence[int]  # text, or token ids that are used as they are
 DRAW_AHEAD = 32  # steps of uniforms a request draws at once
 
 
-@dataclass
-class StreamEvent:
-    index: int  # which of the request's num_samples samples
-    text: str  # newly decodable text ("" while a multi-byte character is incomplete)
-    token: int | None
-    finish_reason: str | None = None  # "stop" (EOS, stop string) or "length" on a sample's last event
-    # with SamplingParams.logprobs: the token's log-probability in the distribution it was sampled
-    # from (sampling.distribution), and the most likely tokens as (id, logprob), descending
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-
-
 class BatcherBusy(Exception):
     """Every row is taken and the waiting line is full (or the batcher is closed)."""
 
 
-class BatchRequest:
-    """One submitted prompt with its n samples: iterate it for StreamEvents, or `drain()` them.
-
-    Written by the batcher thread, read by any one other thread; `cancel()` from anywhere."""
+class BatchRequest(EventBuffer):
+    """One submitted prompt with its n samples: iterate it for StreamEvents, or `drain()` them
+    (request_events.EventBuffer). Written by the batcher thread, read by any one other thread;
+    `cancel()` from anywhere."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, stop: Sequence[str],
                  notify: Callable[[], None] | None, device: torch.device,
                  on_cancel: Callable[[BatchRequest], None], grammar: Any = None):
+        super().__init__(params.num_samples, notify, on_cancel)
         self.prompt_ids, self.params, self.stop = prompt_ids, params, tuple(stop)
         self.grammar = grammar  # params.constraint compiled for the engine's vocabulary
-        self._on_cancel = on_cancel
-        self.n = params.num_samples
         self.generator = torch.Generator(device=device)
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
         else:
             self.generator.seed()
-        self._notify = notify
-        self._cond = threading.Condition()
-        self._events: deque[StreamEvent] = deque()
-        self._signalled = False  # notify once until the reader drains: one wake-up, many events
-        self.cancelled = False
-        self.done = False
-        self.error: BaseException | None = None
         self.live = 0  # rows still generating (batcher thread only)
         self.fed = 0  # prompt tokens prefilled so far (batcher thread only)
         self._draws: list[list[float]] = []  # uniforms drawn ahead, one list of n per step
@@ -133,51 +113,6 @@ class BatchRequest:
             self._draws = torch.rand(DRAW_AHEAD, self.n, generator=self.generator,
                                      device=self.generator.device).tolist()[::-1]
         return self._draws.pop()
-
-    # --- reader side
-    def cancel(self) -> None:
-        """Stop generating: the rows are freed before the next step (a waiting request leaves the
-        line at once)."""
-        if not self.cancelled:
-            self.cancelled = True
-            self._on_cancel(self)
-
-    def drain(self) -> tuple[list[StreamEvent], bool]:
-        """The events so far and whether the request has ended; raises the batcher's error."""
-        with self._cond:
-            events, self._signalled = list(self._events), False
-            self._events.clear()
-            done, error = self.done, self.error
-        if error is not None and not events:
-            raise error
-        return events, done and error is None
-
-    def __iter__(self) -> Iterator[StreamEvent]:
-        try:
-            while True:
-                with self._cond:
-                    while not self._events and not self.done:
-                        self._cond.wait()
-                events, done = self.drain()
-                yield from events
-                if done:
-                    return
-        finally:
-            if not self.done:
-                self.cancel()
-
-    # --- batcher side
-    def _emit(self, events: list[StreamEvent], done: bool = False,
-              error: BaseException | None = None) -> None:
-        with self._cond:
-            self._events.extend(events)
-            self.done = self.done or done
-            self.error = self.error or error
-            signal = not self._signalled
-            self._signalled = True
-            self._cond.notify_all()
-        if signal and self._notify is not None:
-            self._notify()
 
 
 class _Row:

@@ -29,20 +29,21 @@ import socket
 import subprocess
 import sys
 import threading
-from collections import deque
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MiniGPTError
+from ..request_events import EventBuffer
 
 # torch is imported when first needed, not with this module: the CLI starts the engine process
 # before its own process imports torch, so that the two imports (seconds each) overlap.
 if TYPE_CHECKING:
-    from ..batching import Batcher, BatchRequest, Prompt, StreamEvent
+    from ..batching import Batcher, BatchRequest, Prompt
     from ..config import ServeConfig
     from ..engine import Engine
+    from ..request_events import StreamEvent
     from ..sampling import SamplingParams
 
 
@@ -55,44 +56,14 @@ class EngineExited(MiniGPTError):
     """The engine process is gone (it crashed, was killed, or could not load the run)."""
 
 
-class RemoteRequest:
-    """The HTTP side of one submitted prompt: what jobs read of a BatchRequest (drain, cancel)."""
+class RemoteRequest(EventBuffer):
+    """The HTTP side of one submitted prompt: its events as the engine sends them, read as a
+    BatchRequest's are."""
 
     def __init__(self, rid: int, n: int, notify: Callable[[], None] | None,
                  on_cancel: Callable[[RemoteRequest], None]):
-        self.rid, self.n = rid, n
-        self._notify, self._on_cancel = notify, on_cancel
-        self._lock = threading.Lock()
-        self._events: deque[StreamEvent] = deque()
-        self._signalled = False
-        self.cancelled = False
-        self.done = False
-        self.error: BaseException | None = None
-
-    def cancel(self) -> None:
-        if not self.cancelled:
-            self.cancelled = True
-            self._on_cancel(self)
-
-    def drain(self) -> tuple[list[StreamEvent], bool]:
-        """As BatchRequest.drain: the events so far and whether it ended; raises its error."""
-        with self._lock:
-            events, self._signalled = list(self._events), False
-            self._events.clear()
-            done, error = self.done, self.error
-        if error is not None and not events:
-            raise error
-        return events, done and error is None
-
-    def _emit(self, events: list[StreamEvent], done: bool, error: BaseException | None) -> None:
-        with self._lock:
-            self._events.extend(events)
-            self.done = self.done or done
-            self.error = self.error or error
-            signal_ = not self._signalled
-            self._signalled = True
-        if signal_ and self._notify is not None:
-            self._notify()
+        super().__init__(n, notify, on_cancel)
+        self.rid = rid
 
 
 class EngineProcess:
