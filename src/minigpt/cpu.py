@@ -34,10 +34,15 @@ def configure_threads(threads: int = 0) -> int:
     if threads <= 0 and os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()  # the user (or a launcher like torchrun) already chose
     if threads <= 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        threads = max(1, min(cores or 1, round((cores or 1) - busy_cores())))
+        threads = idle_cores()
     torch.set_num_threads(threads)
     return threads
+
+
+def idle_cores() -> int:
+    """The cores this process may use that other processes leave idle now (at least one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, round((cores or 1) - busy_cores())))
 
 
 def engine_threads(threads: int = 0) -> int:
@@ -46,8 +51,7 @@ def engine_threads(threads: int = 0) -> int:
     otherwise take turns on a core with one of the engine's OpenMP threads, stalling every
     operation at its barrier."""
     if threads <= 0 and not os.environ.get("OMP_NUM_THREADS"):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        threads = max(1, min(cores or 1, round((cores or 1) - busy_cores())) - 1)
+        threads = max(1, idle_cores() - 1)
     return configure_threads(threads)
 
 
