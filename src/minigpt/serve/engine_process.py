@@ -149,19 +149,17 @@ class EngineProcess:
 
     @property
     def running(self) -> int:
-        with self._lock:
-            return len(self._requests) - self._waiting()
+        return self._counts()[0]
 
     @property
     def waiting(self) -> int:
-        with self._lock:
-            return self._waiting()
+        return self._counts()[1]
 
     def stats(self) -> dict[str, Any]:
         """The engine's counters as of its last step; running and waiting as this side counts."""
+        running, waiting = self._counts()
         with self._lock:
-            return {**self._stats, "running": len(self._requests) - self._waiting(),
-                    "waiting": self._waiting()}
+            return {**self._stats, "running": running, "waiting": waiting}
 
     def close(self) -> None:
         """Stop the engine: requests not finished end (as if cancelled); waits for it to exit."""
@@ -188,10 +186,14 @@ class EngineProcess:
         except subprocess.TimeoutExpired:
             return None
 
-    def _waiting(self) -> int:
+    def _counts(self) -> tuple[int, int]:
+        """(running, waiting): the requests sent and not finished, split by the batcher's rule."""
         from ..batching import without_rows
 
-        return without_rows([r.n for r in self._requests.values()], self.max_rows)
+        with self._lock:
+            sizes = [r.n for r in self._requests.values()]
+        waiting = without_rows(sizes, self.max_rows)
+        return len(sizes) - waiting, waiting
 
     def _cancel(self, req: RemoteRequest) -> None:
         try:
