@@ -8,6 +8,7 @@ for the tokenizer rows (the constraint forces the shape; the model only picks am
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
@@ -31,17 +32,12 @@ from minigpt.model import GPT
 from minigpt.tokenization import BPETokenizer, CharTokenizer
 from minigpt.tokenization.bytes import ByteTokenizer
 
-NAME = r"K[a-z]{2,6}"
-RECORD = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "pattern": "^[A-Z][a-z]{1,7}$"},
-        "age": {"type": "integer", "minimum": 0, "maximum": 99},
-        "city": {"enum": ["Paris", "Rome", "Oslo"]},
-    },
-    "required": ["name", "age", "city"],
-    "additionalProperties": False,
-}
+# the task the benchmark measures (benchmarks/structured.py): one definition of the regex and schema
+_spec = importlib.util.spec_from_file_location(
+    "structured_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "structured.py")
+_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_bench)
+NAME, RECORD = _bench.NAME, _bench.RECORD
 NAMES = ["Kate", "Karl", "Kim", "Anna", "Bob", "Kevin", "Karen", "Lena", "Mia", "Kurt", "Oskar",
          "Paula"]
 TRAIN = dict(TINY, max_iters=40, eval_interval=40, progress=False)
