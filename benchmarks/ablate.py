@@ -72,6 +72,11 @@ VARIANTS: dict[str, dict] = {
     "portable layout (arch portable)": {**RECIPE, "arch": "portable"},
     "portable layout seed 2": {**RECIPE, "arch": "portable", "seed": 2},
     "portable layout seed 3": {**RECIPE, "arch": "portable", "seed": 3},
+    # StableLM's layout (LayerNorm, per-head LayerNorm QK-norm before rotary, SwiGLU, no biases),
+    # which llama.cpp (stablelm) and transformers (StableLmForCausalLM) also both compute
+    "stablelm layout (arch stablelm)": {**RECIPE, "arch": "stablelm"},
+    "stablelm layout, seed 2": {**RECIPE, "arch": "stablelm", "seed": 2},
+    "stablelm layout, seed 3": {**RECIPE, "arch": "stablelm", "seed": 3},
 }
 
 

@@ -18,7 +18,7 @@ from minigpt import rundir
 from minigpt.chat_template import DEFAULT, ChatTemplate
 from minigpt.engine import load
 from minigpt.errors import ConfigError
-from minigpt.interop.gguf import OUTTYPES, byte_level, export_gguf
+from minigpt.interop.gguf import EXPORTABLE, OUTTYPES, byte_level, export_gguf
 from minigpt.training.run import train
 
 gguf = pytest.importorskip("gguf", reason="GGUF export needs the 'gguf' extra")
@@ -31,6 +31,7 @@ RUNS = {  # name -> layout and tokenizer; together they cover every exported ten
     "modern-char": dict(arch="modern", qk_norm=False),
     "gpt2-bytes-untied-docs": dict(arch="gpt2", tokenizer="bytes", tie_embeddings=False, docs="lines"),
     "portable-bpe": dict(arch="portable", tokenizer="bpe", tokenizer_vocab_size=300),
+    "stablelm-char": dict(arch="stablelm"),
 }
 TEXTS = [  # what tokenizers disagree on: spaces, digits, contractions, newlines, a special's text
     CORPUS[:300], "  Speak,  speak.\n\n\nAll:\t resolved  ", "you're I'll we've 1234 12 x1y2",
@@ -133,6 +134,22 @@ def test_portable_layout_is_qwen3_with_separate_qkv_qk_norms_and_swiglu(runs, ex
         assert np.array_equal(tensors[f"blk.1.{name}.weight"].reshape(ours.shape), ours), name
     assert not any(n.endswith(".bias") for n in tensors)  # no biases in the layout, none written
     assert len(tensors) == 2 + 11 * 2  # embeddings, final norm, 11 per block
+
+
+def test_stablelm_layout_has_per_head_qk_norms_zero_norm_biases_and_an_output_matrix(runs, exported):
+    reader = gguf.GGUFReader(exported["stablelm-char"])
+    meta = fields(reader)
+    assert meta["general.architecture"] == "stablelm"
+    assert meta["stablelm.attention.layer_norm_epsilon"] == pytest.approx(1e-5)
+    assert meta["stablelm.rope.dimension_count"] == 16  # the whole head is rotated
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    w = minigpt_weights(runs["stablelm-char"])
+    for name, ours in (("attn_q_norm", "ln_q"), ("attn_k_norm", "ln_k")):
+        per_head = tensors[f"blk.1.{name}.weight"].reshape(2, 16)  # {head_dim, n_head}
+        assert np.array_equal(per_head, np.tile(w[f"h.1.attn.{ours}.weight"], (2, 1))), name
+    assert not tensors["blk.0.attn_norm.bias"].any() and not tensors["output_norm.bias"].any()
+    # llama.cpp's stablelm requires output.weight: the tied head is written out
+    assert np.array_equal(tensors["output.weight"], tensors["token_embd.weight"])
 
 
 def test_char_vocabulary_assembles_multibyte_characters_from_their_own_bytes(runs, exported):
@@ -273,6 +290,8 @@ REFUSED = {  # config.json change -> the words the one line must contain
                 "qk_norm_weight False, bias True)"),
     "erf-gelu": ({"activation": "gelu", "pos_emb": "learned"}, "activation gelu (the exact, erf"),
     "rope-gelu": ({"activation": "gelu_tanh"}, "pos_emb rope with activation gelu_tanh"),
+    "swiglu-bias": ({"activation": "swiglu"}, "exported as llama.cpp's stablelm, which needs rotary "
+                    "positions and no biases (this run: bias True)"),
 }
 
 
@@ -288,7 +307,7 @@ def test_layouts_without_an_exact_llama_cpp_architecture_are_refused(runs, tmp_p
     assert proc.returncode == 1 and proc.stdout == ""
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("minigpt: error: cannot export to GGUF: ")
-    assert words in lines[0] and "--arch portable, --arch gpt2, or --arch modern --no-qk-norm" in lines[0]
+    assert words in lines[0] and EXPORTABLE in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
@@ -317,6 +336,7 @@ LOGIT_ATOL = {  # llama.cpp computes in float32 too, in its own order of operati
     # 8e-7 for jais2, float32 rounding), but its CPU GELU reads a float16 table (ggml's
     # GGML_GELU_FP16), which costs the gpt2 layout about 4 digits (measured: 1e-4 on logits of ~2.5)
     "gpt2-bpe": 1e-3, "gpt2-bytes-untied-docs": 1e-3, "modern-char": 1e-5, "portable-bpe": 1e-5,
+    "stablelm-char": 1e-5,
 }
 
 

@@ -65,6 +65,10 @@ EXPORTABLE = [
     ("portable-no-qk-norm", dict(arch="portable", qk_norm=False), "LlamaForCausalLM"),
     ("portable-no-qk-norm-bias", dict(arch="portable", qk_norm=False, bias=True),
      "LlamaForCausalLM"),
+    ("stablelm", dict(arch="stablelm"), "StableLmForCausalLM"),
+    ("stablelm-no-qk-gains-untied", dict(arch="stablelm", qk_norm_weight=False,
+                                         tie_embeddings=False), "StableLmForCausalLM"),
+    ("stablelm-no-qk-norm", dict(arch="stablelm", qk_norm=False), "StableLmForCausalLM"),
 ]
 # layouts refused: (id, switches, the text the one line names)
 REFUSED = [
@@ -80,9 +84,11 @@ REFUSED = [
     ("portable-relu2", dict(arch="portable", activation="relu2"),
      "has a SwiGLU MLP without biases (this run: --activation relu2, bias False)"),
     ("portable-bias", dict(arch="portable", bias=True), "bias True"),
-    ("modern-swiglu", dict(arch="modern", activation="swiglu"), "Persimmon, the transformers "
-     "architecture with a per-head QK LayerNorm, has no gated MLP"),
-    ("gpt2-swiglu", dict(arch="gpt2", activation="swiglu"), "have no gated MLP"),
+    ("modern-swiglu", dict(arch="modern", activation="swiglu"), "StableLM, the transformers "
+     "architecture with LayerNorm and a gated MLP (--activation swiglu), has no biases"),
+    ("stablelm-after-rope", dict(arch="stablelm", qk_norm_order="after_rope"),
+     "--qk-norm-order after_rope is a LayerNorm of each head's queries"),
+    ("gpt2-swiglu", dict(arch="gpt2", activation="swiglu"), "has no gated MLP"),
 ]
 
 

@@ -1,5 +1,5 @@
 """`train --init-from DIR` for the classes minigpt exports besides GPT-2 (GPT-NeoX, Llama, Persimmon,
-Qwen3): an export comes back in computing the same logits and the same validation loss, a stock
+Qwen3, StableLM): an export comes back in computing the same logits and the same validation loss, a stock
 transformers checkpoint of those classes initialises a run with transformers' own logits, and what
 minigpt cannot compute exactly is refused in one line."""
 
@@ -35,6 +35,9 @@ LAYOUTS = {  # id -> (switches, the class the export is)
                              "PersimmonForCausalLM"),
     "qwen3": (dict(arch="portable"), "Qwen3ForCausalLM"),
     "qwen3-untied": (dict(arch="portable", tie_embeddings=False), "Qwen3ForCausalLM"),
+    "stablelm": (dict(arch="stablelm"), "StableLmForCausalLM"),
+    "stablelm-no-qk-norm-untied": (dict(arch="stablelm", qk_norm=False, tie_embeddings=False),
+                                   "StableLmForCausalLM"),
 }
 
 
@@ -72,7 +75,7 @@ def test_an_export_reads_back_as_the_same_model(tmp_path, name):
     assert tok.kind == "char"
 
 
-@pytest.mark.parametrize("name", ["neox", "llama", "persimmon", "qwen3"])
+@pytest.mark.parametrize("name", ["neox", "llama", "persimmon", "qwen3", "stablelm"])
 def test_export_then_init_from_starts_at_the_sources_validation_loss(tmp_path, name):
     text = tmp_path / "a.txt"
     text.write_text(CORPUS, encoding="utf-8")
@@ -94,6 +97,9 @@ STOCK = {  # class -> config fields beyond the sizes; each the class's own defau
     "Qwen3ForCausalLM": dict(intermediate_size=96, head_dim=16, num_key_value_heads=2,
                              rope_theta=10000.0),
     "LlamaForCausalLM": dict(intermediate_size=96, num_key_value_heads=2, rope_theta=10000.0),
+    # minigpt's StableLM layout has no biases: the stock class's LayerNorm biases are zeroed
+    "StableLmForCausalLM": dict(intermediate_size=96, num_key_value_heads=2, rope_theta=10000.0,
+                                partial_rotary_factor=1.0, qk_layernorm=False),
     "GPTNeoXForCausalLM": dict(intermediate_size=128, rotary_pct=1.0, rotary_emb_base=10000,
                                use_parallel_residual=False, hidden_act="gelu"),
 }
@@ -116,6 +122,10 @@ def stock_dir(transformers, cls: str, path: Path, **changes) -> torch.nn.Module:
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
+        if cls == "StableLmForCausalLM":
+            for name, p in model.named_parameters():
+                if name.endswith("layernorm.bias") or name == "model.norm.bias":
+                    p.zero_()
     model.save_pretrained(path, safe_serialization=True)
     from minigpt.interop.hf_tokenizer import tokenizer_files
 
@@ -144,6 +154,7 @@ REFUSED = {  # (class, config change) -> words of the one line
     "parallel residuals": ("GPTNeoXForCausalLM", dict(use_parallel_residual=True),
                            "use_parallel_residual True"),
     "partial rotary": ("GPTNeoXForCausalLM", dict(rotary_pct=0.25), "over 0.25 of each head"),
+    "qkv biases": ("StableLmForCausalLM", dict(use_qkv_bias=True), "use_qkv_bias True"),
 }
 
 
@@ -169,12 +180,20 @@ def test_a_biased_qk_norm_is_refused_naming_the_tensor(tmp_path):
         hf_import.load_hf_dir(tmp_path / "hf")
 
 
+def test_stablelm_per_head_norms_that_differ_are_refused(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="needs the hf extra (transformers)")
+    stock_dir(transformers, "StableLmForCausalLM", tmp_path / "stock", qk_layernorm=True)
+    with pytest.raises(CheckpointError, match="holds different values where minigpt shares one"):
+        hf_import.load_hf_dir(tmp_path / "stock")
+
+
 def test_an_unsupported_class_names_the_supported_ones(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "mamba"}))
     with pytest.raises(CheckpointError, match="holds a 'mamba' model; --init-from reads GPT-2, "
-                                              "GPT-NeoX, Llama, Persimmon and Qwen3 directories "
-                                              r"\(config.json model_type gpt2, gpt_neox, llama, "
-                                              r"persimmon, qwen3\) or minigpt runs"):
+                                              "GPT-NeoX, Llama, Persimmon, Qwen3 and StableLM "
+                                              r"directories \(config.json model_type gpt2, "
+                                              r"gpt_neox, llama, persimmon, qwen3, stablelm\) or "
+                                              "minigpt runs"):
         hf_import.load_hf_dir(tmp_path / "m")
     shutil.rmtree(tmp_path / "m")

@@ -47,6 +47,9 @@ ARCHS: dict[str, dict[str, Any]] = {
     "portable": dict(pos_emb="rope", norm="rmsnorm", activation="swiglu", qk_norm=True,
                      qk_norm_order="before_rope", qk_norm_weight=True, tie_embeddings=True,
                      bias=False),
+    "stablelm": dict(pos_emb="rope", norm="layernorm", activation="swiglu", qk_norm=True,
+                     qk_norm_order="before_rope", qk_norm_weight=True, tie_embeddings=True,
+                     bias=False),
 }
 # SwiGLU's hidden width is a multiple of this: q8_0's block (GGUF), so every row quantises
 SWIGLU_MULTIPLE = 32

@@ -5,7 +5,9 @@ src/models/*.cpp, not copied): `gpt2` for the GPT-2 layout, `jais2` for the mode
 QK-norm (LayerNorm with biases, fused QKV, rotary in the rotate-half "neox" convention over the whole
 head, ReLU^2 MLP with biases, optional output matrix), `qwen3` for the portable layout (RMSNorm,
 separate q/k/v without biases, per-head RMS q/k norms with weights before neox rotary, SwiGLU as
-ffn_gate/ffn_up/ffn_down). Anything else is refused with one line that names the blocking switch. Weights are written as float32 by default, as trained: the file is exact.
+ffn_gate/ffn_up/ffn_down), `stablelm` for the stablelm layout (LayerNorm, separate q/k/v without
+biases, optional per-head LayerNorm q/k norms before neox rotary, SwiGLU; the LayerNorms' biases are
+written as zeros and the q/k norm gains, shared by minigpt's heads, once per head). Anything else is refused with one line that names the blocking switch. Weights are written as float32 by default, as trained: the file is exact.
 `outtype` (the names of llama.cpp's convert_hf_to_gguf.py --outtype) stores the matrices as f16, bf16
 or q8_0 instead, by the converter's rules: 1-D tensors and norms stay float32, and a matrix whose rows
 do not divide q8_0's block of 32 values falls back to f16 (the export lists which). A LoRA run is written with its adapters folded into its
@@ -46,10 +48,13 @@ ARCHITECTURES = {"gpt2": ("learned", "gelu_tanh"), "jais2": ("rope", "relu2")}
 TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # llama.cpp's token types (gguf.TokenType)
 # GPT-2's printable stand-in of each byte: what byte-level BPE token strings are made of.
 _STAND_IN = {b: c for c, b in _byte_decoder().items()}
-EXPORTABLE = "--arch portable, --arch gpt2, or --arch modern --no-qk-norm"
+EXPORTABLE = "--arch stablelm, --arch portable, --arch gpt2, or --arch modern --no-qk-norm"
 # what --arch portable is, switch by switch: llama.cpp's qwen3 computes exactly this
 QWEN3 = dict(pos_emb="rope", activation="swiglu", qk_norm=True, qk_norm_weight=True,
              qk_norm_order="before_rope", bias=False)
+# what llama.cpp's stablelm needs besides LayerNorm and SwiGLU; its per-head q/k LayerNorms
+# (before rotary) are optional, so QK-norm may be on or off
+STABLELM = dict(pos_emb="rope", bias=False)
 # --outtype -> (how matrices are stored, general.file_type); names and file types as llama.cpp's
 # converter writes them. Held as names so that choosing one needs no `gguf` import.
 OUTTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
@@ -73,6 +78,8 @@ def architecture_for(cfg: ModelConfig) -> str:
     if cfg.norm != "layernorm":
         raise _refuse(f"norm {cfg.norm} has no llama.cpp architecture with this layout's other "
                       "choices")
+    if cfg.activation == "swiglu":
+        return _stablelm(cfg)
     if cfg.qk_norm:
         raise _refuse(_qk_norm_reason(cfg))
     if cfg.activation == "gelu":
@@ -83,6 +90,17 @@ def architecture_for(cfg: ModelConfig) -> str:
             return arch
     raise _refuse(f"no llama.cpp architecture combines pos_emb {cfg.pos_emb} with activation "
                   f"{cfg.activation} (gpt2: learned + gelu_tanh; jais2: rope + relu2)")
+
+
+def _stablelm(cfg: ModelConfig) -> str:
+    """stablelm, llama.cpp's LayerNorm + SwiGLU architecture, for the layouts it computes."""
+    off = [f"{k} {getattr(cfg, k)}" for k, v in STABLELM.items() if getattr(cfg, k) != v]
+    if cfg.qk_norm and cfg.qk_norm_order != "before_rope":
+        off.append(f"qk_norm_order {cfg.qk_norm_order}")
+    if off:
+        raise _refuse("norm layernorm with activation swiglu is exported as llama.cpp's stablelm, "
+                      f"which needs rotary positions and no biases (this run: {', '.join(off)})")
+    return "stablelm"
 
 
 def _qk_norm_reason(cfg: ModelConfig) -> str:
@@ -200,6 +218,26 @@ def _qwen3_layer(state: dict[str, np.ndarray], i: int, cfg: ModelConfig) -> dict
     }
 
 
+def _stablelm_layer(state: dict[str, np.ndarray], i: int, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    h, b, e, H = f"h.{i}", f"blk.{i}", cfg.n_embd, cfg.mlp_hidden
+    q, k, v = np.split(state[f"{h}.attn.c_attn.weight"], 3)
+    gate, up = np.split(state[f"{h}.mlp.c_fc.weight"], [H])
+    zeros = np.zeros(e, np.float32)  # the layout's LayerNorms have no bias: zero adds nothing
+    out = {
+        f"{b}.attn_norm.weight": state[f"{h}.ln_1.weight"], f"{b}.attn_norm.bias": zeros,
+        f"{b}.attn_q.weight": q, f"{b}.attn_k.weight": k, f"{b}.attn_v.weight": v,
+        f"{b}.attn_output.weight": state[f"{h}.attn.c_proj.weight"],
+        f"{b}.ffn_norm.weight": state[f"{h}.ln_2.weight"], f"{b}.ffn_norm.bias": zeros,
+        f"{b}.ffn_gate.weight": gate, f"{b}.ffn_up.weight": up,
+        f"{b}.ffn_down.weight": state[f"{h}.mlp.c_proj.weight"],
+    }
+    if cfg.qk_norm:  # stablelm's are per head, {head_dim, n_head}: each head gets the shared gains
+        for name, ours in (("attn_q_norm", "ln_q"), ("attn_k_norm", "ln_k")):
+            gain = state.get(f"{h}.attn.{ours}.weight", np.ones(cfg.head_dim, np.float32))
+            out[f"{b}.{name}.weight"] = np.tile(gain, (cfg.n_head, 1))
+    return out
+
+
 def gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
     """GGUF tensor name -> float32 array. A torch (out, in) matrix is written as it is: GGUF lists
     dimensions innermost first, so llama.cpp reads it as the {in, out} it expects."""
@@ -208,14 +246,17 @@ def gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
     out = {"token_embd.weight": state["wte.weight"]}
     if cfg.pos_emb == "learned":
         out["position_embd.weight"] = state["wpe.weight"]
-    rms = cfg.norm == "rmsnorm"  # qwen3: no biases anywhere
+    arch = architecture_for(cfg)
+    layer = {"qwen3": _qwen3_layer, "stablelm": _stablelm_layer}.get(arch, _layer_tensors)
     for i in range(cfg.n_layer):
-        out.update(_qwen3_layer(state, i, cfg) if rms else _layer_tensors(state, i, cfg))
+        out.update(layer(state, i, cfg))
     out["output_norm.weight"] = state["ln_f.weight"]
-    if not rms:
+    if arch != "qwen3":  # qwen3: no biases anywhere
         out["output_norm.bias"] = state.get("ln_f.bias", np.zeros(cfg.n_embd, np.float32))
-    if not cfg.tie_embeddings:  # a tied head: every architecture here reuses token_embd when absent
+    if not cfg.tie_embeddings:
         out["output.weight"] = state["lm_head.weight"]
+    elif arch == "stablelm":  # the others reuse token_embd when output is absent; stablelm needs it
+        out["output.weight"] = state["wte.weight"]
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
@@ -265,7 +306,7 @@ def _write_metadata(writer: Any, arch: str, cfg: ModelConfig, tok: Tokenizer, bo
         writer.add_value_length(cfg.head_dim)
     else:
         writer.add_layer_norm_eps(LAYERNORM_EPS)
-    if arch in ("jais2", "qwen3"):
+    if arch in ("jais2", "qwen3", "stablelm"):
         writer.add_rope_dimension_count(cfg.head_dim)  # the whole head is rotated
         writer.add_rope_freq_base(ROPE_BASE)
     tokens, types, merges = gguf_vocab(tok)

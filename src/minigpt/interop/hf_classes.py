@@ -1,4 +1,4 @@
-"""GPT-NeoX, Llama, Persimmon and Qwen3 directories read into minigpt: the inverse of hf_model's
+"""GPT-NeoX, Llama, Persimmon, Qwen3 and StableLM directories read into minigpt: the inverse of hf_model's
 export maps, derived from them rather than written a second time.
 
 config.json -> ModelConfig is read per class (below), then checked by exporting that ModelConfig's
@@ -29,7 +29,8 @@ from . import hf_model
 
 # model_type -> the export's Architecture; gpt2 is hf_import's own (GPT-2's Conv1D names)
 CLASSES = {a.model_type: a for a in (hf_model.GPT_NEOX, hf_model.LLAMA, hf_model.PERSIMMON,
-                                     hf_model.QWEN3)}
+                                     hf_model.QWEN3, hf_model.STABLELM)}
+GATED = ("llama", "qwen3", "stablelm")  # the classes whose MLP is gated: silu there is SwiGLU
 ACTIVATIONS = {v: k for k, v in hf_model.ACTIVATIONS.items() if k != "swiglu"}
 # config.json fields that do not change the function computed (or are read separately)
 NOT_COMPUTED = {"architectures", "torch_dtype", "dtype", "use_cache", "initializer_range",
@@ -62,11 +63,11 @@ def model_config(path: Path, hf: dict[str, Any]) -> ModelConfig:
     """The minigpt layout that computes exactly what this config.json describes."""
     kind = hf["model_type"]
     _rope(path, hf)
-    act = hf.get("hidden_act", "silu" if kind in ("llama", "qwen3") else "gelu")
-    gated = kind in ("llama", "qwen3") and act == "silu"
+    act = hf.get("hidden_act", "silu" if kind in GATED else "gelu")
+    gated = kind in GATED and act == "silu"
     if not gated and act not in ACTIVATIONS:
         raise _refuse(path, f"hidden_act {act!r} (minigpt: {', '.join(ACTIVATIONS)}"
-                            f"{', or silu in a gated MLP' if kind in ('llama', 'qwen3') else ''})")
+                            f"{', or silu in a gated MLP' if kind in GATED else ''})")
     switches: dict[str, Any] = dict(pos_emb="rope", activation="swiglu" if gated else ACTIVATIONS[act],
                                     tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
     if kind == "gpt_neox":
@@ -77,6 +78,9 @@ def model_config(path: Path, hf: dict[str, Any]) -> ModelConfig:
     elif kind == "llama":
         switches.update(arch="modern", norm="rmsnorm", qk_norm=False,
                         bias=bool(hf.get("attention_bias", False)))
+    elif kind == "stablelm":
+        # biases in q/k/v (use_qkv_bias) are refused by the field check below
+        switches.update(arch="stablelm", qk_norm=bool(hf.get("qk_layernorm", False)))
     else:
         switches.update(arch="portable", bias=bool(hf.get("attention_bias", False)))
     try:
@@ -129,7 +133,13 @@ def read_state(path: Path, cfg: ModelConfig, raw: dict[str, torch.Tensor]) -> di
         if not torch.equal(values[fixed], where[fixed]):
             raise _refuse(path, f"{key} is not the constant minigpt's layout fixes there (a bias or "
                                 "norm weight it does not have)")
-        flat[(where[~fixed] - OFFSET).long()] = values[~fixed]
+        index, found = (where[~fixed] - OFFSET).long(), values[~fixed]
+        known = ~flat[index].isnan()  # read before, from another tensor
+        shared = torch.equal(flat[index][known], found[known])
+        flat[index] = found
+        if not (shared and torch.equal(flat[index], found)):  # one minigpt value in several places
+            raise _refuse(path, f"{key} holds different values where minigpt shares one (e.g. "
+                                "per-head norm weights that differ between heads)")
         used.add(key)
     extra = sorted(k for k in set(raw) - used if not k.endswith(BUFFERS))
     if extra:

@@ -66,7 +66,7 @@ def model_config(path: Path, hf: dict[str, Any]) -> ModelConfig:
         return hf_classes.model_config(path, hf)
     if hf.get("model_type") != "gpt2":
         raise CheckpointError(f"{path} holds a {hf.get('model_type')!r} model; --init-from reads "
-                              f"GPT-2, GPT-NeoX, Llama, Persimmon and Qwen3 directories (config.json "
+                              f"GPT-2, GPT-NeoX, Llama, Persimmon, Qwen3 and StableLM directories (config.json "
                               f"model_type {', '.join(SUPPORTED)}) or minigpt runs")
     for key, value in EXACT_ONLY.items():
         if hf.get(key, value) != value:

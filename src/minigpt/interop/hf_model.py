@@ -57,6 +57,7 @@ RMS_NORM_EPS = 1e-6  # make_norm's RMSNorm
 # gelu_pytorch_tanh is GPT-2's gelu_new computed by torch's own tanh-GELU kernel: minigpt's, bit for bit
 ACTIVATIONS = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu2": "relu2", "swiglu": "silu"}
 PORTABLE = "--arch portable (Qwen3's layout)"
+STABLELM_FLAG = "--arch stablelm (StableLM's layout)"
 
 Weights = dict[str, torch.Tensor]
 
@@ -86,17 +87,26 @@ def refusal(cfg: ModelConfig) -> tuple[str, str] | None:
                     "does not commute with)",
                     "train with --qk-norm-order before_rope (exported as Persimmon), or with --no-qk-norm")
         if cfg.activation == "swiglu":
-            return ("Persimmon, the transformers architecture with a per-head QK LayerNorm, has no "
-                    "gated MLP (--activation swiglu)", f"train with {PORTABLE}, or with another "
-                    "--activation")
+            return _stablelm_refusal(cfg)
         return None
     if cfg.pos_emb == "learned" and cfg.norm == "rmsnorm":
         return ("GPT-2, the transformers architecture with learned position embeddings, has no RMSNorm "
                 "(--norm rmsnorm)", "train with --norm layernorm, or with --pos-emb rope")
     if cfg.activation == "swiglu" and cfg.norm == "layernorm":
-        return ("GPT-2 and GPT-NeoX, the transformers architectures with LayerNorm and no QK-norm, have "
-                "no gated MLP (--activation swiglu)", "train with --norm rmsnorm --pos-emb rope "
-                "(exported as Llama), or with another --activation")
+        return _stablelm_refusal(cfg)
+    return None
+
+
+def _stablelm_refusal(cfg: ModelConfig) -> tuple[str, str] | None:
+    """Why a LayerNorm layout with a SwiGLU MLP is not StableLM's, or None when it is."""
+    if cfg.pos_emb == "learned":
+        return ("GPT-2, the transformers architecture with LayerNorm and learned position embeddings, "
+                "has no gated MLP (--activation swiglu)", f"train with {STABLELM_FLAG}, or with "
+                "another --activation")
+    if cfg.bias:
+        return ("StableLM, the transformers architecture with LayerNorm and a gated MLP (--activation "
+                "swiglu), has no biases in its projections (this run: bias True)",
+                f"train with {STABLELM_FLAG}, or with another --activation")
     return None
 
 
@@ -121,6 +131,8 @@ def _qwen3_refusal(cfg: ModelConfig) -> tuple[str, str] | None:
 
 def architecture(cfg: ModelConfig) -> Architecture:
     """The stock architecture for a layout `refusal` accepts."""
+    if cfg.norm == "layernorm" and cfg.activation == "swiglu":
+        return STABLELM
     if cfg.qk_norm:
         return QWEN3 if cfg.norm == "rmsnorm" else PERSIMMON
     if cfg.pos_emb == "learned":
@@ -191,6 +203,18 @@ def persimmon_config(cfg: ModelConfig) -> dict[str, Any]:
             "num_attention_heads": cfg.n_head, "intermediate_size": cfg.mlp_hidden,
             "hidden_act": ACTIVATIONS[cfg.activation], "layer_norm_eps": LAYER_NORM_EPS,
             "qk_layernorm": True,  # with eps layer_norm_eps: minigpt's QK LayerNorm's (F.layer_norm)
+            "hidden_dropout": 0.0, "attention_dropout": 0.0, "initializer_range": 0.02}
+
+
+def stablelm_config(cfg: ModelConfig) -> dict[str, Any]:
+    return {**_common(cfg, "StableLmForCausalLM", "stablelm"), **_rope(cfg),
+            "partial_rotary_factor": 1.0,  # where transformers 4.x reads it
+            "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head,
+            "intermediate_size": cfg.mlp_hidden, "hidden_act": "silu",
+            "layer_norm_eps": LAYER_NORM_EPS,  # the layers' and the per-head q/k norms': minigpt's
+            "qk_layernorm": bool(cfg.qk_norm), "use_qkv_bias": False,
+            "use_parallel_residual": False,  # minigpt's blocks are sequential
             "hidden_dropout": 0.0, "attention_dropout": 0.0, "initializer_range": 0.02}
 
 
@@ -316,6 +340,30 @@ def persimmon_weights(cfg: ModelConfig, sd: Weights) -> Weights:
     return {**out, **_head(cfg, sd, "lm_head.weight")}
 
 
+def stablelm_weights(cfg: ModelConfig, sd: Weights) -> Weights:
+    """StableLM's names: Llama's projections and gated MLP, LayerNorms with biases (zeros: the
+    layout has none), and per-head q/k LayerNorms, one module per head, each given the gains the
+    heads share (or weight 1 without --qk-norm-weight)."""
+    C, D, p = cfg.n_embd, cfg.head_dim, "model.layers"
+    out = {"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["ln_f.weight"],
+           "model.norm.bias": _bias(sd, "ln_f.bias", C)}
+    for i in range(cfg.n_layer):
+        h, a = f"h.{i}", f"{p}.{i}.self_attn"
+        for ours, theirs in (("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm")):
+            out[f"{p}.{i}.{theirs}.weight"] = sd[f"{h}.{ours}.weight"]
+            out[f"{p}.{i}.{theirs}.bias"] = _bias(sd, f"{h}.{ours}.bias", C)
+        for name, w in zip(("q_proj", "k_proj", "v_proj"), sd[f"{h}.attn.c_attn.weight"].split(C)):
+            out[f"{a}.{name}.weight"] = w
+        out[f"{a}.o_proj.weight"] = sd[f"{h}.attn.c_proj.weight"]
+        if cfg.qk_norm:
+            for norm, ours in (("q_layernorm", "ln_q"), ("k_layernorm", "ln_k")):
+                gain = sd.get(f"{h}.attn.{ours}.weight", torch.ones(D))
+                for head in range(cfg.n_head):
+                    out[f"{a}.{norm}.norms.{head}.weight"] = gain.clone()  # safetensors: no shared storage
+        out.update(_gated_mlp(cfg, sd, h, f"{p}.{i}.mlp", biases=False))
+    return {**out, **_head(cfg, sd, "lm_head.weight")}
+
+
 GPT2 = Architecture(
     "GPT2LMHeadModel", "gpt2",
     "GPT-2: learned position embeddings, LayerNorm, the MLP's activation as `activation_function`; "
@@ -343,3 +391,10 @@ PERSIMMON = Architecture(
     "10000), and its per-head QK LayerNorm before the rotation (`qk_layernorm: true`, weight 1, bias "
     "0), which is minigpt's QK-norm under `--qk-norm-order before_rope`; q, k and v fused per head",
     persimmon_config, persimmon_weights)
+STABLELM = Architecture(
+    "StableLmForCausalLM", "stablelm",
+    "StableLM: LayerNorm, rotary embeddings over the whole head (`partial_rotary_factor: 1.0`, base "
+    "10000), per-head LayerNorms of queries and keys before the rotation (`qk_layernorm`; one module "
+    "per head, each with the gains minigpt's heads share), SwiGLU MLP (minigpt's c_fc split into "
+    "gate_proj and up_proj), sequential residuals, no biases but the norms' (zero)",
+    stablelm_config, stablelm_weights)
