@@ -1,12 +1,12 @@
 """GGUF file size and llama.cpp perplexity for each --outtype of one run, beside minigpt's own
 perplexity of the same tokens. Prints a table; the last line is JSON.
 
-    python benchmarks/gguf_quant.py [RUN] [--tokens 4096] [--steps 300] [--arch modern]
+    python benchmarks/gguf_quant.py [RUN] [--tokens 4096] [--steps 300] [--arch stablelm]
 
 Perplexity is over the run's held-out split (RUN/data/val.bin): the first --tokens tokens, cut into
 non-overlapping windows of the run's context, each scored from a fresh context (every token but a
 window's first is predicted). RUN must have a layout GGUF export accepts. Without RUN, a model of
-the `small` preset's size (--arch modern without QK-norm, gpt2 or portable) is trained for --steps steps on
+the `small` preset's size (--arch stablelm, the default; modern without QK-norm, gpt2 or portable) is trained for --steps steps on
 the bundled Tiny Shakespeare first: quantisation error shows on a trained model, not a random one.
 Needs llama-cpp-python (`make test-llama` installs it).
 """
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run", nargs="?", help="a run whose layout exports to GGUF (default: train one)")
     ap.add_argument("--tokens", type=int, default=4096, help="held-out tokens to score")
     ap.add_argument("--steps", type=int, default=300, help="training steps of the model made without RUN")
-    ap.add_argument("--arch", default="modern", choices=("modern", "gpt2", "portable"))
+    ap.add_argument("--arch", default="stablelm", choices=("stablelm", "modern", "gpt2", "portable"))
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     try:

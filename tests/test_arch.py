@@ -184,7 +184,7 @@ def test_config_json_without_qk_norm_order_keeps_the_order_it_was_trained_with(m
 
 @pytest.mark.parametrize("bad, message", [
     (dict(qk_norm_order="middle"), "qk-norm-order must be one of"),
-    (dict(arch="llama"), "--arch must be one of gpt2, modern, portable; got .llama."),
+    (dict(arch="llama"), "--arch must be one of gpt2, modern, portable, stablelm; got .llama."),
     (dict(norm="batchnorm"), "norm must be one of"),
     (dict(activation="swish"), "activation must be one of"),
     (dict(pos_emb="rope", n_embd=12, n_head=4), "even head size"),

@@ -28,7 +28,7 @@ def test_prepare_train_sample_info_plot_end_to_end(corpus_file, tmp_path):
     assert 0 < info["best_val_bpb"] < 8  # bits per byte of the best step, from the metrics log
     assert f"({info['best_val_bpb']:.4f} bits per byte)" in run_cli("info", str(run), check=True).stdout
     presets = run_cli("info", check=True).stdout
-    assert "small" in presets and "801,920" in presets
+    assert "small" in presets and "812,800" in presets
     run_cli("plot", str(run), "--out", str(tmp_path / "loss.png"), check=True)
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     run_cli("plot", str(run), "--metric", "bpb", "--out", str(tmp_path / "bpb.png"), check=True)

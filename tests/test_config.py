@@ -61,7 +61,7 @@ def test_finetuning_layers_the_file_and_flags_over_its_own_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("settings, message", [
-    (ModelConfig(arch="llama"), "--arch must be one of gpt2, modern, portable; got 'llama'"),
+    (ModelConfig(arch="llama"), "--arch must be one of gpt2, modern, portable, stablelm; got 'llama'"),
     (ModelConfig(norm="batchnorm"), "--norm must be one of layernorm, rmsnorm; got 'batchnorm'"),
     (TrainConfig(optimizer="sgd"), "--optimizer must be one of adamw, muon; got 'sgd'"),
     (TrainConfig(backend="jax"), "--backend must be one of torch, reference; got 'jax'"),

@@ -49,11 +49,13 @@ def remote(run_dir):  # noqa: F811
 def test_the_engine_process_decodes_what_this_process_decodes(remote, run_dir):  # noqa: F811
     local = load(run_dir, device="cpu")
     for settings in (dict(temperature=0), dict(temperature=0.9, seed=7, top_k=20)):
+        settings["stop_at_eos"] = False  # every request runs to its limit, whatever the model
         want = local.generate("the ", max_new_tokens=24, **settings)
         got = collect(remote.submit("the ", max_new_tokens=24, **settings))
         assert got[0] == want
         assert got[2] == ["length"]
-    two = remote.submit("the ", max_new_tokens=10, temperature=0.9, seed=3, num_samples=2)
+    two = remote.submit("the ", max_new_tokens=10, temperature=0.9, seed=3, num_samples=2,
+                        stop_at_eos=False)
     text, tokens, reasons = collect(two)
     assert len(tokens) == 20 and reasons == ["length", "length"]
     assert remote.stats()["tokens_generated"] >= 68 and remote.running == 0

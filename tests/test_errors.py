@@ -230,8 +230,8 @@ CASES = [
     Case("init-from-other-architecture", "--init-from: a Hugging Face directory of another architecture",
          "train --data corpus.txt --out new-run --init-from mamba-model",
          "minigpt: error: mamba-model holds a 'mamba' model; --init-from reads GPT-2, GPT-NeoX, "
-         "Llama, Persimmon and Qwen3 directories (config.json model_type gpt2, gpt_neox, llama, "
-         "persimmon, qwen3) or minigpt runs"),
+         "Llama, Persimmon, Qwen3 and StableLM directories (config.json model_type gpt2, gpt_neox, "
+         "llama, persimmon, qwen3, stablelm) or minigpt runs"),
     Case("init-from-grouped-kv", "--init-from: a Qwen3 directory with grouped KV heads, which "
          "minigpt does not build", "train --data corpus.txt --out new-run --init-from qwen3-gqa",
          "minigpt: error: qwen3-gqa: num_key_value_heads 1 (minigpt builds 2 for this layout); "
@@ -414,29 +414,29 @@ CASES = [
          "minigpt: error: notes is not a model directory (no config.json); --overwrite replaces only "
          "an earlier export, choose another --out"),
     # --- export --------------------------------------------------------------------------------------
-    Case("export-gguf-qk-norm", "GGUF export of the default layout (QK-norm before rotary)",
-         "export run --to gguf --out run.gguf",
+    Case("export-gguf-qk-norm", "GGUF export of the modern layout (QK-norm before rotary)",
+         "export run-modern --to gguf --out run.gguf",
          "minigpt: error: cannot export to GGUF: qk_norm before rotary (--qk-norm-order before_rope) "
          "is Persimmon's order, and llama.cpp removed its Persimmon architecture (--to hf exports "
-         "this run as Persimmon); runs trained with --arch portable, --arch gpt2, or --arch modern "
-         "--no-qk-norm export exactly"),
+         "this run as Persimmon); runs trained with --arch stablelm, --arch portable, --arch gpt2, "
+         "or --arch modern --no-qk-norm export exactly"),
     Case("export-gguf-qk-norm-after-rope", "GGUF export of QK-norm after rotary (every run made "
          "before --qk-norm-order existed)", "export run-after-rope --to gguf --out run.gguf",
          "minigpt: error: cannot export to GGUF: qk_norm after rotary (--qk-norm-order after_rope) "
          "is a LayerNorm of the rotated queries and keys, which no llama.cpp architecture computes; "
-         "runs trained with --arch portable, --arch gpt2, or --arch modern --no-qk-norm export "
-         "exactly"),
+         "runs trained with --arch stablelm, --arch portable, --arch gpt2, or --arch modern "
+         "--no-qk-norm export exactly"),
     Case("export-out-exists", "an export --out that already exists",
-         "export run-no-qk --to gguf --out corpus.txt",
+         "export run --to gguf --out corpus.txt",
          "minigpt: error: --out corpus.txt already exists; pass --overwrite to replace it"),
     Case("export-out-no-dir", "an export --out in a directory that does not exist",
-         "export run-no-qk --to gguf --out nowhere/m.gguf",
+         "export run --to gguf --out nowhere/m.gguf",
          "minigpt: error: --out nowhere/m.gguf: directory nowhere does not exist"),
     Case("export-missing-step", "an export of a checkpoint step that does not exist",
-         "export run-no-qk --to gguf --out m.gguf --checkpoint 999",
-         "minigpt: error: run-no-qk has no checkpoint at step 999"),
+         "export run --to gguf --out m.gguf --checkpoint 999",
+         "minigpt: error: run has no checkpoint at step 999"),
     Case("export-gguf-outtype", "a GGUF --outtype llama.cpp's converter has but minigpt does not write",
-         "export run-no-qk --to gguf --out m.gguf --outtype q4_k",
+         "export run --to gguf --out m.gguf --outtype q4_k",
          "minigpt: error: unknown GGUF --outtype 'q4_k'; choose from f32, f16, bf16, q8_0"),
     Case("export-hf-outtype", "--outtype with --to hf", "export run-gpt2 --to hf --out hf-model "
          "--outtype f16", "minigpt: error: --outtype applies to --to gguf only; --to hf writes float32"),
@@ -581,17 +581,17 @@ def workspace(workspace_dir: Path, server) -> Path:
     rundir.write_config(ws / "run-gpt2", mcfg, tcfg)
     shutil.rmtree(ws / "run-gpt2" / "checkpoints")
     ckpt.save_checkpoint(ws / "run-gpt2", 10, GPT(mcfg), None, {})
-    # the same run without QK-norm (a switch without parameters): a layout GGUF export accepts
-    shutil.copytree(ws / "run", ws / "run-no-qk")
-    no_qk = json.loads((ws / "run-no-qk" / "config.json").read_text())
-    no_qk["model"]["qk_norm"] = False
-    (ws / "run-no-qk" / "config.json").write_text(json.dumps(no_qk))
 
-    # the same run with QK-norm after rotary, which does not export
-    shutil.copytree(ws / "run", ws / "run-after-rope")
-    mcfg, tcfg = rundir.read_config(ws / "run")
-    rundir.write_config(ws / "run-after-rope", dataclasses.replace(mcfg, qk_norm_order="after_rope"),
-                        tcfg)
+    # the same run in the modern layout (the default before 0.5), which llama.cpp cannot compute,
+    # and that with QK-norm after rotary (as every run made before --qk-norm-order), which
+    # transformers cannot either
+    for name, changes in (("run-modern", {}), ("run-after-rope", dict(qk_norm_order="after_rope"))):
+        shutil.copytree(ws / "run", ws / name)
+        mcfg, tcfg = rundir.read_config(ws / "run")
+        mcfg = dataclasses.replace(mcfg, arch="modern", **{**config.ARCHS["modern"], **changes})
+        rundir.write_config(ws / name, mcfg, tcfg)
+        shutil.rmtree(ws / name / "checkpoints")
+        ckpt.save_checkpoint(ws / name, 10, GPT(mcfg), None, {})
 
     # a run on prepared data, whose data directory is then re-made from another text
     (ws / "abc.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 20)

@@ -120,10 +120,10 @@ def make_run(path: Path, tokenizer=None, steps=(1,), **layout) -> tuple[Path, GP
     return path, model.eval()
 
 
-def test_the_default_layout_exports_as_persimmon():
+def test_the_default_layout_exports_as_stablelm():
     mcfg, _ = resolve(None)
-    assert (mcfg.arch, mcfg.qk_norm, mcfg.qk_norm_order) == ("modern", True, "before_rope")
-    assert hf_model.refusal(mcfg) is None and hf_model.architecture(mcfg).name == "PersimmonForCausalLM"
+    assert (mcfg.arch, mcfg.qk_norm, mcfg.qk_norm_order) == ("stablelm", True, "before_rope")
+    assert hf_model.refusal(mcfg) is None and hf_model.architecture(mcfg).name == "StableLmForCausalLM"
 
 
 @pytest.mark.parametrize("layout,arch", [(c[1], c[2]) for c in EXPORTABLE], ids=[c[0] for c in EXPORTABLE])
@@ -183,11 +183,12 @@ TRAIN = ("--n-layer 2 --n-head 2 --n-embd 32 --block-size 64 --batch-size 8 --ev
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """Tiny runs trained through the CLI: GPT-2's layout, the modern one without QK-norm on
-    documents (so prompts start with BOS), and the default (QK-norm before rotary, as Persimmon)."""
+    documents (so prompts start with BOS), the modern one (as Persimmon), Qwen3's and the default
+    (StableLM's)."""
     ws = tmp_path_factory.mktemp("trained")
     (ws / "corpus.txt").write_text(CORPUS, encoding="utf-8")
-    runs = {"gpt2": "--arch gpt2 --optimizer adamw", "modern": "--no-qk-norm --docs blank",
-            "persimmon": "", "qwen3": "--arch portable"}  # persimmon: the default layout
+    runs = {"gpt2": "--arch gpt2 --optimizer adamw", "modern": "--arch modern --no-qk-norm --docs blank",
+            "persimmon": "--arch modern", "qwen3": "--arch portable", "stablelm": ""}
     for name, flags in runs.items():
         cmd = f"train --data corpus.txt --out {name} {TRAIN} {flags}"
         assert cli_harness.run(shlex.split(cmd), ws).rc == 0
@@ -197,7 +198,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     return {name: ws / name for name in runs}
 
 
-@pytest.mark.parametrize("name", ["gpt2", "modern", "persimmon", "qwen3"])
+@pytest.mark.parametrize("name", ["gpt2", "modern", "persimmon", "qwen3", "stablelm"])
 def test_greedy_generate_equals_the_engine(trained, transformers, name):
     run = trained[name]
     engine = load(run, device="cpu")
@@ -232,7 +233,7 @@ def test_model_card_reports_the_run(trained):
     assert "minigpt export gpt2 --to hf --out gpt2-hf --checkpoint best" in card
 
 
-@pytest.mark.parametrize("name", ["gpt2", "modern", "persimmon", "qwen3"])
+@pytest.mark.parametrize("name", ["gpt2", "modern", "persimmon", "qwen3", "stablelm"])
 def test_the_cards_train_command_rebuilds_the_runs_config(trained, name):
     mcfg, tcfg = rundir.read_config(trained[name])
     argv = shlex.split(train_command(mcfg, tcfg))

@@ -38,6 +38,7 @@ LAYOUTS = {
     "llama_swiglu": dict(arch="modern", qk_norm=False, norm="rmsnorm", bias=False,
                          activation="swiglu"),
     "qwen3": dict(arch="portable"),
+    "stablelm": dict(arch="stablelm"),
 }
 
 

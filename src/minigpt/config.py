@@ -28,16 +28,17 @@ else:  # pragma: no cover
 
 # Layout presets: `arch` names a value for every layout switch of ModelConfig. A switch given
 # explicitly wins over its arch. "gpt2" is GPT-2's layout (and these parameter names load into other
-# GPT-2 tools). "modern" is the layout that reached a given validation loss soonest on a CPU here:
-# GPT-2's plus rotary position embeddings, QK-norm and a ReLU^2 MLP; RMSNorm and an untied head were
-# measured too and lost at this size (docs/speed.md), so they are switches only. Its QK-norm comes
-# before the rotation (Persimmon's order: exports exactly), which trained as well as the order
-# minigpt had before (docs/speed.md); runs made before then keep theirs (OLD_RUN_SWITCHES).
-# "portable" is Qwen3's layout, which both transformers (Qwen3ForCausalLM) and llama.cpp (qwen3)
-# compute exactly: RMSNorm, a per-head RMS QK-norm with learnt gains before rotary, SwiGLU, no
-# biases, tied embeddings. It is one flag (--arch portable), not the default: at equal CPU time it
-# ended 0.027 behind "modern" (three seeds each), because RMSNorm makes its step ~15% dearer on the
-# CPU while a step learns as much (docs/speed.md).
+# GPT-2 tools). "stablelm", the default recipe's, is StableLM's layout, which both transformers
+# (StableLmForCausalLM) and llama.cpp (stablelm) compute exactly: LayerNorm, rotary positions, a
+# per-head LayerNorm QK-norm with learnt gains before the rotation, SwiGLU, no biases, tied
+# embeddings; at equal CPU time it trained as well as "modern" (docs/speed.md). "modern", the
+# default until 0.5, is GPT-2's layout plus rotary position embeddings, QK-norm and a ReLU^2 MLP;
+# it exports to transformers (Persimmon) but to no llama.cpp architecture. Its QK-norm comes before
+# the rotation (Persimmon's order), which trained as well as the order minigpt had before
+# (docs/speed.md); runs made before then keep theirs (OLD_RUN_SWITCHES). "portable" is Qwen3's
+# layout (transformers Qwen3ForCausalLM, llama.cpp qwen3): stablelm's with RMSNorm, whose step
+# costs more on a CPU (docs/speed.md). RMSNorm and an untied head lost at this size as switches of
+# the modern layout, so they stay switches only.
 ARCHS: dict[str, dict[str, Any]] = {
     "gpt2": dict(pos_emb="learned", norm="layernorm", activation="gelu_tanh", qk_norm=False,
                  qk_norm_order="after_rope", qk_norm_weight=False, tie_embeddings=True, bias=True),
@@ -324,8 +325,8 @@ class Preset:
 
 
 # The training recipe every preset shares (docs/speed.md has the ablation behind each choice):
-# the modern layout, Muon for hidden matrices, a short warmup.
-RECIPE_MODEL: dict[str, Any] = dict(arch="modern")
+# StableLM's layout, Muon for hidden matrices, a short warmup.
+RECIPE_MODEL: dict[str, Any] = dict(arch="stablelm")
 RECIPE_TRAIN: dict[str, Any] = dict(optimizer="muon", muon_lr=0.01, lr=3e-3, min_lr=3e-4,
                                     warmup_iters=20)
 

@@ -7,7 +7,8 @@ GPT-2's: learned position embeddings (wpe), LayerNorm, tanh-GELU, biases, LM hea
 head with the model's norm, before the rotary rotation: qk_norm_order before_rope; after_rope, the
 order of runs made before the switch existed, normalises the rotated ones). `arch="portable"`:
 Qwen3's layout, RMSNorm, SwiGLU MLP, no biases, and a QK-norm with learnt per-dimension gains
-(attn.ln_q, attn.ln_k; qk_norm_weight) before rotary. Parameter names follow
+(attn.ln_q, attn.ln_k; qk_norm_weight) before rotary. `arch="stablelm"`, the default recipe's:
+the portable layout with LayerNorm (without biases). Parameter names follow
 GPT-2 in every layout (wte, wpe, h, ln_f, lm_head; c_attn, c_proj, c_fc) so checkpoints read like
 the papers and other tools; a layout only adds or drops tensors, it never renames one.
 

@@ -75,10 +75,9 @@ MODULES: dict[str, tuple[str, dict[str, Callable[[ModelConfig, Pair], dict[str, 
     hf_model.LLAMA.name: ("model.layers.{i}.", {
         "attn.c_attn": _split_qkv, "attn.c_proj": _same("self_attn.o_proj"),
         "mlp.c_fc": _gated_fc, "mlp.c_proj": _same("mlp.down_proj")}),
-    hf_model.QWEN3.name: ("model.layers.{i}.", {
-        "attn.c_attn": _split_qkv, "attn.c_proj": _same("self_attn.o_proj"),
-        "mlp.c_fc": _gated_fc, "mlp.c_proj": _same("mlp.down_proj")}),
 }
+# Qwen3 and StableLM name their projections as Llama does
+MODULES[hf_model.QWEN3.name] = MODULES[hf_model.STABLELM.name] = MODULES[hf_model.LLAMA.name]
 
 
 def peft_tensors(cfg: ModelConfig, adapters: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
