@@ -1,19 +1,19 @@
 """`minigpt serve` against llama.cpp's `llama-server` on the same model, cores and client.
 
-    python benchmarks/serve_vs_llama.py [--run runs/bench-serve] [--clients 1,8,32] [--duration 10]
+    python benchmarks/serve_vs_llama.py [--run RUN] [--clients 1,8,32] [--duration 10]
         [--rounds 2] [--threads 2] [--minigpt-threads 0] [--llama-server PATH]
 
-The run is exported to GGUF (`minigpt export --to gguf`, so its layout must be one llama.cpp has:
-`--arch gpt2`, or `--arch modern --no-qk-norm`; without --run a `small` run of that layout is
-trained first, 200 steps on the bundled Tiny Shakespeare) and both servers start on 127.0.0.1 with
-32 parallel sequences: llama-server with `--threads` ggml threads, `minigpt serve` as a user starts
-it (`--threads 0`: its engine process decodes on the idle cores but one, the HTTP process has the
-other; `--minigpt-threads N` for N decoding threads). One client drives both: asyncio in this
-process, a new connection per request, streaming /v1/completions of `--max-tokens` greedy tokens
-from Tiny Shakespeare prompts; its own cost is a few reads and a JSON parse per chunk. Each
-concurrency runs `--rounds` times per server, alternating, for `--duration` seconds each, and
-reports tokens/s (completion tokens per second of the slice), time to first token (median) and
-latency p99. Last line: JSON, with minigpt/llama ratios.
+The run is exported to GGUF (`minigpt export --to gguf`, so its layout must be one llama.cpp has,
+as the default recipe's is; without --run, runs/bench-serve-default: the `small` preset of the
+default recipe, trained 200 steps on the bundled Tiny Shakespeare) and both servers start on
+127.0.0.1 with 32 parallel sequences: llama-server with `--threads` ggml threads, `minigpt serve`
+as a user starts it (`--threads 0`: its engine process decodes on the idle cores but one, the HTTP
+process has the other; `--minigpt-threads N` for N decoding threads). One client drives both:
+asyncio in this process, a new connection per request, streaming /v1/completions of `--max-tokens`
+greedy tokens from Tiny Shakespeare prompts; its own cost is a few reads and a JSON parse per
+chunk. Each concurrency runs `--rounds` times per server, alternating, for `--duration` seconds
+each, and reports tokens/s (completion tokens per second of the slice), time to first token
+(median) and latency p99. Last line: JSON, with minigpt/llama ratios.
 
 llama-server is built once from the llama.cpp sources that the llama-cpp-python sdist vendors:
 
@@ -147,14 +147,13 @@ def ensure_run(run: Path) -> Path:
         return run
     from minigpt.training.run import train
 
-    train(preset="small", out=str(run), arch="modern", qk_norm=False, max_iters=200,
-          sample_tokens=0, progress=False)
+    train(preset="small", out=str(run), max_iters=200, sample_tokens=0, progress=False)
     return run
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", default=str(ROOT / "runs" / "bench-serve-portable"))
+    ap.add_argument("--run", default=str(ROOT / "runs" / "bench-serve-default"))
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--rounds", type=int, default=2)
