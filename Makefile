@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO_RUN ?= runs/demo
 
-.PHONY: setup demo test lint bench clean test-llama test-lmeval
+.PHONY: setup demo test lint bench bench-llama-server clean test-llama test-lmeval
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,23 @@ test-lmeval: setup
 bench: setup
 	$(BIN)/minigpt bench train
 	$(BIN)/minigpt bench generate
+
+# `minigpt serve` against llama.cpp's llama-server (benchmarks/serve_vs_llama.py). llama-server is
+# built once from the llama.cpp that the llama-cpp-python sdist vendors (~8 minutes on 2 cores),
+# cached outside the repository.
+LLAMA_CPP_PYTHON ?= 0.3.36
+LLAMA_CACHE ?= $(HOME)/.cache/minigpt/llama-server-$(LLAMA_CPP_PYTHON)
+LLAMA_SERVER := $(LLAMA_CACHE)/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/build/bin/llama-server
+
+$(LLAMA_SERVER): | setup
+	mkdir -p $(LLAMA_CACHE)
+	cd $(LLAMA_CACHE) && $(abspath $(BIN))/pip download --quiet --no-deps --no-binary :all: \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON) -d . && tar xzf llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+	cd $(LLAMA_CACHE)/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp && \
+		cmake -B build -DLLAMA_CURL=OFF && cmake --build build --target llama-server -j$$(nproc)
+
+bench-llama-server: setup $(LLAMA_SERVER)
+	$(BIN)/python benchmarks/serve_vs_llama.py --llama-server $(LLAMA_SERVER)
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -13,9 +13,12 @@ asyncio in this process, a new connection per request, streaming /v1/completions
 greedy tokens from Tiny Shakespeare prompts; its own cost is a few reads and a JSON parse per
 chunk. Each concurrency runs `--rounds` times per server, alternating, for `--duration` seconds
 each, and reports tokens/s (completion tokens per second of the slice), time to first token
-(median) and latency p99. Last line: JSON, with minigpt/llama ratios.
+(median), latency p99 and the CPU time per token of each process (the server, minigpt's engine
+process as its child, this client). Last line: JSON, with minigpt/llama ratios.
 
-llama-server is built once from the llama.cpp sources that the llama-cpp-python sdist vendors:
+`make bench-llama-server` builds llama-server once (cached in ~/.cache/minigpt) and runs this with
+it. By hand: llama-server is built from the llama.cpp sources that the llama-cpp-python sdist
+vendors,
 
     pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
     cd llama_cpp_python-*/vendor/llama.cpp && cmake -B build -DLLAMA_CURL=OFF
@@ -50,6 +53,7 @@ class Slice:
     latency: list[float] = field(default_factory=list)
     errors: int = 0
     elapsed: float = 0.0
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per process (and client)
 
 
 async def one_request(port: int, prompt: str, max_tokens: int, out: Slice) -> None:
@@ -118,6 +122,32 @@ async def drive(port: int, clients: int, seconds: float, max_tokens: int) -> Sli
     await asyncio.gather(*(client(i) for i in range(clients)))
     out.elapsed = time.perf_counter() - begin
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def processes(pid: int) -> dict[str, int]:
+    """A server's process and its children (minigpt serve's engine process), by role."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    return {"server": pid, **{f"child{i}": int(k) for i, k in enumerate(kids)}}
+
+
+def measured(pid: int, port: int, clients: int, seconds: float, max_tokens: int) -> Slice:
+    """One slice, with the CPU seconds each server process and this client spent in it."""
+    procs = processes(pid)
+    before = {role: cpu_seconds(p) for role, p in procs.items()}
+    client = time.process_time()
+    s = asyncio.run(drive(port, clients, seconds, max_tokens))
+    s.cpu = {role: cpu_seconds(p) - before[role] for role, p in procs.items()}
+    s.cpu["client"] = time.process_time() - client
+    return s
 
 
 def free_port() -> int:
@@ -195,8 +225,8 @@ def main() -> None:
             for name in servers:  # warm-up slice, not counted
                 asyncio.run(drive(servers[name][1], clients, 2.0, args.max_tokens))
             for _ in range(args.rounds):
-                for name, (_, port, _) in servers.items():
-                    s = asyncio.run(drive(port, clients, args.duration, args.max_tokens))
+                for name, (proc, port, _) in servers.items():
+                    s = measured(proc.pid, port, clients, args.duration, args.max_tokens)
                     results[name].setdefault(clients, []).append(s)
         summary = {}
         for name, by_clients in results.items():
@@ -207,13 +237,19 @@ def main() -> None:
                     "tokens_per_s": round(statistics.median(s.tokens / s.elapsed for s in slices)),
                     "ttft_p50_ms": round(1000 * statistics.median(x for s in slices for x in s.ttft)),
                     "latency_p99_s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3),
-                    "requests": len(lat), "errors": sum(s.errors for s in slices)}
-        print(f"{'clients':>7}  {'server':8} {'tokens/s':>9} {'TTFT p50':>9} {'p99':>7} {'errors':>6}")
+                    "requests": len(lat), "errors": sum(s.errors for s in slices),
+                    # where the CPU went: microseconds per completion token, by process
+                    "cpu_us_per_token": {role: round(1e6 * sum(s.cpu[role] for s in slices)
+                                                     / max(1, sum(s.tokens for s in slices)))
+                                         for role in slices[0].cpu}}
+        print(f"{'clients':>7}  {'server':8} {'tokens/s':>9} {'TTFT p50':>9} {'p99':>7} {'errors':>6}"
+              "  CPU us/token by process")
         for clients in summary["minigpt"]:
             for name in servers:
                 r = summary[name][clients]
                 print(f"{clients:>7}  {name:8} {r['tokens_per_s']:>9,} {r['ttft_p50_ms']:>7} ms "
-                      f"{r['latency_p99_s']:>6.2f}s {r['errors']:>6}")
+                      f"{r['latency_p99_s']:>6.2f}s {r['errors']:>6}  "
+                      + " ".join(f"{k} {v}" for k, v in r["cpu_us_per_token"].items()))
         ratios = {c: round(summary["minigpt"][c]["tokens_per_s"]
                            / max(1, summary["llama"][c]["tokens_per_s"]), 2)
                   for c in summary["minigpt"]}
