@@ -191,6 +191,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--minigpt-threads", type=int, default=0,
                     help="minigpt serve --threads (0: its default)")
+    ap.add_argument("--compile", action="store_true", help="minigpt serve --compile")
     ap.add_argument("--llama-server", default=os.environ.get("MINIGPT_LLAMA_SERVER"))
     args = ap.parse_args()
     if not args.llama_server or not Path(args.llama_server).is_file():
@@ -214,7 +215,8 @@ def main() -> None:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), lp, "/health"),
         "minigpt": (subprocess.Popen(
             [sys.executable, "-m", "minigpt", "serve", str(run), "--port", str(mp),
-             "--device", "cpu", "--max-concurrency", "32", "--threads", str(args.minigpt_threads)],
+             "--device", "cpu", "--max-concurrency", "32", "--threads", str(args.minigpt_threads),
+             *(["--compile"] if args.compile else [])],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), mp, "/health"),
     }
     try:

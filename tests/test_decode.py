@@ -49,8 +49,11 @@ def test_decoding_one_position_for_every_row_matches_the_training_forward(layout
             model(tokens[:, :1], cache=cache, pos=T)
 
 
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["list", "tensor"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=list(LAYOUTS))
-def test_decoding_rows_at_their_own_positions_matches_the_training_forward(layout):
+def test_decoding_rows_at_their_own_positions_matches_the_training_forward(layout, as_tensor):
+    """Positions as a list narrow the keys to the longest row; as a tensor (the compiled step's
+    static shapes) every row attends over the whole window, the keys past its length masked."""
     model = random_model(layout)
     tokens = torch.randint(0, 23, (3, model.config.block_size))
     lengths = [2, 7, 5]  # each row's cached positions: rows of a continuous batch
@@ -62,7 +65,8 @@ def test_decoding_rows_at_their_own_positions_matches_the_training_forward(layou
         rows = torch.arange(3)
         for t in range(5):
             pos = [n + t for n in lengths]
-            logits, _ = model(tokens[rows, pos].view(3, 1), cache=cache, pos=pos)
+            logits, _ = model(tokens[rows, pos].view(3, 1), cache=cache,
+                              pos=torch.tensor(pos) if as_tensor else pos)
             torch.testing.assert_close(logits[:, 0], full[rows, pos], rtol=1e-5, atol=1e-5)
 
 
@@ -71,6 +75,8 @@ def test_per_row_positions_take_one_token_per_row():
     cache = KVCache.for_model(model, 2)
     with pytest.raises(ValueError, match="one token per row"):
         model(torch.zeros(2, 2, dtype=torch.long), cache=cache, pos=[0, 1])
+    with pytest.raises(ValueError, match="one token per row"):
+        model(torch.zeros(2, 2, dtype=torch.long), cache=cache, pos=torch.tensor([0, 1]))
 
 
 def test_decoding_sees_weights_changed_in_place_after_the_first_forward():

@@ -107,3 +107,16 @@ def test_an_engine_that_dies_fails_its_requests_and_the_server_says_so(run_dir):
         assert r.status_code == 503 and "restart the server" in r.json()["error"]["message"]
         health = httpx.get(f"{base}/health")
         assert health.status_code == 503 and health.json()["status"] == "error"
+
+
+def test_serve_compile_builds_the_compiled_step_in_the_engine_process(run_dir, capfd):  # noqa: F811
+    """`minigpt serve --compile` (ServeConfig.compile) reaches the engine process's batcher, which
+    says how long compiling took; a lone request then decodes what eager decoding gives."""
+    remote = start(run_dir, compile=True)
+    try:
+        settings = dict(max_new_tokens=24, temperature=0, stop_at_eos=False)
+        want = load(run_dir, device="cpu").generate("the ", **settings)
+        assert collect(remote.submit("the ", **settings))[0] == want
+    finally:
+        remote.close()
+    assert "minigpt: compiled the one-row decode step in" in capfd.readouterr().err

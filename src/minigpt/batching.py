@@ -178,11 +178,12 @@ class Batcher:
 
     def __init__(self, engine: Engine, max_rows: int = 32, max_queue: int = 64,
                  prefill_chunk: int = 64, start: bool = True, threads: int | None = None,
-                 prompt_cache: int = 0):
+                 prompt_cache: int = 0, compile: bool = False):
         """`start=False`: no thread; the caller runs `step()` itself (`Engine.stream`, and tests
         that decide at which step each request joins). `threads`: torch's intra-op threads in the
         batcher's thread (see the module docstring). `prompt_cache`: sequences whose keys and
-        values are kept for requests that start the same way (prompt_cache.py; 0 = off)."""
+        values are kept for requests that start the same way (prompt_cache.py; 0 = off).
+        `compile`: a lone row decodes through a compiled step (compiled.py), built here."""
         for name, value, lo in (("max-rows", max_rows, 1), ("max-queue", max_queue, 0),
                                 ("prefill-chunk", prefill_chunk, 1),
                                 ("prompt-cache", prompt_cache, 0)):
@@ -196,6 +197,12 @@ class Batcher:
         self.scratch = KVCache.for_model(self.model, max_rows)  # prompts are prefilled here
         self.scratch_len = 0  # of a long prompt prefilled over several steps, in scratch row 0
         self.prompt_cache = PromptCache(self.model, prompt_cache) if prompt_cache else None
+        self._one_row = None  # the compiled step of cache row 0, when asked for
+        self.compile_seconds = 0.0
+        if compile:
+            from .compiled import one_row_step
+
+            self._one_row, self.compile_seconds = one_row_step(self.model, self.cache)
         self.rows: list[_Row] = []  # rows[s] lives in cache row s
         self._settings: RowSettings | None = None  # of self.rows, rebuilt when rows join or leave
         self._constraint_mask: ConstraintMask | None = None  # made by the first constrained row
@@ -496,10 +503,13 @@ class Batcher:
                 self._rebuild(s, row)
         rows = list(self.rows)
         lengths = [r.length for r in rows]
-        tokens = torch.tensor([[r.tokens[-1]] for r in rows], device=self.engine.device)
-        # rows at one length write one span of the cache, without per-row positions or masks
-        pos = lengths[0] if min(lengths) == max(lengths) else lengths
-        logits, _ = self.model(tokens, cache=self.cache, pos=pos)
+        if self._one_row is not None and len(rows) == 1:
+            logits = self._one_row(rows[0].tokens[-1], lengths[0])
+        else:
+            tokens = torch.tensor([[r.tokens[-1]] for r in rows], device=self.engine.device)
+            # rows at one length write one span of the cache, without per-row positions or masks
+            pos = lengths[0] if min(lengths) == max(lengths) else lengths
+            logits, _ = self.model(tokens, cache=self.cache, pos=pos)
         for r in rows:
             r.length += 1
         self.steps += 1

@@ -611,6 +611,9 @@ class ServeConfig:
                                "the KV cache)")
     threads: int = option(0, "CPU threads the engine process decodes with (0 = auto: the idle "
                           "cores but one, which the HTTP side keeps; OMP_NUM_THREADS if set)")
+    compile: bool = option(False, "decode a request that is alone in the batch through a "
+                           "torch.compile'd step: faster, after seconds of compiling at start, "
+                           "logits equal within float32 rounding (docs/server.md#compiled-decoding)")
     # None: the batcher's own default (serve/app.py: 5 ms), which MINIGPT_STREAM_INTERVAL can set
     stream_interval: float | None = option(
         None, "seconds a stream gathers new text into one chunk (a stream's first text is never "

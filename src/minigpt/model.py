@@ -282,7 +282,7 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        pos: int | Sequence[int] = 0,
+        pos: int | Sequence[int] | torch.Tensor = 0,
         last_only: bool = False,
         return_attention: bool = False,
     ) -> tuple[torch.Tensor, ...]:
@@ -291,7 +291,9 @@ class GPT(nn.Module):
 
         cache / pos: the tokens continue a sequence whose keys and values are in `cache` (their own
         are written there): at position `pos` for every row, or, with a list of B positions, one
-        token per row (T = 1) each at its own position (rows of a continuous batch). The caller
+        token per row (T = 1) each at its own position (rows of a continuous batch); with the B
+        positions as a tensor, the same over the whole window with the keys past each row masked:
+        shapes that do not change with the positions, for a compiled step (compiled.py). The caller
         keeps the lengths: the cache holds no position. last_only: logits (B, 1, vocab) of the last
         position alone (prefill). With return_attention, -> (logits, loss, attention (n_layer, B,
         n_head, T, T)): row i of a head's map is how token i weighs tokens 0..i. Not with a cache.
@@ -375,9 +377,16 @@ class GPT(nn.Module):
             h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
         return x + _dropout(lora.project(h, wo, bo, lo), dropout)
 
-    def _positions(self, pos: int | Sequence[int], B: int, T: int, device: torch.device,
+    def _positions(self, pos: int | Sequence[int] | torch.Tensor, B: int, T: int, device: torch.device,
                    cached: bool) -> Positions:
         """The span or the rows a forward writes, its visible keys and its attention mask."""
+        if isinstance(pos, torch.Tensor):  # the whole window, masked; checked by the caller
+            if T != 1 or pos.shape != (B,) or not cached:
+                raise ValueError("per-row positions take one token per row and a cache")
+            end = self.config.block_size
+            mask = (torch.arange(end, device=device) <= pos.view(B, 1)).view(B, 1, 1, end)
+            index = pos.view(B, 1, 1, 1).expand(B, self.config.n_head, 1, self.config.head_dim)
+            return Positions(0, end, pos, index, mask, causal=False)
         if isinstance(pos, int):
             end = pos + T
             mask = None

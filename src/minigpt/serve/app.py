@@ -509,7 +509,7 @@ def _announce(sock: socket.socket, host: str, model_id: str, step: int | None,
 
 def make_batcher(engine: Engine, config: ServeConfig, start: bool) -> Batcher:
     return Batcher(engine, max_rows=config.max_concurrency, max_queue=config.max_queue,
-                   start=start, prompt_cache=config.prompt_cache)
+                   start=start, prompt_cache=config.prompt_cache, compile=config.compile)
 
 
 class _Server(uvicorn.Server):

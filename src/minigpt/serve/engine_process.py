@@ -75,7 +75,8 @@ class EngineProcess:
     for the child to be ready."""
 
     def __init__(self, run_dir: str | Path, *, checkpoint: str, device: str, dtype: str,
-                 max_rows: int, max_queue: int, prompt_cache: int, threads: int = 0):
+                 max_rows: int, max_queue: int, prompt_cache: int, threads: int = 0,
+                 compile: bool = False):
         self.engine: Engine | None = None
         self.max_rows, self.max_queue = max_rows, max_queue
         # A new interpreter running this module, not multiprocessing's spawn: spawn would import
@@ -89,7 +90,7 @@ class EngineProcess:
         theirs.close()
         self._conn = Connection(ours.detach())
         self._conn.send((str(run_dir), checkpoint, device, dtype, threads,
-                         dict(max_rows=max_rows, prompt_cache=prompt_cache)))
+                         dict(max_rows=max_rows, prompt_cache=prompt_cache, compile=compile)))
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._requests: dict[int, RemoteRequest] = {}  # sent, not finished: in submission order
@@ -108,7 +109,8 @@ class EngineProcess:
             return None
         return cls(run_dir, checkpoint=checkpoint, device=device, dtype=dtype,
                    max_rows=config.max_concurrency, max_queue=config.max_queue,
-                   prompt_cache=config.prompt_cache, threads=config.threads)
+                   prompt_cache=config.prompt_cache, threads=config.threads,
+                   compile=config.compile)
 
     def connect(self, engine: Engine) -> EngineProcess:
         """Wait until the child has loaded the run; `engine`, this process's copy of it, checks
@@ -246,6 +248,7 @@ def engine_main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from ..batching import Batcher
+    from ..compiled import CompileError
     from ..cpu import engine_threads
     from ..engine import load
 
@@ -259,9 +262,15 @@ def engine_main(fd: int) -> None:
         engine = load(run_dir, checkpoint=checkpoint, device=device, dtype=dtype)
         # no limit of its own on the waiting line: the HTTP side keeps it
         batcher = Batcher(engine, start=False, max_queue=1 << 30, **settings)
+    except CompileError as e:
+        conn.send(("failed", str(e)))
+        return
     except Exception as e:
         conn.send(("failed", f"the engine process could not load {run_dir}: {e}"))
         return
+    if batcher.compile_seconds:
+        print(f"minigpt: compiled the one-row decode step in {batcher.compile_seconds:.1f} s",
+              file=sys.stderr, flush=True)
     conn.send(("ready", batcher.stats()))
     _decode(conn, batcher)
 
