@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch._inductor.config
 
 from .errors import MiniGPTError
 from .kv_cache import KVCache
@@ -38,6 +37,8 @@ def one_row_step(model: GPT, cache: KVCache) -> tuple[Callable[[int, int], torch
     Compiling runs the step: it writes into row 0 at position 0, so it is made before any row
     lives there. An error while compiling is a CompileError.
     """
+    import torch._inductor.config  # here: importing inductor costs a server that does not compile
+
     device = next(model.parameters()).device
     compiled = torch.compile(lambda idx, pos: model(idx, cache=cache, pos=pos)[0],
                              fullgraph=True, dynamic=False)

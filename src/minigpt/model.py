@@ -377,8 +377,8 @@ class GPT(nn.Module):
             h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
         return x + _dropout(lora.project(h, wo, bo, lo), dropout)
 
-    def _positions(self, pos: int | Sequence[int] | torch.Tensor, B: int, T: int, device: torch.device,
-                   cached: bool) -> Positions:
+    def _positions(self, pos: int | Sequence[int] | torch.Tensor, B: int, T: int,
+                   device: torch.device, cached: bool) -> Positions:
         """The span or the rows a forward writes, its visible keys and its attention mask."""
         if isinstance(pos, torch.Tensor):  # the whole window, masked; checked by the caller
             if T != 1 or pos.shape != (B,) or not cached:
