@@ -8,8 +8,8 @@ For each batch size B (rows at their own positions, as `minigpt serve` decodes t
 forward with attention replaced by returning the queries (what attention costs in place), and one
 `scaled_dot_product_attention` call alone: hot (the same keys and values again, in L2) and cold
 (cycling through caches bigger than L2, as the forward meets them). `--compile` also times
-`torch.compile` (inductor, cpp_wrapper) of the B = 1 step at one position (a compiled graph per
-position: a measurement, not a way to serve) on a cache of 1 row and on one of 32. Without --run:
+the compiled one-row step of `minigpt serve --compile` (compiled.py: inductor, cpp_wrapper on a
+CPU, one graph for every position) on a cache of 1 row and on one of 32. Without --run:
 runs/bench-serve-default (as benchmarks/serve_vs_llama.py makes it). Microseconds per call, the
 best of 5 rounds in which the variants take turns. Last line: JSON.
 """
@@ -87,20 +87,13 @@ class _Swapped:
 
 
 def compiled_step(model, rows: int):
-    """torch.compile of the B = 1 forward at one position on a cache of `rows` rows -> (compile
-    seconds, the step)."""
-    import torch._inductor.config as inductor
-
+    """`minigpt serve --compile`'s step (compiled.py) on a cache of `rows` rows -> (compile
+    seconds, the step at one position)."""
+    from minigpt.compiled import one_row_step
     from minigpt.kv_cache import KVCache
 
-    inductor.cpp_wrapper = True
-    cache = KVCache.for_model(model, rows)
-    step = torch.compile(lambda idx, p: model(idx, cache=cache, pos=p)[0], fullgraph=True,
-                         dynamic=False)
-    idx = torch.tensor([[1]])
-    t0 = time.perf_counter()
-    step(idx, 30)
-    return round(time.perf_counter() - t0, 1), lambda: step(idx, 30)
+    step, seconds = one_row_step(model, KVCache.for_model(model, rows))
+    return round(seconds, 1), lambda: step(1, 30)
 
 
 def main() -> None:
