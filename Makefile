@@ -41,7 +41,7 @@ bench: setup
 	$(BIN)/minigpt bench generate
 
 # `minigpt serve` against llama.cpp's llama-server (benchmarks/serve_vs_llama.py). llama-server is
-# built once from the llama.cpp that the llama-cpp-python sdist vendors (~8 minutes on 2 cores),
+# built once from the llama.cpp that the llama-cpp-python sdist vendors (8-12 minutes on 2 cores),
 # cached outside the repository.
 LLAMA_CPP_PYTHON ?= 0.3.36
 LLAMA_CACHE ?= $(HOME)/.cache/minigpt/llama-server-$(LLAMA_CPP_PYTHON)
