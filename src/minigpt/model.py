@@ -380,13 +380,6 @@ class GPT(nn.Module):
     def _positions(self, pos: int | Sequence[int] | torch.Tensor, B: int, T: int,
                    device: torch.device, cached: bool) -> Positions:
         """The span or the rows a forward writes, its visible keys and its attention mask."""
-        if isinstance(pos, torch.Tensor):  # the whole window, masked; checked by the caller
-            if T != 1 or pos.shape != (B,) or not cached:
-                raise ValueError("per-row positions take one token per row and a cache")
-            end = self.config.block_size
-            mask = (torch.arange(end, device=device) <= pos.view(B, 1)).view(B, 1, 1, end)
-            index = pos.view(B, 1, 1, 1).expand(B, self.config.n_head, 1, self.config.head_dim)
-            return Positions(0, end, pos, index, mask, causal=False)
         if isinstance(pos, int):
             end = pos + T
             mask = None
@@ -396,10 +389,13 @@ class GPT(nn.Module):
         else:
             if T != 1 or len(pos) != B or not cached:
                 raise ValueError("per-row positions take one token per row and a cache")
-            end = max(pos) + 1
-            rows = torch.tensor(pos, device=device)
+            if isinstance(pos, torch.Tensor):  # the whole window, masked (the caller keeps it)
+                rows, end, masked = pos, self.config.block_size, True
+            else:  # shorter rows must not see the stale keys past their length
+                rows, end = torch.tensor(pos, device=device), max(pos) + 1
+                masked = min(pos) != end - 1
             mask = None
-            if min(pos) != end - 1:  # shorter rows must not see the stale keys past their length
+            if masked:
                 mask = (torch.arange(end, device=device) <= rows.view(B, 1)).view(B, 1, 1, end)
             index = rows.view(B, 1, 1, 1).expand(B, self.config.n_head, 1, self.config.head_dim)
             at = Positions(end - 1, end, rows, index, mask, causal=False)
